@@ -206,22 +206,29 @@ func (ch *Channel) PeerCred() (*unix.Ucred, error) {
 	return cred, nil
 }
 
-// Listen creates the registration socket at path with the given file mode, atomically: it binds
-// a temporary name, sets the mode, then renames it into place, so that the socket is never
-// reachable with the umask's looser mode. A stale socket at path (nobody listening) is replaced;
-// a live one is an error, because another batond owns it.
+// Listen creates the registration socket (SOCK_SEQPACKET) at path with the given file mode; see
+// ListenUnix.
 func Listen(path string, mode os.FileMode) (*net.UnixListener, error) {
-	if c, err := net.Dial("unixpacket", path); err == nil {
+	return ListenUnix("unixpacket", path, mode)
+}
+
+// ListenUnix creates a Unix socket listener at path with the given file mode, atomically: it
+// binds a temporary name, sets the mode, then renames it into place, so that the socket is never
+// reachable with the umask's looser mode. A stale socket at path (nobody listening) is replaced;
+// a live one is an error wrapping ErrInUse, because another process owns it. The listener does
+// not unlink the path on Close: the next batond may inherit it (tableflip).
+func ListenUnix(network, path string, mode os.FileMode) (*net.UnixListener, error) {
+	if c, err := net.Dial(network, path); err == nil {
 		c.Close()
-		return nil, fmt.Errorf("handoff: %s: %w", path, ErrInUse)
+		return nil, fmt.Errorf("%s: %w", path, ErrInUse)
 	}
 	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".%s.%d.tmp", filepath.Base(path), os.Getpid()))
 	_ = os.Remove(tmp)
-	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: tmp, Net: "unixpacket"})
+	l, err := net.ListenUnix(network, &net.UnixAddr{Name: tmp, Net: network})
 	if err != nil {
 		return nil, err
 	}
-	l.SetUnlinkOnClose(false) // the listener may be inherited by the next batond (tableflip)
+	l.SetUnlinkOnClose(false)
 	if err := os.Chmod(tmp, mode); err != nil {
 		l.Close()
 		os.Remove(tmp)

@@ -1,0 +1,114 @@
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/baton-gw/baton/handoff"
+	"github.com/baton-gw/baton/proxy"
+	"github.com/baton-gw/baton/supervisor"
+)
+
+// Status is the answer to GET /v1/status.
+type Status struct {
+	PID        int                       `json:"pid"`
+	Generation uint64                    `json:"generation"`
+	Listeners  []string                  `json:"listeners"`
+	Workers    []supervisor.WorkerStatus `json:"workers"`
+	Gateway    proxy.Stats               `json:"gateway"`
+	Clients    int                       `json:"clients"`
+	Draining   int                       `json:"draining"`
+}
+
+// Source is what the server asks for data and actions.
+type Source interface {
+	Status() Status
+}
+
+// ErrNotRunning says nothing answers on the admin socket.
+var ErrNotRunning = errors.New("batond is not running (nothing answers on the admin socket)")
+
+// Listen creates the admin socket at path with mode (see handoff.ListenUnix).
+func Listen(path string, mode os.FileMode) (*net.UnixListener, error) {
+	return handoff.ListenUnix("unix", path, mode)
+}
+
+// Handler serves the admin API from src.
+func Handler(src Source) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(src.Status())
+	})
+	return mux
+}
+
+// Serve runs the admin HTTP server on l until ctx ends.
+func Serve(ctx context.Context, l net.Listener, src Source) error {
+	srv := &http.Server{Handler: Handler(src), ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	err := srv.Serve(l)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Client speaks to batond's admin socket.
+type Client struct {
+	Path string
+	hc   *http.Client
+}
+
+// NewClient returns a client for the admin socket at path.
+func NewClient(path string) *Client {
+	return &Client{Path: path, hc: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+	}}}
+}
+
+func (c *Client) do(ctx context.Context, method, path string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, "http://batond"+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) {
+			return fmt.Errorf("%s: %w", c.Path, ErrNotRunning)
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("batond: %s: %s", resp.Status, string(body))
+	}
+	return json.Unmarshal(body, out)
+}
+
+// Status fetches the status.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var s Status
+	err := c.do(ctx, http.MethodGet, "/v1/status", &s)
+	return s, err
+}

@@ -1,0 +1,118 @@
+package daemon
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ErrUsage marks errors in the command line; Main prints usage and exits 2.
+var ErrUsage = errors.New("usage")
+
+// Config is batond's configuration.
+type Config struct {
+	Listen         []string
+	Workers        int
+	Capacity       int
+	Socket         string
+	Admin          string
+	AdminMode      uint32
+	KeyFile        string
+	StateDir       string
+	PIDFile        string
+	HandoffTimeout time.Duration
+	QueueTimeout   time.Duration
+	StartTimeout   time.Duration
+	ReadyTimeout   time.Duration
+	DrainTimeout   time.Duration
+	StopTimeout    time.Duration
+	AllowUIDs      []uint32
+	LogLevel       string
+	LogJSON        bool
+	Command        []string // empty: built-in demo workers
+}
+
+type listFlag struct{ v *[]string }
+
+func (l listFlag) String() string {
+	if l.v == nil {
+		return ""
+	}
+	return strings.Join(*l.v, ",")
+}
+func (l listFlag) Set(s string) error { *l.v = append(*l.v, s); return nil }
+
+type uidFlag struct{ v *[]uint32 }
+
+func (u uidFlag) String() string { return "" }
+func (u uidFlag) Set(s string) error {
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil {
+		return fmt.Errorf("not a uid: %q", s)
+	}
+	*u.v = append(*u.v, uint32(n))
+	return nil
+}
+
+// ParseFlags parses batond's command line (without the program name).
+func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
+	c := &Config{}
+	fs := flag.NewFlagSet("batond", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Var(listFlag{&c.Listen}, "listen", "public `address` to accept clients on (repeatable) (default 127.0.0.1:7000)")
+	fs.IntVar(&c.Workers, "workers", 2, "worker processes to run")
+	fs.IntVar(&c.Capacity, "capacity", 1000, "most clients per worker, for workers that do not declare their own")
+	fs.StringVar(&c.Socket, "socket", "/run/baton/workers.sock", "registration socket `path` (workers connect here)")
+	fs.StringVar(&c.Admin, "admin", "/run/baton/admin.sock", "admin socket `path` (batonctl connects here)")
+	adminMode := fs.String("admin-mode", "0600", "file mode of the admin socket")
+	fs.StringVar(&c.KeyFile, "key", "", "token key `file` (default: next to -socket, created 0600 if missing)")
+	fs.StringVar(&c.StateDir, "state", "", "state `dir` (generation counter; default: the directory of -socket)")
+	fs.StringVar(&c.PIDFile, "pidfile", "", "write the serving batond's pid to this `file`")
+	fs.DurationVar(&c.HandoffTimeout, "handoff-timeout", 2*time.Second, "a worker must ACK a connection within this")
+	fs.DurationVar(&c.QueueTimeout, "queue-timeout", 5*time.Second, "a client waits this long for a free worker before it is closed")
+	fs.DurationVar(&c.StartTimeout, "start-timeout", 10*time.Second, "a worker must report READY within this after start")
+	fs.DurationVar(&c.ReadyTimeout, "ready-timeout", 30*time.Second, "batond must be serving within this after start or upgrade")
+	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 5*time.Minute, "draining workers get this long before SIGTERM")
+	fs.DurationVar(&c.StopTimeout, "stop-timeout", 20*time.Second, "on SIGTERM, workers get this long to finish before SIGTERM, then SIGKILL")
+	fs.Var(uidFlag{&c.AllowUIDs}, "allow-uid", "also allow workers running as this `uid` to register (repeatable)")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
+	fs.BoolVar(&c.LogJSON, "log-json", false, "log JSON lines")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: batond [flags] [-- worker-command args...]\n\n"+
+			"With no worker command, batond runs built-in demo workers (a small echo lobby).\n\nflags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: %v", ErrUsage, err)
+	}
+	c.Command = fs.Args()
+	if len(c.Listen) == 0 {
+		c.Listen = []string{"127.0.0.1:7000"}
+	}
+	m, err := strconv.ParseUint(*adminMode, 8, 32)
+	if err != nil || m > 0o777 {
+		return nil, fmt.Errorf("%w: -admin-mode %q is not an octal file mode", ErrUsage, *adminMode)
+	}
+	c.AdminMode = uint32(m)
+	switch {
+	case c.Workers < 1:
+		return nil, fmt.Errorf("%w: -workers must be at least 1, not %d", ErrUsage, c.Workers)
+	case c.Capacity < 1:
+		return nil, fmt.Errorf("%w: -capacity must be at least 1, not %d", ErrUsage, c.Capacity)
+	case c.HandoffTimeout <= 0 || c.QueueTimeout <= 0 || c.StartTimeout <= 0 || c.ReadyTimeout <= 0 || c.DrainTimeout <= 0 || c.StopTimeout <= 0:
+		return nil, fmt.Errorf("%w: timeouts must be positive", ErrUsage)
+	}
+	switch strings.ToLower(c.LogLevel) {
+	case "trace", "debug", "info", "warn", "error":
+	default:
+		return nil, fmt.Errorf("%w: -log-level %q is not one of trace, debug, info, warn, error", ErrUsage, c.LogLevel)
+	}
+	return c, nil
+}

@@ -1,0 +1,352 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/baton-gw/baton/handoff"
+)
+
+// Process is how the gateway stops a worker it can no longer trust with connections.
+type Process interface {
+	// KillAndWait sends SIGKILL (through a pidfd) and returns once the process has exited, or
+	// with an error if that cannot be confirmed before ctx ends.
+	KillAndWait(ctx context.Context) error
+}
+
+// BackendInfo describes a registered worker, from its HELLO.
+type BackendInfo struct {
+	Slot       int
+	Generation uint64
+	PID        int
+	Capacity   int  // 0: the gateway's default
+	Ready      bool // HELLO carried the READY flag
+	Draining   bool // HELLO carried the DRAINING flag
+	Live       int  // connections it already holds (re-registration)
+}
+
+// Backend is one registered worker as the gateway sees it: its channel, its counts, and the
+// connections handed to it but not yet acked (still owned by the gateway).
+type Backend struct {
+	g        *Gateway
+	info     BackendInfo
+	ch       *handoff.Channel
+	proc     Process
+	log      hclog.Logger
+	capacity int
+	readyC   chan struct{}
+	doneC    chan struct{}
+	since    time.Time
+
+	// guarded by g.mu
+	ready, draining, gone, full bool
+	live                        int // acked − closed (+ reported at registration)
+	acked, closed               uint64
+	pending                     map[uint64]*clientConn
+	lastSeen, lastPing          time.Time
+	err                         error
+	drainDeadline               time.Time
+}
+
+// BackendStatus is a snapshot of a Backend.
+type BackendStatus struct {
+	Slot          int       `json:"slot"`
+	Generation    uint64    `json:"generation"`
+	PID           int       `json:"pid"`
+	Capacity      int       `json:"capacity"`
+	Ready         bool      `json:"ready"`
+	Draining      bool      `json:"draining"`
+	Live          int       `json:"clients"`
+	Pending       int       `json:"pending"`
+	Acked         uint64    `json:"acked"`
+	Closed        uint64    `json:"closed"`
+	Registered    time.Time `json:"registered"`
+	DrainDeadline time.Time `json:"drain_deadline,omitzero"`
+}
+
+// Add registers a worker whose handshake the caller has completed (WELCOME sent) and starts
+// reading its channel. The Backend owns ch from now on. proc may be nil only for processes
+// that cannot be signalled; then a failure with unacked connections closes them instead of
+// re-dispatching (their owner cannot be confirmed dead).
+func (g *Gateway) Add(info BackendInfo, ch *handoff.Channel, proc Process) *Backend {
+	now := time.Now()
+	b := &Backend{
+		g: g, info: info, ch: ch, proc: proc,
+		log:      g.log.Named("worker").With("slot", info.Slot, "pid", info.PID, "gen", info.Generation),
+		capacity: info.Capacity,
+		readyC:   make(chan struct{}),
+		doneC:    make(chan struct{}),
+		since:    now,
+		live:     info.Live,
+		pending:  make(map[uint64]*clientConn),
+		lastSeen: now,
+		lastPing: now,
+		draining: info.Draining,
+	}
+	if b.capacity <= 0 {
+		b.capacity = g.cfg.DefaultCapacity
+	}
+	if info.Ready {
+		b.ready = true
+		close(b.readyC)
+	}
+	g.mu.Lock()
+	g.backends = append(g.backends, b)
+	g.mu.Unlock()
+	go b.read()
+	g.poke()
+	return b
+}
+
+// Info returns what the worker said in its HELLO.
+func (b *Backend) Info() BackendInfo { return b.info }
+
+// ReadyC is closed when the worker has sent READY.
+func (b *Backend) ReadyC() <-chan struct{} { return b.readyC }
+
+// Done is closed when the backend has been removed and its unacked connections dealt with.
+func (b *Backend) Done() <-chan struct{} { return b.doneC }
+
+// Err says why the backend ended (valid after Done).
+func (b *Backend) Err() error {
+	b.g.mu.Lock()
+	defer b.g.mu.Unlock()
+	return b.err
+}
+
+// Live returns the worker's live connection count (acked − closed).
+func (b *Backend) Live() int {
+	b.g.mu.Lock()
+	defer b.g.mu.Unlock()
+	return b.live
+}
+
+// Status returns a snapshot.
+func (b *Backend) Status() BackendStatus {
+	b.g.mu.Lock()
+	defer b.g.mu.Unlock()
+	return b.statusLocked()
+}
+
+func (b *Backend) statusLocked() BackendStatus {
+	return BackendStatus{
+		Slot: b.info.Slot, Generation: b.info.Generation, PID: b.info.PID, Capacity: b.capacity,
+		Ready: b.ready, Draining: b.draining, Live: b.live, Pending: len(b.pending),
+		Acked: b.acked, Closed: b.closed, Registered: b.since, DrainDeadline: b.drainDeadline,
+	}
+}
+
+func (b *Backend) available() bool {
+	return b.ready && !b.draining && !b.gone && !b.full && b.load() < b.capacity
+}
+
+func (b *Backend) load() int { return b.live + len(b.pending) }
+
+// Drain tells the worker to take no more connections and to finish within deadline. The
+// gateway stops sending it connections at once.
+func (b *Backend) Drain(deadline time.Duration) error {
+	b.g.mu.Lock()
+	if b.gone {
+		b.g.mu.Unlock()
+		return ErrChannel
+	}
+	b.draining = true
+	b.drainDeadline = time.Now().Add(deadline)
+	b.g.mu.Unlock()
+	return b.ch.Send(handoff.AppendDrain(nil, &handoff.Drain{Deadline: deadline}))
+}
+
+// Kick ends the backend as if its channel had failed (used by the supervisor when the process
+// behind it exited or is being replaced).
+func (b *Backend) Kick(err error) { b.g.fail(b, err, 0) }
+
+// read is the backend's one reader: ACK, CLOSED, READY, PONG; anything else ends it.
+func (b *Backend) read() {
+	buf := make([]byte, handoff.MaxMessage)
+	ids := make([]uint64, 0, 64)
+	fds := make([]int, 0, 64)
+	for {
+		msg, _, err := b.ch.Recv(buf)
+		if err != nil {
+			code := handoff.ErrorCode(0)
+			switch {
+			case errors.Is(err, io.EOF), errors.Is(err, unix.ECONNRESET):
+				err = ErrChannel
+			case errors.Is(err, handoff.ErrTruncated):
+				code = handoff.CodeTooBig
+			case errors.Is(err, handoff.ErrFDs):
+				code = handoff.CodeFDs
+			default:
+				err = fmt.Errorf("%w: %v", ErrChannel, err)
+			}
+			if code != 0 {
+				err = fmt.Errorf("%w: %v", ErrProtocol, err)
+			}
+			b.g.fail(b, err, code)
+			return
+		}
+		typ, body, err := handoff.Split(msg)
+		if err != nil {
+			b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, err), handoff.CodeMalformed)
+			return
+		}
+		now := time.Now()
+		switch typ {
+		case handoff.TypeAck:
+			if ids, err = handoff.ParseIDs(ids[:0], typ, body); err != nil {
+				b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, err), handoff.CodeMalformed)
+				return
+			}
+			fds = fds[:0]
+			b.g.mu.Lock()
+			var unknown uint64
+			for _, id := range ids {
+				c := b.pending[id]
+				if c == nil {
+					unknown = id
+					break
+				}
+				delete(b.pending, id)
+				fds = append(fds, c.fd)
+				b.live++
+				b.acked++
+			}
+			b.lastSeen, b.full = now, false
+			b.g.doneInflightLocked(len(fds))
+			b.g.mu.Unlock()
+			b.g.stats.acked.Add(uint64(len(fds)))
+			// The worker owns these connections now; drop the gateway's copies.
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+			if unknown != 0 {
+				b.g.fail(b, fmt.Errorf("%w: ACK for connection %#x never sent to it", ErrProtocol, unknown), handoff.CodeUnexpected)
+				return
+			}
+		case handoff.TypeClosed:
+			if ids, err = handoff.ParseIDs(ids[:0], typ, body); err != nil {
+				b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, err), handoff.CodeMalformed)
+				return
+			}
+			b.g.mu.Lock()
+			b.lastSeen, b.full = now, false
+			over := len(ids) > b.live
+			if !over {
+				b.live -= len(ids)
+				b.closed += uint64(len(ids))
+			}
+			b.g.mu.Unlock()
+			if over {
+				b.g.fail(b, fmt.Errorf("%w: CLOSED for more connections than it holds", ErrProtocol), handoff.CodeUnexpected)
+				return
+			}
+			b.g.poke()
+		case handoff.TypeReady:
+			b.g.mu.Lock()
+			first := !b.ready
+			b.ready, b.lastSeen, b.full = true, now, false
+			b.g.mu.Unlock()
+			if first {
+				close(b.readyC)
+			}
+			b.g.poke()
+		case handoff.TypePong:
+			if _, err := handoff.ParseNonce(typ, body); err != nil {
+				b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, err), handoff.CodeMalformed)
+				return
+			}
+			b.g.mu.Lock()
+			b.lastSeen, b.full = now, false
+			b.g.mu.Unlock()
+		case handoff.TypeError:
+			e, perr := handoff.ParseError(body)
+			if perr != nil {
+				b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, perr), handoff.CodeMalformed)
+				return
+			}
+			b.g.fail(b, fmt.Errorf("%w: worker sent %w", ErrChannel, e), 0)
+			return
+		default:
+			if typ.Optional() {
+				continue
+			}
+			code := handoff.CodeUnexpected
+			if !typ.Known() {
+				code = handoff.CodeUnknownType
+			}
+			b.g.fail(b, fmt.Errorf("%w: unexpected %s", ErrProtocol, typ), code)
+			return
+		}
+	}
+}
+
+// fail removes b. A protocol error (code != 0) is reported to the worker before the channel
+// closes. If the worker broke the protocol or still had unacked connections, it is killed and
+// waited for before those connections go to another worker: no socket is read by two workers.
+func (g *Gateway) fail(b *Backend, err error, code handoff.ErrorCode) {
+	g.mu.Lock()
+	if b.gone {
+		g.mu.Unlock()
+		return
+	}
+	b.gone = true
+	b.err = err
+	for i, x := range g.backends {
+		if x == b {
+			g.backends = append(g.backends[:i], g.backends[i+1:]...)
+			break
+		}
+	}
+	pend := make([]*clientConn, 0, len(b.pending))
+	for _, c := range b.pending {
+		pend = append(pend, c)
+	}
+	b.pending = nil
+	g.mu.Unlock()
+
+	if code != 0 {
+		_ = b.ch.TrySend(handoff.AppendError(nil, &handoff.Error{Code: code, Reason: err.Error()}), -1)
+	}
+	b.ch.Close()
+	kill := code != 0 || len(pend) > 0
+	level := hclog.Info
+	if code != 0 || errors.Is(err, ErrStalled) || errors.Is(err, ErrNoPong) {
+		level = hclog.Error
+	}
+	b.log.Log(level, "worker disconnected", "reason", err, "unacked", len(pend), "kill", kill)
+	go func() {
+		defer close(b.doneC)
+		if !kill {
+			return
+		}
+		confirmed := false
+		if b.proc != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			kerr := b.proc.KillAndWait(ctx)
+			cancel()
+			if kerr != nil {
+				b.log.Error("could not confirm the worker is dead", "error", kerr)
+			} else {
+				confirmed = true
+			}
+		}
+		scratch := make([]byte, 0, handoff.MaxMessage)
+		for _, c := range pend {
+			switch {
+			case !confirmed:
+				g.closeConn(c, ReasonWorkerLost)
+			case c.attempts >= g.cfg.MaxAttempts:
+				g.closeConn(c, ReasonRetries)
+			default:
+				g.stats.redispatched.Add(1)
+				g.dispatch(c, &scratch)
+			}
+		}
+	}()
+}

@@ -1,0 +1,14 @@
+// Package proxy owns the front door of batond: the public listeners, the accept loop, the
+// choice of worker (least loaded: fewest live connections ÷ capacity, ties rotate) and the
+// dispatch of each accepted connection over its worker's handoff channel.
+//
+// A Gateway owns every accepted connection until a worker ACKs it. If the worker dies, drops its
+// channel or stalls before acking, the Gateway has it killed and waits until it is gone (through
+// the Process it was registered with) before giving its unacked connections to another worker,
+// so that no socket is ever read by two processes. With no worker available a connection waits
+// up to the queue timeout and is then closed with a counted reason. The invariant the tests hold
+// it to: accepted = acked + closed by the gateway (by reason) + in flight.
+//
+// The Gateway knows nothing of how workers are started or authenticated; the supervisor does
+// that and Adds each registered worker as a Backend.
+package proxy

@@ -1,0 +1,432 @@
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/baton-gw/baton/handoff"
+)
+
+// Sentinel errors that end a backend.
+var (
+	ErrStalled   = errors.New("worker stalled: no ACK within the handoff timeout")
+	ErrNoPong    = errors.New("worker stalled: no answer to PING")
+	ErrProtocol  = errors.New("worker broke the protocol")
+	ErrChannel   = errors.New("worker channel closed")
+	ErrShutdown  = errors.New("gateway shutting down")
+	ErrNoProcess = errors.New("worker process unknown: cannot confirm it is dead")
+)
+
+// Config tunes a Gateway. Zero values take the defaults in brackets.
+type Config struct {
+	HandoffTimeout  time.Duration // a worker must ACK within this [2s]
+	QueueTimeout    time.Duration // a connection waits this long for a worker [5s]
+	PingInterval    time.Duration // PING period; three missed = stalled [2s]
+	DefaultCapacity int           // for workers that declare 0 [1000]
+	MaxAttempts     int           // workers a connection may be handed to before giving up [3]
+	Logger          hclog.Logger
+}
+
+func (c *Config) defaults() {
+	if c.HandoffTimeout <= 0 {
+		c.HandoffTimeout = 2 * time.Second
+	}
+	if c.QueueTimeout <= 0 {
+		c.QueueTimeout = 5 * time.Second
+	}
+	if c.PingInterval <= 0 {
+		c.PingInterval = 2 * time.Second
+	}
+	if c.DefaultCapacity <= 0 {
+		c.DefaultCapacity = 1000
+	}
+	if c.MaxAttempts <= 0 {
+		c.MaxAttempts = 3
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+}
+
+// clientConn is one accepted connection the gateway still owns.
+type clientConn struct {
+	info     handoff.ConnInfo
+	fd       int
+	since    time.Time // accepted, or queued
+	sentAt   time.Time
+	attempts int
+}
+
+// Gateway accepts connections and hands them to Backends.
+type Gateway struct {
+	cfg   Config
+	log   hclog.Logger
+	stats stats
+	epoch uint64
+	seq   atomic.Uint64
+	wake  chan struct{}
+	quit  chan struct{}
+	done  chan struct{}
+
+	mu        sync.Mutex
+	backends  []*Backend
+	rr        int
+	waiting   []*clientConn
+	listeners []*Listener
+	stopping  bool
+	inflight  int // handed off, not yet acked (across all backends) + waiting
+	idle      chan struct{}
+}
+
+// New creates a Gateway and starts its housekeeping goroutine (timeouts, pings, the queue).
+func New(cfg Config) *Gateway {
+	cfg.defaults()
+	var e [4]byte
+	_, _ = rand.Read(e[:])
+	g := &Gateway{
+		cfg: cfg,
+		log: cfg.Logger,
+		// Connection ids are epoch<<32|seq so that ids from a previous batond, which workers
+		// report as CLOSED after re-registering, can never collide with ours.
+		epoch: uint64(binary.LittleEndian.Uint32(e[:])) << 32,
+		wake:  make(chan struct{}, 1),
+		quit:  make(chan struct{}),
+		done:  make(chan struct{}),
+	}
+	go g.housekeeping()
+	return g
+}
+
+func (g *Gateway) poke() {
+	select {
+	case g.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Serve runs the accept loop of l until l is closed. EMFILE/ENFILE back off (5 ms doubling to
+// 1 s) instead of spinning; the pending connection stays in the backlog meanwhile.
+func (g *Gateway) Serve(l *Listener) error {
+	g.mu.Lock()
+	g.listeners = append(g.listeners, l)
+	g.mu.Unlock()
+	a := newAcceptor(l)
+	scratch := make([]byte, 0, handoff.MaxMessage)
+	backoff := time.Duration(0)
+	for {
+		fd, client, local, err := a.accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
+				return nil
+			}
+			g.stats.acceptErrors.Add(1)
+			if retryAtOnce(err) {
+				continue
+			}
+			if !temporary(err) {
+				return fmt.Errorf("proxy: accept on %s: %w", l.name, err)
+			}
+			if backoff == 0 {
+				backoff = acceptBackoffMin
+			} else if backoff *= 2; backoff > acceptBackoffMax {
+				backoff = acceptBackoffMax
+			}
+			g.log.Warn("accept failed; backing off", "listener", l.name, "error", err, "backoff", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-g.quit:
+				return nil
+			}
+			continue
+		}
+		backoff = 0
+		g.stats.accepted.Add(1)
+		c := &clientConn{fd: fd, since: time.Now()}
+		c.info = handoff.ConnInfo{ID: g.epoch | g.seq.Add(1)&0xffffffff, Client: client, Local: local, Listener: l.name}
+		g.mu.Lock()
+		g.inflight++
+		g.mu.Unlock()
+		g.dispatch(c, &scratch)
+	}
+}
+
+// pickLocked returns the least-loaded available backend: fewest (live+pending)/capacity, ties
+// going to the first found scanning from a rotating start.
+func (g *Gateway) pickLocked() *Backend {
+	n := len(g.backends)
+	var best *Backend
+	bestIdx := 0
+	for i := 0; i < n; i++ {
+		idx := (g.rr + i) % n
+		b := g.backends[idx]
+		if !b.available() {
+			continue
+		}
+		if best == nil || b.load()*best.capacity < best.load()*b.capacity {
+			best, bestIdx = b, idx
+		}
+	}
+	if best != nil {
+		g.rr = bestIdx + 1
+	}
+	return best
+}
+
+// dispatch hands c to a backend, or queues it when none is available.
+func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
+	for {
+		g.mu.Lock()
+		b := g.pickLocked()
+		if b == nil {
+			c.since = time.Now()
+			g.waiting = append(g.waiting, c)
+			g.mu.Unlock()
+			return
+		}
+		c.sentAt = time.Now()
+		c.attempts++
+		b.pending[c.info.ID] = c
+		g.mu.Unlock()
+
+		*scratch = handoff.AppendConn((*scratch)[:0], &c.info)
+		err := b.ch.TrySend(*scratch, c.fd)
+		if err == nil {
+			return
+		}
+		g.mu.Lock()
+		if b.pending[c.info.ID] != c {
+			// The backend failed meanwhile and took c with it; its failure path re-dispatches.
+			g.mu.Unlock()
+			return
+		}
+		delete(b.pending, c.info.ID)
+		c.attempts--
+		if errors.Is(err, handoff.ErrWouldBlock) {
+			b.full = true // not reading; skip it until it sends something
+			g.mu.Unlock()
+			continue
+		}
+		g.mu.Unlock()
+		g.fail(b, fmt.Errorf("%w: send: %v", ErrChannel, err), 0)
+	}
+}
+
+// closeConn closes a connection the gateway gives up on, counting the reason.
+func (g *Gateway) closeConn(c *clientConn, r CloseReason) {
+	unix.Close(c.fd)
+	g.stats.closed[r].Add(1)
+	g.mu.Lock()
+	g.doneInflightLocked(1)
+	g.mu.Unlock()
+}
+
+func (g *Gateway) doneInflightLocked(n int) {
+	g.inflight -= n
+	if g.inflight == 0 && g.idle != nil {
+		close(g.idle)
+		g.idle = nil
+	}
+}
+
+// housekeeping enforces the handoff and queue timeouts, pings workers and feeds queued
+// connections to workers as capacity appears.
+func (g *Gateway) housekeeping() {
+	defer close(g.done)
+	tick := g.cfg.HandoffTimeout / 8
+	if tick < 10*time.Millisecond {
+		tick = 10 * time.Millisecond
+	}
+	if tick > 250*time.Millisecond {
+		tick = 250 * time.Millisecond
+	}
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	scratch := make([]byte, 0, handoff.MaxMessage)
+	for {
+		select {
+		case <-g.quit:
+			return
+		case <-g.wake:
+		case <-t.C:
+			g.checkTimeouts()
+		}
+		g.runQueue(&scratch)
+	}
+}
+
+func (g *Gateway) checkTimeouts() {
+	now := time.Now()
+	type failure struct {
+		b   *Backend
+		err error
+	}
+	var fails []failure
+	var expired []*clientConn
+	var pings []*Backend
+	g.mu.Lock()
+	for _, b := range g.backends {
+		for _, c := range b.pending {
+			if now.Sub(c.sentAt) > g.cfg.HandoffTimeout {
+				fails = append(fails, failure{b, ErrStalled})
+				break
+			}
+		}
+		if now.Sub(b.lastSeen) > 3*g.cfg.PingInterval {
+			fails = append(fails, failure{b, ErrNoPong})
+		} else if now.Sub(b.lastPing) >= g.cfg.PingInterval {
+			b.lastPing = now
+			pings = append(pings, b)
+		}
+	}
+	keep := g.waiting[:0]
+	for _, c := range g.waiting {
+		if now.Sub(c.since) > g.cfg.QueueTimeout {
+			expired = append(expired, c)
+		} else {
+			keep = append(keep, c)
+		}
+	}
+	clear(g.waiting[len(keep):])
+	g.waiting = keep
+	g.mu.Unlock()
+	for _, f := range fails {
+		g.fail(f.b, f.err, handoff.CodeStalled)
+	}
+	for _, c := range expired {
+		g.log.Warn("no worker available; closing connection", "client", c.info.Client, "waited", now.Sub(c.since))
+		g.closeConn(c, ReasonNoWorker)
+	}
+	for _, b := range pings {
+		_ = b.ch.TrySend(handoff.AppendNonce(nil, handoff.TypePing, uint64(now.UnixNano())), -1)
+	}
+}
+
+// runQueue hands queued connections to workers while any is available.
+func (g *Gateway) runQueue(scratch *[]byte) {
+	for {
+		g.mu.Lock()
+		if len(g.waiting) == 0 || g.pickAvailableLocked() == false {
+			g.mu.Unlock()
+			return
+		}
+		c := g.waiting[0]
+		g.waiting[0] = nil
+		g.waiting = g.waiting[1:]
+		g.mu.Unlock()
+		g.dispatch(c, scratch)
+	}
+}
+
+func (g *Gateway) pickAvailableLocked() bool {
+	for _, b := range g.backends {
+		if b.available() {
+			return true
+		}
+	}
+	return false
+}
+
+// StopAccepting closes every listener this gateway serves (its copies: under tableflip the
+// listening sockets live on in the next batond).
+func (g *Gateway) StopAccepting() {
+	g.mu.Lock()
+	ls := g.listeners
+	g.listeners = nil
+	g.stopping = true
+	g.mu.Unlock()
+	for _, l := range ls {
+		l.Close()
+	}
+}
+
+// WaitIdle waits until every accepted connection has been acked or closed, or ctx ends; then
+// it closes what still waits for a worker (ReasonShutdown).
+func (g *Gateway) WaitIdle(ctx context.Context) {
+	g.mu.Lock()
+	var idle chan struct{}
+	if g.inflight > 0 {
+		if g.idle == nil {
+			g.idle = make(chan struct{})
+		}
+		idle = g.idle
+	}
+	g.mu.Unlock()
+	if idle != nil {
+		select {
+		case <-idle:
+		case <-ctx.Done():
+		}
+	}
+	g.mu.Lock()
+	w := g.waiting
+	g.waiting = nil
+	g.mu.Unlock()
+	for _, c := range w {
+		g.closeConn(c, ReasonShutdown)
+	}
+}
+
+// Close stops housekeeping. Backends stay as they are; callers drain them first.
+func (g *Gateway) Close() {
+	select {
+	case <-g.quit:
+	default:
+		close(g.quit)
+	}
+	<-g.done
+}
+
+// Stats returns a snapshot of the counters.
+func (g *Gateway) Stats() Stats {
+	s := Stats{
+		Accepted:     g.stats.accepted.Load(),
+		Acked:        g.stats.acked.Load(),
+		Redispatched: g.stats.redispatched.Load(),
+		AcceptErrors: g.stats.acceptErrors.Load(),
+		Closed:       make(map[string]uint64, numReasons),
+	}
+	for r := CloseReason(0); r < numReasons; r++ {
+		s.Closed[r.String()] = g.stats.closed[r].Load()
+	}
+	g.mu.Lock()
+	s.InFlight = g.inflight
+	g.mu.Unlock()
+	return s
+}
+
+// Backends returns a snapshot of every registered backend.
+func (g *Gateway) Backends() []BackendStatus {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	out := make([]BackendStatus, 0, len(g.backends))
+	for _, b := range g.backends {
+		out = append(out, b.statusLocked())
+	}
+	return out
+}
+
+// ListenerAddrs returns the addresses being served.
+func (g *Gateway) ListenerAddrs() []netip.AddrPort {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var out []netip.AddrPort
+	for _, l := range g.listeners {
+		out = append(out, l.local)
+	}
+	return out
+}
+
+// PingInterval is the interval workers are told in WELCOME.
+func (g *Gateway) PingInterval() time.Duration { return g.cfg.PingInterval }

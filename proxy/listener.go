@@ -1,0 +1,162 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Listener is one public listening socket as the gateway uses it: accept4 straight from the
+// socket, so accepted connections never touch Go's poller (the gateway never reads them; it only
+// passes them on).
+//
+// A net.TCPListener's RawConn refuses Read (EINVAL), so the Listener accepts on its own
+// duplicate of the listening fd, wrapped in an os.File whose RawConn parks on the poller until a
+// connection is pending. The duplicate is F_DUPFD_CLOEXEC'd through Control, never Fd().
+type Listener struct {
+	name  string
+	ln    *net.TCPListener // not owned, but closed by Close so that accepting stops at once
+	f     *os.File         // owned duplicate of ln's fd
+	raw   syscall.RawConn
+	local netip.AddrPort // the bound address; unspecified IP means ask the kernel per connection
+}
+
+// NewListener wraps a TCP listener (from systemd, tableflip or net.Listen). Close closes both
+// the Listener's duplicate and ln.
+func NewListener(name string, ln *net.TCPListener) (*Listener, error) {
+	lraw, err := ln.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("proxy: listener %s: %w", name, err)
+	}
+	dup, derr := -1, error(nil)
+	if err := lraw.Control(func(fd uintptr) {
+		dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return nil, fmt.Errorf("proxy: listener %s: %w", name, err)
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("proxy: listener %s: %w", name, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", derr))
+	}
+	// The duplicate shares the (already non-blocking) open file description, so os.NewFile
+	// registers it with the poller.
+	f := os.NewFile(uintptr(dup), name)
+	raw, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("proxy: listener %s: %w", name, err)
+	}
+	local := ln.Addr().(*net.TCPAddr).AddrPort()
+	return &Listener{name: name, ln: ln, f: f, raw: raw, local: netip.AddrPortFrom(local.Addr().Unmap(), local.Port())}, nil
+}
+
+// Close stops accepting on this listener in this process. Other processes holding the same
+// listening socket (the next batond, systemd) keep it open.
+func (l *Listener) Close() error {
+	err := l.f.Close()
+	if cerr := l.ln.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Name is the listener's name as sent to workers in CONN.
+func (l *Listener) Name() string { return l.name }
+
+// Addr is the bound address.
+func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
+
+// SetNoDelay sets TCP_NODELAY on a listening socket: Linux copies it to every accepted socket,
+// so game traffic is not Nagle-delayed and workers need not set it again.
+func SetNoDelay(ln *net.TCPListener) error {
+	raw, err := ln.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	}); err != nil {
+		return err
+	}
+	return os.NewSyscallError("setsockopt TCP_NODELAY", serr)
+}
+
+// acceptor holds one accept loop's state, so that the RawConn callback is a method value made
+// once and accepting allocates nothing of its own.
+type acceptor struct {
+	l   *Listener
+	fn  func(uintptr) bool
+	fd  int
+	sa  unix.Sockaddr
+	err error
+}
+
+func newAcceptor(l *Listener) *acceptor {
+	a := &acceptor{l: l}
+	a.fn = a.try
+	return a
+}
+
+func (a *acceptor) try(s uintptr) bool {
+	for {
+		// No SOCK_NONBLOCK: the fd goes to a worker, whose runtime picks its own I/O mode; the
+		// gateway never does I/O on it. CLOEXEC so that no worker we spawn inherits it.
+		a.fd, a.sa, a.err = unix.Accept4(int(s), unix.SOCK_CLOEXEC)
+		if a.err == unix.EINTR {
+			continue
+		}
+		return a.err != unix.EAGAIN
+	}
+}
+
+// accept returns one connected fd with its client and local addresses.
+func (a *acceptor) accept() (int, netip.AddrPort, netip.AddrPort, error) {
+	if err := a.l.raw.Read(a.fn); err != nil {
+		return -1, netip.AddrPort{}, netip.AddrPort{}, err // the listener was closed
+	}
+	if a.err != nil {
+		return -1, netip.AddrPort{}, netip.AddrPort{}, os.NewSyscallError("accept4", a.err)
+	}
+	local := a.l.local
+	if !local.Addr().IsValid() || local.Addr().IsUnspecified() {
+		if sa, err := unix.Getsockname(a.fd); err == nil {
+			local = sockaddrAddrPort(sa)
+		}
+	}
+	return a.fd, sockaddrAddrPort(a.sa), local, nil
+}
+
+func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch v := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(v.Addr), uint16(v.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(v.Addr).Unmap(), uint16(v.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// temporary reports whether an accept error is resource exhaustion (back off and retry) rather
+// than the end of the listener.
+func temporary(err error) bool {
+	return errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) ||
+		errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.ENOMEM)
+}
+
+// retryAtOnce reports errors that concern only the one connection that failed.
+func retryAtOnce(err error) bool {
+	return errors.Is(err, unix.ECONNABORTED) || errors.Is(err, unix.EPROTO) ||
+		errors.Is(err, unix.EPERM) || errors.Is(err, unix.ENETDOWN) || errors.Is(err, unix.EHOSTUNREACH)
+}
+
+// Backoff for fd exhaustion: 5 ms doubling to 1 s.
+const (
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+)

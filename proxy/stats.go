@@ -1,0 +1,48 @@
+package proxy
+
+import "sync/atomic"
+
+// CloseReason says why the gateway closed a connection it had accepted instead of handing it
+// off.
+type CloseReason int
+
+// Reasons for a gateway-side close.
+const (
+	ReasonNoWorker   CloseReason = iota // waited the queue timeout with no worker available
+	ReasonShutdown                      // batond stopped while the connection waited
+	ReasonRetries                       // handed to too many workers that failed before acking
+	ReasonWorkerLost                    // its worker failed and could not be confirmed dead
+	numReasons
+)
+
+var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost"}
+
+func (r CloseReason) String() string { return reasonNames[r] }
+
+// stats are the gateway's counters; every field is atomic so the hot path takes no lock for them.
+type stats struct {
+	accepted     atomic.Uint64
+	acked        atomic.Uint64
+	redispatched atomic.Uint64
+	acceptErrors atomic.Uint64
+	closed       [numReasons]atomic.Uint64
+}
+
+// Stats is a snapshot of the gateway's counters.
+type Stats struct {
+	Accepted     uint64            `json:"accepted"`
+	Acked        uint64            `json:"acked"`
+	Redispatched uint64            `json:"redispatched"`
+	AcceptErrors uint64            `json:"accept_errors"`
+	Closed       map[string]uint64 `json:"closed_by_gateway"`
+	InFlight     int               `json:"in_flight"` // handed off and not acked, or waiting
+}
+
+// ClosedTotal is the sum of the gateway-side closes over all reasons.
+func (s Stats) ClosedTotal() uint64 {
+	var n uint64
+	for _, v := range s.Closed {
+		n += v
+	}
+	return n
+}

@@ -1,0 +1,112 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrGone is returned when signalling a process that has already exited.
+var ErrGone = errors.New("process has exited")
+
+// Process is a pidfd-backed handle on a worker process, child or not. Signals go through the
+// pidfd, so a recycled PID can never be hit; exit is observed by the pidfd becoming readable
+// (epoll through the runtime poller), never by polling PIDs.
+type Process struct {
+	pid    int
+	pidfd  *os.File // owned; closed by Close
+	raw    syscall.RawConn
+	exited chan struct{}
+	once   sync.Once
+}
+
+// newProcess takes ownership of pidfd, which must be its own open file description opened with
+// PIDFD_NONBLOCK (never a dup of os/exec's pidfd: O_NONBLOCK on that one would make
+// exec.Cmd.Wait fail with EAGAIN instead of waiting), and starts watching it.
+func newProcess(pid, pidfd int) (*Process, error) {
+	f := os.NewFile(uintptr(pidfd), fmt.Sprintf("pidfd:%d", pid))
+	raw, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	p := &Process{pid: pid, pidfd: f, raw: raw, exited: make(chan struct{})}
+	go p.watch()
+	return p, nil
+}
+
+// OpenProcess opens a pidfd on a running process: a child we started and have not reaped (its
+// pid cannot have been recycled), or a worker of another generation re-registering, or one that
+// outlived a previous batond.
+func OpenProcess(pid int) (*Process, error) {
+	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+	if err != nil {
+		return nil, os.NewSyscallError("pidfd_open", err)
+	}
+	return newProcess(pid, fd)
+}
+
+func (p *Process) watch() {
+	// A pidfd becomes readable when the process exits; Read parks on the poller until then.
+	// (Never Fd(): that would switch the pidfd to blocking mode behind the poller's back.)
+	exited := false
+	err := p.raw.Read(func(fd uintptr) bool {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, _ := unix.Poll(fds, 0)
+		exited = n > 0
+		return exited
+	})
+	if err == nil && exited {
+		p.markExited()
+	}
+}
+
+func (p *Process) markExited() { p.once.Do(func() { close(p.exited) }) }
+
+// PID returns the process id.
+func (p *Process) PID() int { return p.pid }
+
+// Exited is closed once the process has exited.
+func (p *Process) Exited() <-chan struct{} { return p.exited }
+
+// Signal sends sig through the pidfd.
+func (p *Process) Signal(sig syscall.Signal) error {
+	var serr error
+	err := p.raw.Control(func(fd uintptr) {
+		serr = unix.PidfdSendSignal(int(fd), sig, nil, 0)
+	})
+	if err != nil {
+		return err
+	}
+	if errors.Is(serr, unix.ESRCH) {
+		return ErrGone
+	}
+	if serr != nil {
+		return os.NewSyscallError("pidfd_send_signal", serr)
+	}
+	return nil
+}
+
+// KillAndWait sends SIGKILL and waits until the process has exited.
+func (p *Process) KillAndWait(ctx context.Context) error {
+	if err := p.Signal(unix.SIGKILL); err != nil && !errors.Is(err, ErrGone) {
+		return err
+	}
+	select {
+	case <-p.exited:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("pid %d still running after SIGKILL: %w", p.pid, ctx.Err())
+	}
+}
+
+// Close releases the pidfd (the process itself is not touched). Exited never fires after Close
+// unless the process had exited before.
+func (p *Process) Close() error {
+	return p.pidfd.Close()
+}

@@ -1,0 +1,462 @@
+package supervisor
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/baton-gw/baton/proxy"
+)
+
+// Errors a slot records as the reason for its last exit.
+var (
+	ErrNeverReady = errors.New("worker did not report READY within the start timeout")
+	ErrStopping   = errors.New("supervisor is stopping")
+)
+
+// State is a slot's or worker's state as status shows it.
+type State string
+
+// States.
+const (
+	StateStarting  State = "starting"  // spawned, not yet READY
+	StateReady     State = "ready"     // serving
+	StateDraining  State = "draining"  // told to drain; takes no new clients
+	StateBackoff   State = "backoff"   // crashed; waiting to restart
+	StateCrashLoop State = "crashloop" // crashed repeatedly soon after start; restarts at the capped delay
+	StateStopped   State = "stopped"
+)
+
+// Config configures one generation's supervisor.
+type Config struct {
+	Command      []string // resolved worker command and arguments
+	Workers      int
+	Generation   uint64
+	Socket       string   // registration socket path, given to workers as BATON_SOCKET
+	Key          []byte   // token key (see Token)
+	AllowUIDs    []uint32 // peer uids allowed to register besides our own
+	Env          []string // extra environment for workers
+	Dir          string   // working directory of workers ("" = ours)
+	StartTimeout time.Duration
+	DrainTimeout time.Duration // how long draining workers get before SIGTERM
+	KillGrace    time.Duration // between SIGTERM and SIGKILL
+	Backoff      Backoff
+	Logger       hclog.Logger
+}
+
+// Supervisor runs the workers of one generation and admits registrations.
+type Supervisor struct {
+	cfg Config
+	gw  *proxy.Gateway
+	log hclog.Logger
+
+	mu       sync.Mutex
+	slots    []*slot
+	others   map[*proxy.Backend]*other // registered workers of other generations
+	stopping bool
+	wg       sync.WaitGroup
+	quit     chan struct{}
+}
+
+type slot struct {
+	n        int
+	state    State
+	proc     *Process
+	pid      int
+	started  time.Time
+	restarts int
+	failures int // consecutive quick failures
+	lastExit string
+	backend  *proxy.Backend
+	reg      chan struct{} // poked when a backend registers for this slot
+}
+
+// other is a worker of another generation (older, usually) that registered with us.
+type other struct {
+	backend  *proxy.Backend
+	proc     *Process
+	deadline time.Time
+}
+
+// New creates a Supervisor. Call Start to spawn workers and Serve to admit registrations.
+func New(cfg Config, gw *proxy.Gateway) *Supervisor {
+	if cfg.StartTimeout <= 0 {
+		cfg.StartTimeout = 10 * time.Second
+	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 5 * time.Minute
+	}
+	if cfg.KillGrace <= 0 {
+		cfg.KillGrace = 5 * time.Second
+	}
+	if cfg.Backoff.Base <= 0 {
+		cfg.Backoff = DefaultBackoff()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	s := &Supervisor{cfg: cfg, gw: gw, log: cfg.Logger, others: map[*proxy.Backend]*other{}, quit: make(chan struct{})}
+	for i := 0; i < cfg.Workers; i++ {
+		s.slots = append(s.slots, &slot{n: i, state: StateStarting, reg: make(chan struct{}, 1)})
+	}
+	return s
+}
+
+// ResolveCommand resolves the program through PATH and every argument that names an existing
+// path through its symlinks, once, so that a generation keeps running the release it started
+// with: a crash-restart never picks up a half-deployed `releases/current`.
+func ResolveCommand(args []string) ([]string, error) {
+	if len(args) == 0 {
+		return nil, errors.New("empty worker command")
+	}
+	out := make([]string, len(args))
+	prog, err := exec.LookPath(args[0])
+	if err != nil {
+		return nil, fmt.Errorf("worker command: %w", err)
+	}
+	if out[0], err = filepath.EvalSymlinks(prog); err != nil {
+		return nil, fmt.Errorf("worker command: %w", err)
+	}
+	if out[0], err = filepath.Abs(out[0]); err != nil {
+		return nil, err
+	}
+	for i, a := range args[1:] {
+		out[i+1] = a
+		if strings.HasPrefix(a, "-") {
+			continue
+		}
+		if _, err := os.Lstat(a); err == nil {
+			if r, err := filepath.EvalSymlinks(a); err == nil {
+				if abs, err := filepath.Abs(r); err == nil {
+					out[i+1] = abs
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// Start spawns every slot's worker and keeps it alive until Stop.
+func (s *Supervisor) Start() {
+	for _, sl := range s.slots {
+		s.wg.Add(1)
+		go s.runSlot(sl)
+	}
+}
+
+func (s *Supervisor) runSlot(sl *slot) {
+	defer s.wg.Done()
+	log := s.log.Named(fmt.Sprintf("slot%d", sl.n))
+	for {
+		if s.isStopping() {
+			return
+		}
+		err := s.runOnce(sl, log)
+		s.mu.Lock()
+		uptime := time.Since(sl.started)
+		b := sl.backend
+		sl.backend = nil
+		sl.proc = nil
+		if s.stopping {
+			sl.state = StateStopped
+			s.mu.Unlock()
+			if b != nil {
+				b.Kick(ErrStopping)
+			}
+			return
+		}
+		if uptime >= s.cfg.Backoff.Healthy {
+			sl.failures = 0
+		}
+		delay := s.cfg.Backoff.Delay(sl.failures)
+		sl.failures++
+		sl.restarts++
+		sl.lastExit = err.Error()
+		sl.state = StateBackoff
+		if sl.failures >= s.cfg.Backoff.CrashLoop {
+			sl.state = StateCrashLoop
+		}
+		state := sl.state
+		s.mu.Unlock()
+		if b != nil {
+			b.Kick(fmt.Errorf("worker process exited: %w", err))
+		}
+		lvl := hclog.Warn
+		if state == StateCrashLoop {
+			lvl = hclog.Error
+		}
+		log.Log(lvl, "worker exited; restarting", "reason", err, "uptime", uptime.Round(time.Millisecond), "delay", delay, "state", state)
+		select {
+		case <-time.After(delay):
+		case <-s.quit:
+			s.mu.Lock()
+			sl.state = StateStopped
+			s.mu.Unlock()
+			return
+		}
+	}
+}
+
+// runOnce starts the worker and returns why it ended.
+func (s *Supervisor) runOnce(sl *slot, log hclog.Logger) error {
+	cmd := exec.Command(s.cfg.Command[0], s.cfg.Command[1:]...)
+	cmd.Dir = s.cfg.Dir
+	cmd.Env = append(os.Environ(), s.cfg.Env...)
+	cmd.Env = append(cmd.Env,
+		"BATON_SOCKET="+s.cfg.Socket,
+		"BATON_WORKER="+strconv.Itoa(sl.n),
+		"BATON_GENERATION="+strconv.FormatUint(s.cfg.Generation, 10),
+		"BATON_TOKEN="+Token(s.cfg.Key, s.cfg.Generation, sl.n),
+	)
+	// Own process group: a signal meant for batond's terminal (Ctrl-C) is not delivered to
+	// the workers directly; batond drains them instead. No Pdeathsig: workers outlive batond.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		s.mu.Lock()
+		sl.started = time.Now()
+		s.mu.Unlock()
+		return fmt.Errorf("pipe: %w", err)
+	}
+	cmd.Stdout, cmd.Stderr = pw, pw
+	s.mu.Lock()
+	sl.started = time.Now()
+	sl.state = StateStarting
+	s.mu.Unlock()
+	err = cmd.Start()
+	pw.Close() // the child holds its copy
+	if err != nil {
+		pr.Close()
+		return fmt.Errorf("start: %w", err)
+	}
+	wlog := log.Named(fmt.Sprintf("pid%d", cmd.Process.Pid))
+	go relog(pr, wlog)
+	// Our own pidfd, opened before we reap the child, so the pid cannot have been recycled.
+	proc, err := OpenProcess(cmd.Process.Pid)
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return fmt.Errorf("pidfd: %w", err)
+	}
+	defer proc.Close()
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	s.mu.Lock()
+	sl.proc, sl.pid = proc, cmd.Process.Pid
+	s.mu.Unlock()
+	log.Debug("worker started", "pid", sl.pid)
+
+	// Start timeout: registered and READY, or killed.
+	timer := time.NewTimer(s.cfg.StartTimeout)
+	defer timer.Stop()
+	ready := false
+	for !ready {
+		var readyC <-chan struct{}
+		s.mu.Lock()
+		if sl.backend != nil {
+			readyC = sl.backend.ReadyC()
+		}
+		s.mu.Unlock()
+		select {
+		case <-sl.reg:
+		case <-readyC:
+			ready = true
+		case err := <-waited:
+			return exitReason(err)
+		case <-timer.C:
+			_ = proc.KillAndWait(context.Background())
+			<-waited
+			return ErrNeverReady
+		case <-s.quit:
+			ready = true // Stop takes over
+		}
+	}
+	s.mu.Lock()
+	if sl.state == StateStarting {
+		sl.state = StateReady
+	}
+	s.mu.Unlock()
+	return exitReason(<-waited)
+}
+
+func exitReason(err error) error {
+	if err == nil {
+		return errors.New("exited with status 0")
+	}
+	return err
+}
+
+// relog copies a worker's output, line by line, into its named logger.
+func relog(r io.ReadCloser, log hclog.Logger) {
+	defer r.Close()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 4096), 64*1024)
+	for sc.Scan() {
+		log.Info(sc.Text())
+	}
+}
+
+func (s *Supervisor) isStopping() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stopping
+}
+
+// Stop drains every worker (this generation's and others that registered), waits up to ctx for
+// them to exit, then sends SIGTERM, waits KillGrace, then SIGKILL.
+func (s *Supervisor) Stop(ctx context.Context, drain time.Duration) {
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		return
+	}
+	s.stopping = true
+	close(s.quit)
+	var procs []*Process
+	var backends []*proxy.Backend
+	for _, sl := range s.slots {
+		if sl.proc != nil {
+			procs = append(procs, sl.proc)
+		}
+		if sl.backend != nil {
+			backends = append(backends, sl.backend)
+		}
+	}
+	for b, o := range s.others {
+		backends = append(backends, b)
+		if o.proc != nil {
+			procs = append(procs, o.proc)
+		}
+	}
+	s.mu.Unlock()
+	for _, b := range backends {
+		_ = b.Drain(drain)
+	}
+	allExited := func(c <-chan time.Time) bool {
+		for _, p := range procs {
+			select {
+			case <-p.Exited():
+			case <-c:
+				return false
+			}
+		}
+		return true
+	}
+	if !allExited(chanOf(ctx)) {
+		s.log.Warn("workers still running at the stop deadline; sending SIGTERM")
+		for _, p := range procs {
+			_ = p.Signal(unix.SIGTERM)
+		}
+		if !allExited(time.After(s.cfg.KillGrace)) {
+			s.log.Warn("workers ignored SIGTERM; sending SIGKILL")
+			for _, p := range procs {
+				_ = p.Signal(unix.SIGKILL)
+			}
+			allExited(time.After(s.cfg.KillGrace))
+		}
+	}
+	s.wg.Wait()
+}
+
+func chanOf(ctx context.Context) <-chan time.Time {
+	c := make(chan time.Time, 1)
+	go func() {
+		<-ctx.Done()
+		c <- time.Now()
+	}()
+	return c
+}
+
+// WorkerStatus is one worker as `batonctl status` shows it.
+type WorkerStatus struct {
+	Slot       int       `json:"slot"`
+	PID        int       `json:"pid"`
+	Generation uint64    `json:"generation"`
+	State      State     `json:"state"`
+	Clients    int       `json:"clients"`
+	Restarts   int       `json:"restarts"`
+	Started    time.Time `json:"started,omitzero"`
+	Uptime     string    `json:"uptime"`
+	LastExit   string    `json:"last_exit,omitempty"`
+}
+
+// Status lists this generation's slots, then workers of other generations.
+func (s *Supervisor) Status() []WorkerStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	var out []WorkerStatus
+	for _, sl := range s.slots {
+		w := WorkerStatus{Slot: sl.n, Generation: s.cfg.Generation, State: sl.state, Restarts: sl.restarts, LastExit: sl.lastExit}
+		if sl.proc != nil {
+			w.PID, w.Started, w.Uptime = sl.pid, sl.started, now.Sub(sl.started).Round(time.Second).String()
+		}
+		if sl.backend != nil {
+			st := sl.backend.Status()
+			w.Clients = st.Live
+			if st.Draining {
+				w.State = StateDraining
+			}
+		}
+		out = append(out, w)
+	}
+	for b, o := range s.others {
+		st := b.Status()
+		out = append(out, WorkerStatus{Slot: st.Slot, PID: st.PID, Generation: st.Generation, State: StateDraining,
+			Clients: st.Live, Started: st.Registered, Uptime: now.Sub(st.Registered).Round(time.Second).String()})
+		_ = o
+	}
+	return out
+}
+
+// ReadyCount is the number of this generation's workers that are serving.
+func (s *Supervisor) ReadyCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, sl := range s.slots {
+		if sl.state == StateReady {
+			n++
+		}
+	}
+	return n
+}
+
+// Detach hands the workers over to the next batond after an upgrade: every worker is told to
+// drain (it keeps its sessions and re-registers with the next batond, which gives it no new
+// clients), and this supervisor stops restarting anything. The processes are left running.
+func (s *Supervisor) Detach(drain time.Duration) {
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		return
+	}
+	s.stopping = true
+	close(s.quit)
+	var backends []*proxy.Backend
+	for _, sl := range s.slots {
+		if sl.backend != nil {
+			backends = append(backends, sl.backend)
+		}
+	}
+	for b := range s.others {
+		backends = append(backends, b)
+	}
+	s.mu.Unlock()
+	for _, b := range backends {
+		_ = b.Drain(drain)
+	}
+}
