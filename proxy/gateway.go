@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -128,7 +127,7 @@ func (g *Gateway) Serve(l *Listener) error {
 	for {
 		fd, client, local, err := a.accept()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) {
 				return nil
 			}
 			g.stats.acceptErrors.Add(1)

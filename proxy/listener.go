@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -20,11 +21,12 @@ import (
 // duplicate of the listening fd, wrapped in an os.File whose RawConn parks on the poller until a
 // connection is pending. The duplicate is F_DUPFD_CLOEXEC'd through Control, never Fd().
 type Listener struct {
-	name  string
-	ln    *net.TCPListener // not owned, but closed by Close so that accepting stops at once
-	f     *os.File         // owned duplicate of ln's fd
-	raw   syscall.RawConn
-	local netip.AddrPort // the bound address; unspecified IP means ask the kernel per connection
+	name   string
+	ln     *net.TCPListener // not owned, but closed by Close so that accepting stops at once
+	f      *os.File         // owned duplicate of ln's fd
+	raw    syscall.RawConn
+	local  netip.AddrPort // the bound address; unspecified IP means ask the kernel per connection
+	closed atomic.Bool    // Close was called: an accept error then means "stop", not a failure
 }
 
 // NewListener wraps a TCP listener (from systemd, tableflip or net.Listen). Close closes both
@@ -58,6 +60,7 @@ func NewListener(name string, ln *net.TCPListener) (*Listener, error) {
 // Close stops accepting on this listener in this process. Other processes holding the same
 // listening socket (the next batond, systemd) keep it open.
 func (l *Listener) Close() error {
+	l.closed.Store(true)
 	err := l.f.Close()
 	if cerr := l.ln.Close(); err == nil {
 		err = cerr
@@ -118,7 +121,10 @@ func (a *acceptor) try(s uintptr) bool {
 // accept returns one connected fd with its client and local addresses.
 func (a *acceptor) accept() (int, netip.AddrPort, netip.AddrPort, error) {
 	if err := a.l.raw.Read(a.fn); err != nil {
-		return -1, netip.AddrPort{}, netip.AddrPort{}, err // the listener was closed
+		if a.l.closed.Load() {
+			err = net.ErrClosed
+		}
+		return -1, netip.AddrPort{}, netip.AddrPort{}, err
 	}
 	if a.err != nil {
 		return -1, netip.AddrPort{}, netip.AddrPort{}, os.NewSyscallError("accept4", a.err)

@@ -59,10 +59,6 @@ func (s *Supervisor) admit(c *net.UnixConn) {
 		s.reject(ch, handoff.CodePeer, "cannot read peer credentials", "error", err)
 		return
 	}
-	if int(cred.Uid) != os.Getuid() && !slices.Contains(s.cfg.AllowUIDs, cred.Uid) {
-		s.reject(ch, handoff.CodePeer, fmt.Sprintf("uid %d may not register (allowed: %d and -allow-uid)", cred.Uid, os.Getuid()), "pid", cred.Pid)
-		return
-	}
 	_ = c.SetReadDeadline(time.Now().Add(helloTimeout))
 	buf := make([]byte, handoff.MaxMessage)
 	msg, _, err := ch.Recv(buf)
@@ -88,6 +84,12 @@ func (s *Supervisor) admit(c *net.UnixConn) {
 	}
 	if err != nil {
 		s.reject(ch, handoff.CodeMalformed, err.Error(), "pid", cred.Pid)
+		return
+	}
+	// Checked after HELLO is read: closing with the HELLO unread would reset the peer's end
+	// before it could read why.
+	if int(cred.Uid) != os.Getuid() && !slices.Contains(s.cfg.AllowUIDs, cred.Uid) {
+		s.reject(ch, handoff.CodePeer, fmt.Sprintf("uid %d may not register (allowed: %d and -allow-uid)", cred.Uid, os.Getuid()), "pid", cred.Pid)
 		return
 	}
 	version, ok := handoff.ChooseVersion(h.MinVersion, h.MaxVersion)

@@ -251,7 +251,12 @@ func (s *Supervisor) runOnce(sl *slot, log hclog.Logger) error {
 		_ = cmd.Wait()
 		return fmt.Errorf("pidfd: %w", err)
 	}
-	defer proc.Close()
+	defer func() {
+		// Every return below follows cmd.Wait, so the process is gone: say so before the
+		// pidfd closes, or a Stop racing with this exit would wait on Exited forever.
+		proc.markExited()
+		proc.Close()
+	}()
 	waited := make(chan error, 1)
 	go func() { waited <- cmd.Wait() }()
 	s.mu.Lock()
