@@ -6,7 +6,7 @@
 // Go worker library (worker) both build on it. It uses only the standard library and x/sys, so
 // that the worker library, which game servers import, stays small.
 //
-// Ownership of fds is explicit everywhere: SendConn never closes the fd it sends (the caller
+// Ownership of fds is explicit everywhere: TrySend never closes the fd it sends (the caller
 // keeps its copy until the peer acknowledges), and Recv hands received fds to the caller only
 // on success; on every error path it closes them itself.
 package handoff

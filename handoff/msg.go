@@ -251,7 +251,7 @@ func AppendNonce(b []byte, t Type, nonce uint64) []byte {
 	return finish(b, s)
 }
 
-// AppendConn appends a CONN (its fd travels separately, see Channel.SendConn).
+// AppendConn appends a CONN (its fd travels separately, see Channel.TrySend).
 func AppendConn(b []byte, c *ConnInfo) []byte {
 	b, s := begin(b, TypeConn)
 	b = le.AppendUint64(b, c.ID)

@@ -1,0 +1,395 @@
+package conformance
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/baton-gw/baton/handoff"
+)
+
+// An implementation is a command that runs an echo worker: it registers per the BATON_*
+// environment, echoes every byte on every handed-off connection, and after DRAIN exits 0 once
+// its last connection has closed (exit non-zero on a fatal ERROR).
+type implementation struct {
+	name    string
+	command func(t *testing.T) []string
+}
+
+// To add an implementation, add one line here.
+var implementations = []implementation{
+	{"go", goBuild("./examples/go/echo")},
+	{"python", fixed("python3", "examples/python/echo.py")},
+}
+
+func repoRoot() string { return filepath.Join("..", "..") }
+
+func fixed(args ...string) func(*testing.T) []string {
+	return func(t *testing.T) []string {
+		out := append([]string(nil), args...)
+		for i, a := range out {
+			if strings.HasSuffix(a, ".py") {
+				out[i], _ = filepath.Abs(filepath.Join(repoRoot(), a))
+			}
+		}
+		return out
+	}
+}
+
+func goBuild(pkg string) func(*testing.T) []string {
+	var once sync.Once
+	var bin string
+	var err error
+	return func(t *testing.T) []string {
+		once.Do(func() {
+			dir, derr := os.MkdirTemp("", "conformance-")
+			if derr != nil {
+				err = derr
+				return
+			}
+			bin = filepath.Join(dir, "worker")
+			cmd := exec.Command("go", "build", "-o", bin, pkg)
+			cmd.Dir = repoRoot()
+			if out, berr := cmd.CombinedOutput(); berr != nil {
+				err = fmt.Errorf("go build %s: %v\n%s", pkg, berr, out)
+			}
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return []string{bin}
+	}
+}
+
+const token = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+// fakeGateway plays batond for one worker process.
+type fakeGateway struct {
+	t       *testing.T
+	ln      *net.UnixListener
+	cmd     *exec.Cmd
+	stderr  strings.Builder
+	exited  chan struct{}
+	exitErr error
+	ch      *handoff.Channel
+	buf     []byte
+	tcp     net.Listener
+}
+
+func start(t *testing.T, impl implementation) *fakeGateway {
+	t.Helper()
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "workers.sock")
+	ln, err := handoff.Listen(sock, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tcp, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &fakeGateway{t: t, ln: ln, exited: make(chan struct{}), buf: make([]byte, handoff.MaxMessage), tcp: tcp}
+	args := impl.command(t)
+	g.cmd = exec.Command(args[0], args[1:]...)
+	g.cmd.Env = append(os.Environ(), "BATON_SOCKET="+sock, "BATON_WORKER=3", "BATON_GENERATION=7", "BATON_TOKEN="+token)
+	g.cmd.Stderr = &lockedWriter{w: &g.stderr}
+	if err := g.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { g.exitErr = g.cmd.Wait(); close(g.exited) }()
+	t.Cleanup(func() {
+		g.cmd.Process.Kill()
+		<-g.exited
+		ln.Close()
+		tcp.Close()
+		if g.ch != nil {
+			g.ch.Close()
+		}
+		if t.Failed() {
+			t.Logf("worker stderr:\n%s", g.stderr.String())
+		}
+	})
+	return g
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// accept waits for the worker to connect to the registration socket and returns its HELLO.
+func (g *fakeGateway) accept() handoff.Hello {
+	g.t.Helper()
+	g.ln.SetDeadline(time.Now().Add(10 * time.Second))
+	c, err := g.ln.AcceptUnix()
+	if err != nil {
+		g.t.Fatalf("worker did not connect: %v", err)
+	}
+	if g.ch != nil {
+		g.ch.Close()
+	}
+	if g.ch, err = handoff.NewChannel(c); err != nil {
+		g.t.Fatal(err)
+	}
+	typ, body := g.recv()
+	if typ != handoff.TypeHello {
+		g.t.Fatalf("first message %s, want HELLO", typ)
+	}
+	h, err := handoff.ParseHello(body)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	return h
+}
+
+// recv reads the next message, with a deadline.
+func (g *fakeGateway) recv() (handoff.Type, []byte) {
+	g.t.Helper()
+	g.ch.Conn().SetReadDeadline(time.Now().Add(5 * time.Second))
+	msg, fd, err := g.ch.Recv(g.buf)
+	if err != nil {
+		g.t.Fatalf("recv: %v", err)
+	}
+	if fd >= 0 {
+		g.t.Fatalf("worker sent an fd")
+	}
+	typ, body, err := handoff.Split(msg)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	return typ, body
+}
+
+// expect reads messages until one of type want arrives, failing on anything unexpected (PONG
+// and READY may interleave and are skipped when not wanted).
+func (g *fakeGateway) expect(want handoff.Type) []byte {
+	g.t.Helper()
+	for {
+		typ, body := g.recv()
+		if typ == want {
+			return body
+		}
+		if typ != handoff.TypePong && typ != handoff.TypeReady {
+			g.t.Fatalf("got %s while waiting for %s", typ, want)
+		}
+	}
+}
+
+// expectIDs collects ACK or CLOSED ids until it has all of want.
+func (g *fakeGateway) expectIDs(t handoff.Type, want ...uint64) {
+	g.t.Helper()
+	got := map[uint64]bool{}
+	for len(got) < len(want) {
+		ids, err := handoff.ParseIDs(nil, t, g.expect(t))
+		if err != nil {
+			g.t.Fatal(err)
+		}
+		for _, id := range ids {
+			got[id] = true
+		}
+	}
+	for _, id := range want {
+		if !got[id] {
+			g.t.Fatalf("%s: got %v, want %v", t, got, want)
+		}
+	}
+}
+
+func (g *fakeGateway) send(msg []byte) {
+	g.t.Helper()
+	if err := g.ch.Send(msg); err != nil {
+		g.t.Fatal(err)
+	}
+}
+
+func (g *fakeGateway) welcome() {
+	g.send(handoff.AppendWelcome(nil, &handoff.Welcome{Version: 1, PingInterval: time.Second, Generation: 7}))
+}
+
+// handshake does a good handshake and waits for READY.
+func (g *fakeGateway) handshake() handoff.Hello {
+	g.t.Helper()
+	h := g.accept()
+	g.welcome()
+	g.expect(handoff.TypeReady)
+	return h
+}
+
+// handOff connects a real TCP client, sends the server side to the worker as CONN id, and
+// returns the client side once the worker ACKs it.
+// peer is a test client whose server side was handed to the worker.
+type peer struct {
+	*bufio.ReadWriter
+	c net.Conn
+}
+
+func closeClient(p *peer) { p.c.Close() }
+
+func (g *fakeGateway) handOff(id uint64) *peer {
+	g.t.Helper()
+	client, err := net.Dial("tcp", g.tcp.Addr().String())
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	g.t.Cleanup(func() { client.Close() })
+	server, err := g.tcp.Accept()
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	f, err := server.(*net.TCPConn).File() // a private dup: this socket is not shared yet
+	server.Close()
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	defer f.Close() // the gateway's copy goes once the worker has it
+	info := handoff.ConnInfo{ID: id, Client: client.LocalAddr().(*net.TCPAddr).AddrPort(),
+		Local: netip.MustParseAddrPort(g.tcp.Addr().String()), Listener: "public"}
+	raw, _ := f.SyscallConn()
+	var serr error
+	raw.Control(func(fd uintptr) { serr = g.ch.TrySend(handoff.AppendConn(nil, &info), int(fd)) })
+	if serr != nil {
+		g.t.Fatal(serr)
+	}
+	g.expectIDs(handoff.TypeAck, id)
+	client.SetDeadline(time.Now().Add(10 * time.Second))
+	return &peer{bufio.NewReadWriter(bufio.NewReader(client), bufio.NewWriter(client)), client}
+}
+
+func echo(t *testing.T, c *peer, s string) {
+	t.Helper()
+	c.WriteString(s + "\n")
+	c.Flush()
+	line, err := c.ReadString('\n')
+	if err != nil || line != s+"\n" {
+		t.Fatalf("echo %q: got %q, %v", s, line, err)
+	}
+}
+
+func (g *fakeGateway) waitExit(wantOK bool) {
+	g.t.Helper()
+	select {
+	case <-g.exited:
+	case <-time.After(10 * time.Second):
+		g.t.Fatal("worker did not exit")
+	}
+	if ok := g.exitErr == nil; ok != wantOK {
+		g.t.Fatalf("worker exit: %v (want success=%v)", g.exitErr, wantOK)
+	}
+}
+
+func TestConformance(t *testing.T) {
+	for _, impl := range implementations {
+		t.Run(impl.name, func(t *testing.T) {
+			t.Run("hello", func(t *testing.T) {
+				g := start(t, impl)
+				h := g.accept()
+				if h.MinVersion > 1 || h.MaxVersion < 1 {
+					t.Errorf("versions %d..%d do not include 1", h.MinVersion, h.MaxVersion)
+				}
+				if int(h.PID) != g.cmd.Process.Pid || h.Slot != 3 || h.Generation != 7 || h.Token != token {
+					t.Errorf("HELLO %+v does not match pid %d, BATON_WORKER=3, BATON_GENERATION=7, BATON_TOKEN", h, g.cmd.Process.Pid)
+				}
+				if h.Flags != 0 || h.Live != 0 {
+					t.Errorf("first HELLO has flags %#x live %d, want 0 0", h.Flags, h.Live)
+				}
+				g.welcome()
+				g.expect(handoff.TypeReady)
+			})
+			for _, code := range []handoff.ErrorCode{handoff.CodeVersion, handoff.CodeToken} {
+				t.Run("rejected-"+code.String(), func(t *testing.T) {
+					g := start(t, impl)
+					g.accept()
+					g.send(handoff.AppendError(nil, &handoff.Error{Code: code, Reason: "conformance test says no"}))
+					g.ch.Close()
+					g.waitExit(false)
+					if !strings.Contains(g.stderr.String(), "conformance test says no") {
+						t.Errorf("the worker did not tell its operator why it was rejected")
+					}
+				})
+			}
+			t.Run("conn-ack-closed", func(t *testing.T) {
+				g := start(t, impl)
+				g.handshake()
+				c := g.handOff(0xABCD00000001)
+				echo(t, c, "hello through the handoff")
+				c2 := g.handOff(0xABCD00000002)
+				echo(t, c2, "second")
+				echo(t, c, "first again")
+				closeClient(c)
+				g.expectIDs(handoff.TypeClosed, 0xABCD00000001)
+				closeClient(c2)
+				g.expectIDs(handoff.TypeClosed, 0xABCD00000002)
+			})
+			t.Run("ping", func(t *testing.T) {
+				g := start(t, impl)
+				g.handshake()
+				g.send(handoff.AppendNonce(nil, handoff.TypePing, 0x1122334455667788))
+				body := g.expect(handoff.TypePong)
+				if n, err := handoff.ParseNonce(handoff.TypePong, body); err != nil || n != 0x1122334455667788 {
+					t.Fatalf("PONG nonce %#x %v", n, err)
+				}
+			})
+			t.Run("optional-type-ignored", func(t *testing.T) {
+				g := start(t, impl)
+				g.handshake()
+				g.send([]byte{0x80, 0, 2, 0, 1, 2}) // an optional message from a future version
+				g.send(handoff.AppendNonce(nil, handoff.TypePing, 5))
+				g.expect(handoff.TypePong)
+			})
+			t.Run("drain", func(t *testing.T) {
+				g := start(t, impl)
+				g.handshake()
+				c1 := g.handOff(11)
+				c2 := g.handOff(12)
+				g.send(handoff.AppendDrain(nil, &handoff.Drain{Deadline: 30 * time.Second}))
+				time.Sleep(100 * time.Millisecond)
+				echo(t, c1, "still served after DRAIN")
+				echo(t, c2, "me too")
+				select {
+				case <-g.exited:
+					t.Fatal("worker exited with sessions open")
+				default:
+				}
+				closeClient(c1)
+				g.expectIDs(handoff.TypeClosed, 11)
+				closeClient(c2)
+				g.expectIDs(handoff.TypeClosed, 12)
+				g.waitExit(true)
+			})
+			t.Run("reregister", func(t *testing.T) {
+				g := start(t, impl)
+				g.handshake()
+				c := g.handOff(21)
+				echo(t, c, "before the drop")
+				g.ch.Close() // batond "crashes"
+				h := g.accept()
+				if h.Live != 1 || h.Flags&handoff.HelloReady == 0 {
+					t.Fatalf("re-registration HELLO live=%d flags=%#x, want live=1 with READY", h.Live, h.Flags)
+				}
+				g.welcome()
+				echo(t, c, "after the drop")
+				c2 := g.handOff(22)
+				echo(t, c2, "new one")
+				closeClient(c)
+				g.expectIDs(handoff.TypeClosed, 21)
+				closeClient(c2)
+				g.expectIDs(handoff.TypeClosed, 22)
+			})
+		})
+	}
+}

@@ -1,0 +1,30 @@
+// Package worker is the Go side of a baton worker process: it registers with batond over the
+// handoff protocol (handoff/PROTOCOL.md) and turns the client connections batond hands over into
+// an ordinary net.Listener, so that a program written for net.Listen (an accept loop, http.Serve,
+// a game server's session loop) runs under batond unchanged.
+//
+// It owns the worker's end of the registration channel: the handshake (HELLO/WELCOME), READY,
+// acknowledging each handed-off connection before the program can read from it, reporting each
+// close (CLOSED) exactly once, answering PING, obeying DRAIN, and re-registering with its current
+// counts when the channel drops (a batond crash or upgrade), without touching the client
+// connections the program holds. It owns no client connection once Accept has returned it: the
+// program does, and closes it.
+//
+// A typical program:
+//
+//	l, err := worker.Listen(worker.WithCapacity(500))
+//	if err != nil {
+//		log.Fatal(err) // says clearly when the program was not started by batond
+//	}
+//	err = http.Serve(l, handler) // returns an error wrapping net.ErrClosed on DRAIN
+//	ctx, cancel := context.WithDeadline(context.Background(), l.DrainDeadline())
+//	defer cancel()
+//	l.Wait(ctx) // until every connection handed to this process is closed
+//
+// Without BATON_SOCKET in the environment, Listen fails with ErrNotUnderBaton unless a fallback
+// address is configured (WithFallback or BATON_FALLBACK_LISTEN), in which case the Listener
+// listens on that TCP address itself, for local development.
+//
+// The package uses only the standard library, golang.org/x/sys and baton's handoff package,
+// because game servers import it.
+package worker

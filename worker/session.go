@@ -1,0 +1,445 @@
+package worker
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/baton-gw/baton/handoff"
+)
+
+// Re-registration backoff (PROTOCOL.md §8): quick enough that a restarted batond sees its
+// workers within a second or two, slow enough that a worker never hammers a gateway that keeps
+// refusing it.
+const (
+	backoffMin = 100 * time.Millisecond
+	backoffMax = 2 * time.Second
+)
+
+// errBusy says another goroutine is flushing right now; the writer goroutine takes over.
+var errBusy = errors.New("flush in progress")
+
+// session is one registered channel to batond, from WELCOME until it drops. The registration
+// goroutine reads it (readLoop, which also sends ACK and PONG); CLOSED and READY go out through
+// flush, from whichever goroutine caused them or, when that would block, from the session's
+// writer goroutine.
+type session struct {
+	l    *Listener
+	ch   *handoff.Channel
+	rbuf []byte    // Recv buffer; reader goroutine only
+	wbuf []byte    // ACK, PONG and ERROR encoding; reader goroutine only
+	one  [1]uint64 // the id of one ACK; reader goroutine only
+
+	kick       chan struct{} // capacity 1: the writer has something to flush
+	stop       chan struct{} // closed when the session ends
+	writerDone chan struct{}
+
+	// sendMu serializes flushes. A flush removes ids from Listener.pending only after they were
+	// sent, and the session end takes sendMu before the next HELLO is built, so every id is
+	// counted exactly once: in the next HELLO's live, or in a CLOSED that was sent.
+	sendMu    sync.Mutex
+	readySent bool // READY sent on this channel, or flagged in its HELLO
+	dead      bool // the session ended: flushes do nothing (the next session sends)
+	fbuf      []byte
+	ids       []uint64
+}
+
+// register dials batond and registers, returning a session ready to serve. On every error path
+// it closes the channel it opened.
+func (l *Listener) register() (*session, error) {
+	ch, err := handoff.Dial(l.env.socket)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	if l.quitting {
+		l.mu.Unlock()
+		ch.Close()
+		return nil, net.ErrClosed
+	}
+	l.dialing = ch // shutdown closes it, aborting the handshake
+	h := handoff.Hello{
+		MinVersion: handoff.Version,
+		MaxVersion: handoff.Version,
+		PID:        uint32(os.Getpid()),
+		Slot:       l.env.slot,
+		Generation: l.env.generation,
+		Capacity:   l.opts.capacity,
+		// Closes batond has not been told of are still live in its eyes: the CLOSED for them
+		// follows right after WELCOME and is counted against this number (PROTOCOL.md §8).
+		Live:  uint32(l.open + len(l.pending)),
+		Token: l.env.token,
+	}
+	if l.ready {
+		h.Flags |= handoff.HelloReady
+	}
+	if l.draining {
+		h.Flags |= handoff.HelloDraining
+	}
+	l.mu.Unlock()
+
+	s, err := l.handshake(ch, &h)
+	l.mu.Lock()
+	l.dialing = nil
+	l.mu.Unlock()
+	if err != nil {
+		ch.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// handshake sends HELLO and waits for WELCOME (PROTOCOL.md, "Conversation" 1).
+func (l *Listener) handshake(ch *handoff.Channel, h *handoff.Hello) (*session, error) {
+	timeout := l.opts.handshakeTimeout
+	if err := ch.Conn().SetDeadline(time.Now().Add(timeout)); err != nil {
+		return nil, err
+	}
+	if err := ch.Send(handoff.AppendHello(nil, h)); err != nil {
+		return nil, fmt.Errorf("send HELLO: %w", err)
+	}
+	buf := make([]byte, handoff.MaxMessage)
+	for {
+		msg, fd, err := ch.Recv(buf)
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil, fmt.Errorf("no WELCOME from batond within %v: %w", timeout, err)
+			}
+			return nil, fmt.Errorf("waiting for WELCOME: %w", err)
+		}
+		closeFD(fd) // only a CONN carries one, and a CONN before WELCOME is refused below
+		t, body, err := handoff.Split(msg)
+		if err != nil {
+			return nil, protocolError(ch, handoff.CodeMalformed, err)
+		}
+		switch {
+		case t == handoff.TypeWelcome:
+			w, err := handoff.ParseWelcome(body)
+			if err != nil {
+				return nil, protocolError(ch, handoff.CodeMalformed, err)
+			}
+			if w.Version != handoff.Version {
+				// batond must choose within our range; if it did not, nothing later can work.
+				e := &handoff.Error{Code: handoff.CodeVersion, Reason: fmt.Sprintf(
+					"WELCOME chose protocol version %d; this worker speaks only %d", w.Version, handoff.Version)}
+				sendError(ch, e.Code, e.Reason)
+				return nil, e
+			}
+			if err := ch.Conn().SetDeadline(time.Time{}); err != nil {
+				return nil, err
+			}
+			return &session{
+				l:          l,
+				ch:         ch,
+				rbuf:       buf,
+				kick:       make(chan struct{}, 1),
+				stop:       make(chan struct{}),
+				writerDone: make(chan struct{}),
+				readySent:  h.Flags&handoff.HelloReady != 0,
+			}, nil
+		case t == handoff.TypeError:
+			e, err := handoff.ParseError(body)
+			if err != nil {
+				return nil, protocolError(ch, handoff.CodeMalformed, err)
+			}
+			return nil, e
+		case t.Optional():
+			continue // an extension this version does not know: ignore, as the protocol says
+		default:
+			return nil, protocolError(ch, handoff.CodeUnexpected, fmt.Errorf("%s before WELCOME", t))
+		}
+	}
+}
+
+// run is the registration goroutine: it serves the current session and, when the channel drops,
+// re-registers with backoff, until shutdown or a rejection that retrying cannot fix.
+func (l *Listener) run(s *session) {
+	defer close(l.done)
+	delay := backoffMin
+	for {
+		err := l.serve(s)
+		if l.registrationOver() {
+			return
+		}
+		if isFatal(err) {
+			l.log.Error("batond rejected this worker", "err", err)
+			l.fail(fmt.Errorf("worker: batond rejected this worker: %w", err))
+			return
+		}
+		l.log.Warn("lost the channel to batond; keeping connections, re-registering", "err", err, "live", l.Live())
+		for {
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-l.quit:
+				t.Stop()
+				return
+			}
+			s, err = l.register()
+			if err == nil {
+				break
+			}
+			if l.registrationOver() {
+				return
+			}
+			if isFatal(err) {
+				l.log.Error("batond rejected this worker", "err", err)
+				l.fail(fmt.Errorf("worker: batond rejected this worker: %w", err))
+				return
+			}
+			delay = min(2*delay, backoffMax)
+			l.log.Warn("re-registration failed", "err", err, "retry_in", delay)
+		}
+		delay = backoffMin
+		l.log.Info("re-registered with batond", "live", l.Live())
+	}
+}
+
+func (l *Listener) registrationOver() bool {
+	select {
+	case <-l.quit:
+		return true
+	default:
+		return false
+	}
+}
+
+// serve runs one session until its channel drops and returns why. When it returns, the channel
+// is closed, the writer has exited and no flush is in flight on it.
+func (l *Listener) serve(s *session) error {
+	l.mu.Lock()
+	if l.quitting {
+		l.mu.Unlock()
+		s.ch.Close()
+		return net.ErrClosed
+	}
+	l.cur = s
+	l.mu.Unlock()
+
+	go s.writeLoop()
+	s.flushSoon() // CLOSED queued while disconnected, READY requested meanwhile
+	err := s.readLoop()
+
+	l.mu.Lock()
+	l.cur = nil
+	final := l.quitting
+	l.mu.Unlock()
+	if final {
+		// The registration ends here rather than drops: tell batond of the last closes (those
+		// of the connections Close dropped among them) before hanging up.
+		s.ch.Conn().SetWriteDeadline(time.Now().Add(shutdownFlushTimeout))
+		_ = s.flush(true)
+	}
+	s.ch.Close() // unblocks a writer stuck in Send
+	close(s.stop)
+	<-s.writerDone
+	s.sendMu.Lock() // wait out a flush in flight from another goroutine
+	s.dead = true
+	s.sendMu.Unlock()
+	return err
+}
+
+func (s *session) readLoop() error {
+	for {
+		msg, fd, err := s.ch.Recv(s.rbuf)
+		if err != nil {
+			switch {
+			case errors.Is(err, handoff.ErrTruncated):
+				return protocolError(s.ch, handoff.CodeTooBig, err)
+			case errors.Is(err, handoff.ErrFDs):
+				return protocolError(s.ch, handoff.CodeFDs, err)
+			}
+			return err
+		}
+		if err := s.handle(msg, fd); err != nil {
+			return err
+		}
+	}
+}
+
+// handle acts on one message from batond. A non-nil error ends the session.
+func (s *session) handle(msg []byte, fd int) error {
+	t, body, err := handoff.Split(msg)
+	if err != nil {
+		closeFD(fd)
+		return protocolError(s.ch, handoff.CodeMalformed, err)
+	}
+	switch t {
+	case handoff.TypeConn:
+		return s.handleConn(body, fd)
+	case handoff.TypePing:
+		nonce, err := handoff.ParseNonce(t, body)
+		if err != nil {
+			return protocolError(s.ch, handoff.CodeMalformed, err)
+		}
+		s.wbuf = handoff.AppendNonce(s.wbuf[:0], handoff.TypePong, nonce)
+		return s.ch.Send(s.wbuf)
+	case handoff.TypeDrain:
+		d, err := handoff.ParseDrain(body)
+		if err != nil {
+			return protocolError(s.ch, handoff.CodeMalformed, err)
+		}
+		s.l.drain(d.Deadline)
+		return nil
+	case handoff.TypeError:
+		e, err := handoff.ParseError(body)
+		if err != nil {
+			return protocolError(s.ch, handoff.CodeMalformed, err)
+		}
+		return e
+	}
+	switch {
+	case t.Optional():
+		return nil
+	case t.Known():
+		return protocolError(s.ch, handoff.CodeUnexpected, fmt.Errorf("%s from batond after WELCOME", t))
+	default:
+		return protocolError(s.ch, handoff.CodeUnknownType, fmt.Errorf("unknown message %s", t))
+	}
+}
+
+// handleConn takes ownership of a handed-off client fd.
+func (s *session) handleConn(body []byte, fd int) error {
+	var info handoff.ConnInfo
+	if err := handoff.ParseConn(body, &info); err != nil {
+		closeFD(fd)
+		return protocolError(s.ch, handoff.CodeMalformed, err)
+	}
+	// ACK first, before anything can read from the client: until batond has the ACK it owns
+	// the connection, and a late ACK gets this process killed.
+	s.one[0] = info.ID
+	s.wbuf = handoff.AppendIDs(s.wbuf[:0], handoff.TypeAck, s.one[:])
+	ackErr := s.ch.Send(s.wbuf)
+	// Even if the ACK failed (the channel dropped), keep the connection: the fd is ours now,
+	// the next HELLO counts it, and a gateway that is still alive will not hand it to anyone
+	// else before this process is gone.
+	nc, err := fdConn(fd, info.ID)
+	if err != nil {
+		// Acked, so counted by batond: report it closed at once so the count stays right.
+		s.l.log.Warn("handed-off fd is not a usable connection; reporting it closed", "id", info.ID, "err", err)
+		s.l.reportUnusable(info.ID)
+	} else {
+		s.l.deliver(newConn(s.l, nc, &info, true))
+	}
+	return ackErr
+}
+
+// drain records a DRAIN. A later DRAIN (batond restarted and drained us again) moves the
+// deadline: batond's latest word is the one it will enforce.
+func (l *Listener) drain(d time.Duration) {
+	l.mu.Lock()
+	l.drainDeadline = time.Now().Add(d)
+	if !l.draining {
+		l.draining = true
+		close(l.drainCh)
+	}
+	l.signalAcceptDoneLocked()
+	l.mu.Unlock()
+}
+
+// flushSoon sends what is pending without ever blocking its caller (a program's Conn.Close, the
+// reader): if the channel is busy or full, the writer goroutine sends it instead.
+func (s *session) flushSoon() {
+	switch err := s.flush(false); {
+	case err == nil:
+	case errors.Is(err, errBusy), errors.Is(err, handoff.ErrWouldBlock):
+		s.wake()
+	default:
+		s.ch.Close() // the reader sees the drop and the worker re-registers
+	}
+}
+
+func (s *session) wake() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// writeLoop sends what flushSoon could not, waiting for room in the channel.
+func (s *session) writeLoop() {
+	defer close(s.writerDone)
+	for {
+		select {
+		case <-s.kick:
+		case <-s.stop:
+			return
+		}
+		if err := s.flush(true); err != nil {
+			s.ch.Close()
+			return
+		}
+	}
+}
+
+// flush sends READY if it is due and every pending CLOSED, in batches of up to MaxIDs ids. With
+// block false it neither waits for another flush (errBusy) nor for room in the channel
+// (handoff.ErrWouldBlock); ids stay pending until sent.
+func (s *session) flush(block bool) error {
+	if block {
+		s.sendMu.Lock()
+	} else if !s.sendMu.TryLock() {
+		return errBusy
+	}
+	defer s.sendMu.Unlock()
+	if s.dead {
+		return nil
+	}
+	l := s.l
+	for {
+		l.mu.Lock()
+		needReady := l.ready && !s.readySent
+		n := min(len(l.pending), handoff.MaxIDs)
+		s.ids = append(s.ids[:0], l.pending[:n]...)
+		l.mu.Unlock()
+
+		if needReady {
+			s.fbuf = handoff.AppendEmpty(s.fbuf[:0], handoff.TypeReady)
+			if err := s.send(s.fbuf, block); err != nil {
+				return err
+			}
+			s.readySent = true
+		}
+		if n == 0 {
+			return nil
+		}
+		s.fbuf = handoff.AppendIDs(s.fbuf[:0], handoff.TypeClosed, s.ids)
+		if err := s.send(s.fbuf, block); err != nil {
+			return err
+		}
+		l.mu.Lock()
+		// Only flushes remove from pending, and they are serialized, so the first n are the
+		// ones just sent.
+		l.pending = append(l.pending[:0], l.pending[n:]...)
+		l.mu.Unlock()
+	}
+}
+
+func (s *session) send(msg []byte, block bool) error {
+	if block {
+		return s.ch.Send(msg)
+	}
+	return s.ch.TrySend(msg, -1)
+}
+
+// protocolError tells batond what was wrong (best effort, PROTOCOL.md "Errors") and returns the
+// error that ends the session.
+func protocolError(ch *handoff.Channel, code handoff.ErrorCode, err error) error {
+	sendError(ch, code, err.Error())
+	return fmt.Errorf("%w: %w", errProtocol, err)
+}
+
+func sendError(ch *handoff.Channel, code handoff.ErrorCode, reason string) {
+	_ = ch.TrySend(handoff.AppendError(nil, &handoff.Error{Code: code, Reason: reason}), -1)
+}
+
+func closeFD(fd int) {
+	if fd >= 0 {
+		unix.Close(fd)
+	}
+}

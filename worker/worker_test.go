@@ -1,0 +1,733 @@
+package worker
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/baton-gw/baton/handoff"
+)
+
+func TestHandshake(t *testing.T) {
+	g := newGateway(t)
+	l, c, h := startWorker(t, g, WithCapacity(42))
+	want := handoff.Hello{
+		MinVersion: 1, MaxVersion: 1, PID: uint32(os.Getpid()), Slot: 3, Generation: 7,
+		Capacity: 42, Flags: 0, Live: 0, Token: testToken,
+	}
+	if h != want {
+		t.Fatalf("HELLO %+v, want %+v", h, want)
+	}
+	if l.Slot() != 3 || l.Generation() != 7 {
+		t.Fatalf("Slot %d Generation %d, want 3 and 7", l.Slot(), l.Generation())
+	}
+	// Nothing else (no READY before the program accepts) precedes the PONG.
+	c.barrier()
+	if l.Live() != 0 {
+		t.Fatalf("Live %d, want 0", l.Live())
+	}
+}
+
+func TestHandshakeError(t *testing.T) {
+	for _, code := range []handoff.ErrorCode{handoff.CodeToken, handoff.CodeSlot} {
+		t.Run(code.String(), func(t *testing.T) {
+			g := newGateway(t)
+			done := make(chan error, 1)
+			go func() {
+				l, err := Listen()
+				if l != nil {
+					l.Close()
+				}
+				done <- err
+			}()
+			c := g.accept()
+			c.hello()
+			c.send(handoff.AppendError(nil, &handoff.Error{Code: code, Reason: "no"}))
+			err := <-done
+			var he *handoff.Error
+			if !errors.As(err, &he) || he.Code != code || he.Reason != "no" {
+				t.Fatalf("Listen error %v, want a *handoff.Error %s", err, code)
+			}
+			c.expectEOF() // the worker closed the channel
+		})
+	}
+}
+
+func TestHandshakeTimeout(t *testing.T) {
+	g := newGateway(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := Listen(WithHandshakeTimeout(100 * time.Millisecond))
+		done <- err
+	}()
+	c := g.accept()
+	c.hello() // and never answer
+	err := <-done
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Listen error %v, want a deadline error", err)
+	}
+	c.expectEOF()
+}
+
+func TestHandshakeBadVersion(t *testing.T) {
+	g := newGateway(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := Listen()
+		done <- err
+	}()
+	c := g.accept()
+	c.hello()
+	c.send(handoff.AppendWelcome(nil, &handoff.Welcome{Version: 2}))
+	err := <-done
+	var he *handoff.Error
+	if !errors.As(err, &he) || he.Code != handoff.CodeVersion {
+		t.Fatalf("Listen error %v, want VERSION", err)
+	}
+	// The worker tells the gateway why before hanging up.
+	e, perr := handoff.ParseError(c.expect(handoff.TypeError))
+	if perr != nil || e.Code != handoff.CodeVersion {
+		t.Fatalf("worker sent ERROR %v (%v), want VERSION", e, perr)
+	}
+	c.expectEOF()
+}
+
+func TestNotUnderBaton(t *testing.T) {
+	t.Setenv(envSocket, "")
+	t.Setenv(envFallback, "")
+	l, err := Listen()
+	if !errors.Is(err, ErrNotUnderBaton) {
+		t.Fatalf("Listen = %v, %v; want ErrNotUnderBaton", l, err)
+	}
+	for _, s := range []string{"BATON_SOCKET is not set", "batond -- yourprogram", "WithFallback"} {
+		if !strings.Contains(err.Error(), s) {
+			t.Errorf("error %q does not mention %q", err, s)
+		}
+	}
+}
+
+func TestBadEnvironment(t *testing.T) {
+	for _, tc := range []struct{ slot, gen string }{{"x", "1"}, {"-1", "1"}, {"1", "0"}, {"1", ""}} {
+		t.Run(tc.slot+"/"+tc.gen, func(t *testing.T) {
+			t.Setenv(envSocket, "/nonexistent/workers.sock")
+			t.Setenv(envSlot, tc.slot)
+			t.Setenv(envGeneration, tc.gen)
+			if _, err := Listen(); !errors.Is(err, ErrEnvironment) {
+				t.Fatalf("Listen error %v, want ErrEnvironment", err)
+			}
+		})
+	}
+}
+
+func TestFallback(t *testing.T) {
+	check := func(t *testing.T, l *Listener) {
+		if _, ok := l.Addr().(*net.TCPAddr); !ok {
+			t.Fatalf("fallback Addr %v is not TCP", l.Addr())
+		}
+		client, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer client.Close()
+		c := mustAccept(t, l)
+		if c.ID() != 1 || c.TCPConn() == nil || c.RemoteAddr().String() != client.LocalAddr().String() {
+			t.Fatalf("fallback conn id %d tcp %v remote %v", c.ID(), c.TCPConn(), c.RemoteAddr())
+		}
+		roundTrip(t, client, c, "hello\n")
+		if l.Live() != 1 {
+			t.Fatalf("Live %d, want 1", l.Live())
+		}
+		c.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+		defer cancel()
+		if err := l.Wait(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := l.Accept(); !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Accept after Close: %v, want net.ErrClosed", err)
+		}
+	}
+	t.Run("option", func(t *testing.T) {
+		t.Setenv(envSocket, "")
+		t.Setenv(envFallback, "")
+		l, err := Listen(WithFallback("127.0.0.1:0"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		check(t, l)
+	})
+	t.Run("env", func(t *testing.T) {
+		t.Setenv(envSocket, "")
+		t.Setenv(envFallback, "127.0.0.1:0")
+		l, err := Listen(WithFallback("bad address"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		check(t, l)
+	})
+	t.Run("not used under batond", func(t *testing.T) {
+		g := newGateway(t)
+		l, _, _ := startWorker(t, g, WithFallback("127.0.0.1:0"))
+		if _, ok := l.Addr().(*net.UnixAddr); !ok {
+			t.Fatalf("Addr %v: fallback used although BATON_SOCKET is set", l.Addr())
+		}
+	})
+}
+
+func TestReadyOnFirstAccept(t *testing.T) {
+	g := newGateway(t)
+	l, c, _ := startWorker(t, g)
+	c.barrier() // no READY yet
+	go l.Accept()
+	c.expect(handoff.TypeReady)
+	l.Ready() // idempotent: no second READY
+	c.barrier()
+}
+
+func TestConnAckAcceptClose(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	client, id := g.handOff(c) // waits for the ACK with this id
+	conn := mustAccept(t, l)
+
+	if conn.ID() != id || conn.ListenerName() != "game" {
+		t.Fatalf("conn id %d listener %q, want %d and game", conn.ID(), conn.ListenerName(), id)
+	}
+	if ra, ok := conn.RemoteAddr().(*net.TCPAddr); !ok || ra.AddrPort() != fakeClient {
+		t.Fatalf("RemoteAddr %v, want %v from CONN", conn.RemoteAddr(), fakeClient)
+	}
+	if la, ok := conn.LocalAddr().(*net.TCPAddr); !ok || la.AddrPort() != fakeLocal {
+		t.Fatalf("LocalAddr %v, want %v from CONN", conn.LocalAddr(), fakeLocal)
+	}
+	if conn.TCPConn() == nil || conn.TCPConn().RemoteAddr().String() != client.LocalAddr().String() {
+		t.Fatalf("TCPConn %v is not the client's peer", conn.TCPConn())
+	}
+	if l.Live() != 1 {
+		t.Fatalf("Live %d, want 1", l.Live())
+	}
+	roundTrip(t, client, conn, "ping\n")
+
+	if err := conn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if ids := c.expectIDs(handoff.TypeClosed); len(ids) != 1 || ids[0] != id {
+		t.Fatalf("CLOSED %v, want [%d]", ids, id)
+	}
+	if err := conn.Close(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("second Close: %v, want net.ErrClosed", err)
+	}
+	c.barrier() // no second CLOSED
+	if l.Live() != 0 {
+		t.Fatalf("Live %d after Close, want 0", l.Live())
+	}
+	client.SetReadDeadline(time.Now().Add(testTimeout))
+	if n, err := client.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("client read after worker Close: %d, %v; want EOF", n, err)
+	}
+}
+
+func TestConcurrentClose(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	_, id := g.handOff(c)
+	conn := mustAccept(t, l)
+	errs := make(chan error, 8)
+	for range 8 {
+		go func() { errs <- conn.Close() }()
+	}
+	var ok int
+	for range 8 {
+		if err := <-errs; err == nil {
+			ok++
+		} else if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Close: %v", err)
+		}
+	}
+	if ok != 1 {
+		t.Fatalf("%d Close calls succeeded, want 1", ok)
+	}
+	c.awaitClosed(id)
+	c.barrier()
+}
+
+func TestPingPong(t *testing.T) {
+	g := newGateway(t)
+	_, c, _ := startWorker(t, g)
+	for _, nonce := range []uint64{0, 1, 1 << 63} {
+		c.send(handoff.AppendNonce(nil, handoff.TypePing, nonce))
+		n, err := handoff.ParseNonce(handoff.TypePong, c.expect(handoff.TypePong))
+		if err != nil || n != nonce {
+			t.Fatalf("PONG %d (%v), want %d", n, err, nonce)
+		}
+	}
+}
+
+func TestDrain(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	_, id1 := g.handOff(c)
+	_, id2 := g.handOff(c)
+	before := time.Now()
+	c.send(handoff.AppendDrain(nil, &handoff.Drain{Deadline: 30 * time.Second}))
+	select {
+	case <-l.Draining():
+	case <-time.After(testTimeout):
+		t.Fatal("Draining not closed after DRAIN")
+	}
+	if d := l.DrainDeadline(); d.Before(before.Add(30*time.Second)) || d.After(time.Now().Add(30*time.Second)) {
+		t.Fatalf("DrainDeadline %v, want 30 s after DRAIN", d)
+	}
+	a, b := mustAccept(t, l), mustAccept(t, l)
+	if a.ID() != id1 || b.ID() != id2 {
+		t.Fatalf("accepted %d, %d; want %d, %d", a.ID(), b.ID(), id1, id2)
+	}
+	_, err := acceptTimeout(t, l)
+	if !errors.Is(err, net.ErrClosed) || !errors.Is(err, ErrDraining) {
+		t.Fatalf("Accept after drain: %v, want ErrDraining wrapping net.ErrClosed", err)
+	}
+	var oe *net.OpError
+	if !errors.As(err, &oe) || oe.Op != "accept" {
+		t.Fatalf("Accept error %#v is not a *net.OpError", err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := l.Wait(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Wait with 2 live: %v, want deadline exceeded", err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- l.Wait(context.Background()) }()
+	a.Close()
+	c.awaitClosed(id1)
+	select {
+	case err := <-waited:
+		t.Fatalf("Wait returned %v with one conn live", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	b.Close()
+	c.awaitClosed(id2)
+	select {
+	case err := <-waited:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(testTimeout):
+		t.Fatal("Wait did not return after the last Close")
+	}
+}
+
+// A CONN that crosses DRAIN on the wire is acked; if the accept loop has already stopped, it
+// is closed and reported rather than held where nobody serves it.
+func TestConnAfterAcceptStopped(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	c.send(handoff.AppendDrain(nil, &handoff.Drain{Deadline: time.Minute}))
+	if _, err := acceptTimeout(t, l); !errors.Is(err, ErrDraining) {
+		t.Fatalf("Accept: %v, want ErrDraining", err)
+	}
+	client, id := g.handOff(c)
+	c.awaitClosed(id)
+	client.SetReadDeadline(time.Now().Add(testTimeout))
+	if _, err := client.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("client read: %v, want EOF", err)
+	}
+	if err := l.Wait(context.Background()); err != nil || l.Live() != 0 {
+		t.Fatalf("Wait %v, Live %d", err, l.Live())
+	}
+}
+
+func TestReregister(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	client, id := g.handOff(c)
+	conn := mustAccept(t, l)
+	c.send(handoff.AppendDrain(nil, &handoff.Drain{Deadline: time.Minute}))
+	c.barrier()
+
+	c.ch.Close() // batond goes away
+	c2 := g.accept()
+	h := c2.hello()
+	if h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloDraining || h.Token != testToken {
+		t.Fatalf("re-registration HELLO %+v, want live 1, READY|DRAINING", h)
+	}
+	c2.welcome()
+	c2.barrier() // READY is not sent again: the HELLO flag said it
+	roundTrip(t, client, conn, "still here\n")
+	conn.Close()
+	if ids := c2.expectIDs(handoff.TypeClosed); len(ids) != 1 || ids[0] != id {
+		t.Fatalf("CLOSED %v on the new channel, want [%d]", ids, id)
+	}
+}
+
+// A close while no channel is up is counted in the next HELLO's live and then sent, so the new
+// gateway's count is right both before and after it.
+func TestClosedWhileDisconnected(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	_, id := g.handOff(c)
+	conn := mustAccept(t, l)
+	c.ch.Close()
+	eventually(t, "the worker to notice the drop", func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return l.cur == nil
+	})
+	conn.Close()
+	c2 := g.accept()
+	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady {
+		t.Fatalf("HELLO live %d flags %d, want 1 and READY", h.Live, h.Flags)
+	}
+	c2.welcome()
+	c2.awaitClosed(id)
+	c2.barrier()
+	if l.Live() != 0 {
+		t.Fatalf("Live %d, want 0", l.Live())
+	}
+}
+
+// batond crashes and comes back: the socket is dead for a while, the worker retries with backoff.
+func TestReregisterAfterRestart(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	client, _ := g.handOff(c)
+	conn := mustAccept(t, l)
+	defer conn.Close()
+	g.ln.Close()
+	c.ch.Close()
+	time.Sleep(300 * time.Millisecond) // a few failed attempts (connection refused)
+	g.restart()
+	c2 := g.accept()
+	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady {
+		t.Fatalf("HELLO live %d flags %d", h.Live, h.Flags)
+	}
+	c2.welcome()
+	roundTrip(t, client, conn, "after restart\n")
+	// The new batond hands off as usual.
+	client2, id2 := g.handOff(c2)
+	conn2 := mustAccept(t, l)
+	roundTrip(t, client2, conn2, "new\n")
+	conn2.Close()
+	c2.awaitClosed(id2)
+}
+
+func TestFatalErrorAfterRegistration(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	client, id := g.handOff(c)
+	c.send(handoff.AppendError(nil, &handoff.Error{Code: handoff.CodePeer, Reason: "go away"}))
+	c.expectEOF()
+	// The connection delivered before the rejection is still handed out, then the rejection.
+	conn := mustAccept(t, l)
+	if conn.ID() != id {
+		t.Fatalf("accepted %d, want %d", conn.ID(), id)
+	}
+	_, err := acceptTimeout(t, l)
+	var he *handoff.Error
+	if !errors.As(err, &he) || he.Code != handoff.CodePeer {
+		t.Fatalf("Accept: %v, want the PEER rejection", err)
+	}
+	roundTrip(t, client, conn, "served anyway\n")
+	conn.Close()
+	// No re-registration after a fatal rejection.
+	g.ln.SetDeadline(time.Now().Add(300 * time.Millisecond))
+	if c, err := g.ln.Accept(); err == nil {
+		c.Close()
+		t.Fatal("worker re-registered after a PEER rejection")
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNonFatalErrorReregisters(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	c.send(handoff.AppendError(nil, &handoff.Error{Code: handoff.CodeShutdown, Reason: "restarting"}))
+	c.expectEOF()
+	c2 := g.accept()
+	if h := c2.hello(); h.Flags != handoff.HelloReady {
+		t.Fatalf("HELLO flags %d, want READY", h.Flags)
+	}
+	c2.welcome()
+	client, id := g.handOff(c2)
+	conn := mustAccept(t, l)
+	roundTrip(t, client, conn, "x")
+	conn.Close()
+	c2.awaitClosed(id)
+}
+
+func TestUnknownTypes(t *testing.T) {
+	g := newGateway(t)
+	_, c, _ := startWorker(t, g)
+	c.send([]byte{0x85, 0, 3, 0, 1, 2, 3}) // optional: ignored
+	c.barrier()
+	c.send([]byte{0x20, 0, 0, 0}) // unknown and required: a protocol error
+	e, err := handoff.ParseError(c.expect(handoff.TypeError))
+	if err != nil || e.Code != handoff.CodeUnknownType {
+		t.Fatalf("ERROR %v (%v), want UNKNOWN_TYPE", e, err)
+	}
+	c.expectEOF()
+	c2 := g.accept() // and it registers again
+	c2.hello()
+	c2.welcome()
+	c2.barrier()
+}
+
+func TestMalformedFromGateway(t *testing.T) {
+	g := newGateway(t)
+	_, c, _ := startWorker(t, g)
+	c.send([]byte{byte(handoff.TypePing), 0, 2, 0, 1, 2}) // nonce too short
+	e, err := handoff.ParseError(c.expect(handoff.TypeError))
+	if err != nil || e.Code != handoff.CodeMalformed {
+		t.Fatalf("ERROR %v (%v), want MALFORMED", e, err)
+	}
+	c.expectEOF()
+}
+
+// An fd that is not a socket cannot become a connection: it is acked (batond counted it) and
+// reported closed at once, and closed.
+func TestUnusableFD(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	c.sendFD(w, &handoff.ConnInfo{ID: 99, Listener: "game"})
+	c.awaitAck(99)
+	w.Close()
+	c.awaitClosed(99)
+	// The worker closed its copy: the pipe's write side is gone everywhere.
+	r.SetReadDeadline(time.Now().Add(testTimeout))
+	if _, err := r.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("pipe read: %v, want EOF (worker leaked the fd)", err)
+	}
+	if l.Live() != 0 {
+		t.Fatalf("Live %d, want 0", l.Live())
+	}
+}
+
+func TestCloseListener(t *testing.T) {
+	g := newGateway(t)
+	baseline := runtime.NumGoroutine()
+	l, c := startReady(t, g)
+	client, _ := g.handOff(c)
+	conn := mustAccept(t, l)
+
+	accepted := make(chan error, 1)
+	go func() {
+		_, err := l.Accept() // blocks: nothing queued
+		accepted <- err
+	}()
+	time.Sleep(20 * time.Millisecond) // usually inside Accept by now; either way it must fail
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	err := <-accepted
+	var oe *net.OpError
+	if !errors.Is(err, net.ErrClosed) || !errors.As(err, &oe) || oe.Op != "accept" {
+		t.Fatalf("Accept after Close: %#v, want *net.OpError wrapping net.ErrClosed", err)
+	}
+	if err := l.Close(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("second Close: %v", err)
+	}
+	c.expectEOF() // the registration ends: batond stops sending to this process
+
+	// The program still owns what it accepted.
+	roundTrip(t, client, conn, "mine\n")
+	if l.Live() != 1 {
+		t.Fatalf("Live %d, want 1", l.Live())
+	}
+	conn.Close()
+	if err := l.Wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the Listener's goroutines to exit", func() bool {
+		return runtime.NumGoroutine() <= baseline
+	})
+}
+
+// Close drops conns that were delivered but never accepted, and reports them.
+func TestCloseDropsQueued(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	client, id := g.handOff(c)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.expectEOF()
+	if c.closed[id] != 1 {
+		t.Fatalf("CLOSED for the queued conn not sent before the channel closed")
+	}
+	client.SetReadDeadline(time.Now().Add(testTimeout))
+	if _, err := client.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("client read: %v, want EOF", err)
+	}
+	if l.Live() != 0 {
+		t.Fatalf("Live %d, want 0", l.Live())
+	}
+}
+
+// http.Serve closes its listener as soon as Accept fails, that is at DRAIN. The registration
+// then stays until the last connection closes, so batond still sees each CLOSED.
+func TestCloseWhileDrainingLingers(t *testing.T) {
+	g := newGateway(t)
+	baseline := runtime.NumGoroutine()
+	l, c := startReady(t, g)
+	client, id := g.handOff(c)
+	conn := mustAccept(t, l)
+	c.send(handoff.AppendDrain(nil, &handoff.Drain{Deadline: time.Minute}))
+	if _, err := acceptTimeout(t, l); !errors.Is(err, ErrDraining) {
+		t.Fatalf("Accept: %v", err)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.barrier() // still registered: answers PING
+	roundTrip(t, client, conn, "draining\n")
+	conn.Close()
+	c.awaitClosed(id)
+	c.expectEOF() // and now it is gone
+	eventually(t, "the Listener's goroutines to exit", func() bool {
+		return runtime.NumGoroutine() <= baseline
+	})
+}
+
+func TestHTTPServe(t *testing.T) {
+	g := newGateway(t)
+	l, c, _ := startWorker(t, g)
+	served := make(chan error, 1)
+	go func() {
+		served <- http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "hello %s", r.RemoteAddr)
+		}))
+	}()
+	c.expect(handoff.TypeReady) // http.Serve called Accept
+	client, id := g.handOff(c)
+	client.SetDeadline(time.Now().Add(testTimeout))
+	fmt.Fprintf(client, "GET / HTTP/1.1\r\nHost: game\r\nConnection: close\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(client), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != 200 || string(body) != "hello "+fakeClient.String() {
+		t.Fatalf("GET: %v %d %q", err, resp.StatusCode, body)
+	}
+	c.awaitClosed(id) // Connection: close
+
+	c.send(handoff.AppendDrain(nil, &handoff.Drain{Deadline: time.Minute}))
+	select {
+	case err := <-served:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("http.Serve returned %v, want net.ErrClosed", err)
+		}
+	case <-time.After(testTimeout):
+		t.Fatal("http.Serve did not return after DRAIN")
+	}
+	if err := l.Wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The fd accounting must be exact: every handed-off fd, every dup made by net.FileConn and
+// every channel is closed.
+func TestNoFDLeak(t *testing.T) {
+	g := newGateway(t)
+	// Warm up what is opened once per process (the network poller).
+	l0, c0 := startReady(t, g)
+	cl, _ := g.handOff(c0)
+	mustAccept(t, l0).Close()
+	cl.Close()
+	l0.Close()
+	c0.expectEOF()
+	c0.ch.Close()
+
+	// Sockets that earlier tests dropped without closing are closed by finalizers; let that
+	// happen now, not in the middle of the measurement.
+	runtime.GC()
+	time.Sleep(10 * time.Millisecond)
+	before := countFDs(t)
+	l, c := startReady(t, g)
+	const n = 500
+	for i := range n {
+		client, id := g.handOff(c)
+		conn := mustAccept(t, l)
+		if i%50 == 0 {
+			roundTrip(t, client, conn, "x")
+		}
+		if i%2 == 0 {
+			conn.Close() // worker closes first
+			client.Close()
+		} else {
+			client.Close()
+			conn.Close()
+		}
+		_ = id
+	}
+	ids := make([]uint64, 0, n)
+	for id := g.next.Load() - n + 1; id <= g.next.Load(); id++ {
+		ids = append(ids, id)
+	}
+	c.awaitClosed(ids...)
+	c.barrier()
+	if l.Live() != 0 {
+		t.Fatalf("Live %d, want 0", l.Live())
+	}
+	l.Close()
+	c.expectEOF()
+	c.ch.Close()
+
+	after := countFDs(t)
+	for i := 0; i < 100 && after != before; i++ {
+		time.Sleep(10 * time.Millisecond)
+		after = countFDs(t)
+	}
+	if after != before {
+		t.Fatalf("%d fds open after %d handoffs, %d before", after, n, before)
+	}
+}
+
+// A Conn the program forgets to close is reported when its socket is garbage collected, so the
+// worker does not look full to batond forever.
+func TestLeakedConnReported(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	client, id := g.handOff(c)
+	conn := mustAccept(t, l)
+	roundTrip(t, client, conn, "x")
+	conn = nil
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.awaitClosed(id)
+	}()
+	deadline := time.After(testTimeout)
+	for {
+		runtime.GC()
+		select {
+		case <-done:
+			if l.Live() != 0 {
+				t.Fatalf("Live %d, want 0", l.Live())
+			}
+			return
+		case <-deadline:
+			t.Fatal("leaked conn never reported CLOSED")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
