@@ -3,7 +3,9 @@ module github.com/baton-gw/baton
 go 1.26.8
 
 require (
+	github.com/BurntSushi/toml v1.6.0
 	github.com/cloudflare/tableflip v1.2.3
+	github.com/coreos/go-systemd/v22 v22.7.0
 	github.com/hashicorp/go-hclog v1.6.3
 	golang.org/x/net v0.62.0
 	golang.org/x/sys v0.50.0

@@ -206,6 +206,7 @@ func (b *Backend) read() {
 			fds = fds[:0]
 			b.g.mu.Lock()
 			var unknown uint64
+			clients := 0
 			for _, id := range ids {
 				c := b.pending[id]
 				if c == nil {
@@ -216,11 +217,16 @@ func (b *Backend) read() {
 				fds = append(fds, c.fd)
 				b.live++
 				b.acked++
+				if c.selfCheck != nil {
+					close(c.selfCheck)
+				} else {
+					clients++
+				}
 			}
 			b.lastSeen, b.full = now, false
 			b.g.doneInflightLocked(len(fds))
 			b.g.mu.Unlock()
-			b.g.stats.acked.Add(uint64(len(fds)))
+			b.g.stats.acked.Add(uint64(clients))
 			// The worker owns these connections now; drop the gateway's copies.
 			for _, fd := range fds {
 				unix.Close(fd)

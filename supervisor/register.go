@@ -21,12 +21,30 @@ const helloTimeout = 5 * time.Second
 // Serve admits workers on the registration listener until it is closed. Each connection gets
 // its own goroutine for the handshake, so a silent peer holds up nobody.
 func (s *Supervisor) Serve(l *net.UnixListener) error {
+	s.mu.Lock()
+	s.regL = l
+	s.mu.Unlock()
 	var backoff time.Duration
 	for {
+		s.mu.Lock()
+		resume, quit := s.resume, s.quit
+		paused := s.paused
+		s.mu.Unlock()
+		if paused {
+			select {
+			case <-resume:
+			case <-quit:
+				return nil
+			}
+			continue
+		}
 		c, err := l.AcceptUnix()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return nil
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				continue // PauseRegistrations interrupted the accept
 			}
 			if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
 				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
@@ -39,6 +57,34 @@ func (s *Supervisor) Serve(l *net.UnixListener) error {
 		backoff = 0
 		go s.admit(c)
 	}
+}
+
+// PauseRegistrations stops admitting workers while a newer batond starts on the same
+// (inherited) registration socket, so that its new workers register with it and not with us.
+// Connections wait in the socket's backlog meanwhile.
+func (s *Supervisor) PauseRegistrations() {
+	s.mu.Lock()
+	s.paused = true
+	s.resume = make(chan struct{})
+	l := s.regL
+	s.mu.Unlock()
+	if l != nil {
+		_ = l.SetDeadline(time.Now()) // wake a blocked accept
+	}
+}
+
+// ResumeRegistrations undoes PauseRegistrations (the newer batond failed to start).
+func (s *Supervisor) ResumeRegistrations() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.paused {
+		return
+	}
+	s.paused = false
+	if s.regL != nil {
+		_ = s.regL.SetDeadline(time.Time{})
+	}
+	close(s.resume)
 }
 
 // reject tells the peer why, best effort, and closes the channel.
@@ -159,6 +205,12 @@ func (s *Supervisor) admitOwn(ch *handoff.Channel, info proxy.BackendInfo, welco
 // admitOther takes a worker of another generation: after a reload (older) or one that
 // outlived a crashed batond. It keeps its sessions, gets no new clients, and is drained.
 func (s *Supervisor) admitOther(ch *handoff.Channel, info proxy.BackendInfo, welcome []byte) {
+	if info.Generation > s.cfg.Generation {
+		// A worker of a newer batond that reached us in the instant before we paused
+		// registrations: it belongs to the newer one. SHUTDOWN is not fatal; it retries.
+		s.reject(ch, handoff.CodeShutdown, fmt.Sprintf("generation %d belongs to a newer batond (this is %d); retry", info.Generation, s.cfg.Generation))
+		return
+	}
 	proc, err := OpenProcess(info.PID)
 	if err != nil {
 		s.reject(ch, handoff.CodePeer, fmt.Sprintf("cannot open pidfd for pid %d: %v", info.PID, err))

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -67,6 +68,9 @@ type Supervisor struct {
 	slots    []*slot
 	others   map[*proxy.Backend]*other // registered workers of other generations
 	stopping bool
+	paused   bool          // registrations held back while a newer batond starts
+	resume   chan struct{} // closed by ResumeRegistrations
+	regL     *net.UnixListener
 	wg       sync.WaitGroup
 	quit     chan struct{}
 }
@@ -214,7 +218,7 @@ func (s *Supervisor) runSlot(sl *slot) {
 func (s *Supervisor) runOnce(sl *slot, log hclog.Logger) error {
 	cmd := exec.Command(s.cfg.Command[0], s.cfg.Command[1:]...)
 	cmd.Dir = s.cfg.Dir
-	cmd.Env = append(os.Environ(), s.cfg.Env...)
+	cmd.Env = append(workerEnviron(), s.cfg.Env...)
 	cmd.Env = append(cmd.Env,
 		"BATON_SOCKET="+s.cfg.Socket,
 		"BATON_WORKER="+strconv.Itoa(sl.n),
@@ -295,6 +299,23 @@ func (s *Supervisor) runOnce(sl *slot, log hclog.Logger) error {
 	}
 	s.mu.Unlock()
 	return exitReason(<-waited)
+}
+
+// workerEnviron is batond's environment minus what is batond's alone: systemd's notify socket
+// (with NotifyAccess=all a worker could otherwise speak for the service), socket activation
+// variables, and tableflip's marker (a worker is nobody's upgrade).
+func workerEnviron() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		switch k {
+		case "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "TABLEFLIP_HAS_PARENT_7DIU3",
+			"BATON_SOCKET", "BATON_WORKER", "BATON_GENERATION", "BATON_TOKEN":
+			continue
+		}
+		env = append(env, kv)
+	}
+	return env
 }
 
 func exitReason(err error) error {
@@ -464,4 +485,22 @@ func (s *Supervisor) Detach(drain time.Duration) {
 	for _, b := range backends {
 		_ = b.Drain(drain)
 	}
+}
+
+// LastExits summarises why this generation's slots last exited, for a failed start's message.
+func (s *Supervisor) LastExits() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var parts []string
+	for _, sl := range s.slots {
+		if sl.lastExit != "" {
+			parts = append(parts, fmt.Sprintf("slot %d: %s after %d restarts", sl.n, sl.lastExit, sl.restarts))
+		} else if sl.state != StateReady {
+			parts = append(parts, fmt.Sprintf("slot %d: %s", sl.n, sl.state))
+		}
+	}
+	if len(parts) == 0 {
+		return "no worker exited"
+	}
+	return strings.Join(parts, "; ")
 }

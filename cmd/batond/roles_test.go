@@ -28,39 +28,39 @@ func runRole(spec string) int {
 	}
 	if scoped {
 		if slot != os.Getenv("BATON_WORKER") {
-			return demo.Main()
+			return demo.Main("")
 		}
 		marker := filepath.Join(os.Getenv(roleDirEnv), "misbehaved-"+slot)
 		if _, err := os.Stat(marker); err == nil {
-			return demo.Main()
+			return demo.Main("")
 		}
 		os.WriteFile(marker, []byte(strconv.Itoa(os.Getpid())), 0o600)
 	}
 	switch role {
 	case "demo":
-		return demo.Main()
+		return demo.Main("")
 	case "garbage": // garbage instead of HELLO
 		ch := mustDial()
 		ch.Send([]byte("GET / HTTP/1.1\r\n\r\n"))
-		return waitEnd(ch)
+		return waitEnd(ch, false)
 	case "garbage-after": // a good handshake, then garbage
 		ch := handshake(1, 1, os.Getenv("BATON_TOKEN"))
 		ch.Send(handoff.AppendEmpty(nil, handoff.TypeReady))
 		time.Sleep(100 * time.Millisecond)
 		ch.Send([]byte{0x42, 0, 3, 0, 'b', 'a', 'd'})
-		return waitEnd(ch)
+		return waitEnd(ch, true)
 	case "oversize":
 		ch := handshake(1, 1, os.Getenv("BATON_TOKEN"))
 		big := make([]byte, 3*handoff.MaxMessage)
 		big[0] = byte(handoff.TypeReady)
 		ch.Conn().Write(big) // around Channel.Send, which refuses to send it
-		return waitEnd(ch)
+		return waitEnd(ch, false)
 	case "badversion":
 		ch := handshake(9, 9, os.Getenv("BATON_TOKEN"))
-		return waitEnd(ch)
+		return waitEnd(ch, false)
 	case "badtoken":
 		ch := handshake(1, 1, strings.Repeat("0", 64))
-		return waitEnd(ch)
+		return waitEnd(ch, false)
 	}
 	fmt.Fprintln(os.Stderr, "unknown role", role)
 	return 3
@@ -86,8 +86,10 @@ func handshake(lo, hi uint16, token string) *handoff.Channel {
 }
 
 // waitEnd reads until batond closes the channel, printing what it said; exit 1 (a misbehaving
-// worker "crashes"). A CONN reaching a misbehaving worker is reported loudly.
-func waitEnd(ch *handoff.Channel) int {
+// worker "crashes"). A CONN reaching a worker that never completed a good handshake
+// (registered false) is reported loudly; one that did register (garbage-after) may get
+// connections before it misbehaves, and batond must re-dispatch them (it never acks).
+func waitEnd(ch *handoff.Channel, registered bool) int {
 	buf := make([]byte, handoff.MaxMessage)
 	for {
 		msg, fd, err := ch.Recv(buf)
@@ -98,8 +100,10 @@ func waitEnd(ch *handoff.Channel) int {
 		typ, body, _ := handoff.Split(msg)
 		switch typ {
 		case handoff.TypeConn:
-			fmt.Fprintln(os.Stderr, "MISBEHAVING WORKER GOT A CLIENT")
-			os.Exit(9)
+			if !registered {
+				fmt.Fprintln(os.Stderr, "MISBEHAVING WORKER GOT A CLIENT")
+				os.Exit(9)
+			}
 		case handoff.TypeError:
 			e, _ := handoff.ParseError(body)
 			fmt.Fprintf(os.Stderr, "rejected: %v\n", e)

@@ -30,6 +30,14 @@ type Status struct {
 // Source is what the server asks for data and actions.
 type Source interface {
 	Status() Status
+	// Reload starts the next batond and returns once it serves, or why it does not.
+	Reload(ctx context.Context) error
+}
+
+// ReloadResult is the answer to POST /v1/reload.
+type ReloadResult struct {
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
 }
 
 // ErrNotRunning says nothing answers on the admin socket.
@@ -47,6 +55,14 @@ func Handler(src Source) http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(src.Status())
 	})
+	mux.HandleFunc("POST /v1/reload", func(w http.ResponseWriter, r *http.Request) {
+		res := ReloadResult{OK: true}
+		if err := src.Reload(r.Context()); err != nil {
+			res = ReloadResult{Error: err.Error()}
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(res)
+	})
 	return mux
 }
 
@@ -55,7 +71,8 @@ func Serve(ctx context.Context, l net.Listener, src Source) error {
 	srv := &http.Server{Handler: Handler(src), ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		// Long enough for the reload request that ended this process to get its answer.
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()
@@ -112,3 +129,18 @@ func (c *Client) Status(ctx context.Context) (Status, error) {
 	err := c.do(ctx, http.MethodGet, "/v1/status", &s)
 	return s, err
 }
+
+// Reload asks batond to upgrade and waits for the outcome.
+func (c *Client) Reload(ctx context.Context) error {
+	var res ReloadResult
+	if err := c.do(ctx, http.MethodPost, "/v1/reload", &res); err != nil {
+		return err
+	}
+	if !res.OK {
+		return fmt.Errorf("%w: %s", ErrReloadFailed, res.Error)
+	}
+	return nil
+}
+
+// ErrReloadFailed says the new batond did not take over; the old one still serves.
+var ErrReloadFailed = errors.New("reload failed; the running batond keeps serving")

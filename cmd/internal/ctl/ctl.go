@@ -17,7 +17,9 @@ import (
 const usage = `usage: batonctl [-admin PATH] COMMAND
 
 commands:
-  status [-json]   workers by generation: slot, pid, state, clients, restarts, uptime
+  status [-json]         workers by generation: slot, pid, state, clients, restarts, uptime
+  reload [-timeout D]    start the batond binary on disk as the next generation and wait:
+                         exit 0 once it serves, 1 (with the reason) if the old one keeps serving
 `
 
 // Main runs batonctl with args (without the program name) and returns the exit code.
@@ -62,6 +64,29 @@ func Main(args []string, stdout, stderr io.Writer) int {
 			return 0
 		}
 		printStatus(stdout, st)
+		return 0
+	case "reload":
+		rf := flag.NewFlagSet("reload", flag.ContinueOnError)
+		rf.SetOutput(stderr)
+		rt := rf.Duration("timeout", 2*time.Minute, "give up waiting after this long")
+		if err := rf.Parse(rest); err != nil || rf.NArg() > 0 {
+			fmt.Fprint(stderr, usage)
+			return 2
+		}
+		rctx, rcancel := context.WithTimeout(context.Background(), *rt)
+		defer rcancel()
+		before, _ := c.Status(rctx)
+		if err := c.Reload(rctx); err != nil {
+			fmt.Fprintln(stderr, "batonctl: reload:", err)
+			return 1
+		}
+		// The answer comes from the old batond; ask the new one who it is.
+		after, err := c.Status(rctx)
+		if err != nil {
+			fmt.Fprintln(stderr, "batonctl: reload succeeded, but status failed:", err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "reloaded: generation %d (pid %d) → generation %d (pid %d)\n", before.Generation, before.PID, after.Generation, after.PID)
 		return 0
 	default:
 		fmt.Fprintf(stderr, "batonctl: unknown command %q\n\n", cmd)

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -20,7 +21,6 @@ import (
 
 	"github.com/baton-gw/baton/cmd/internal/admin"
 	"github.com/baton-gw/baton/cmd/internal/demo"
-	"github.com/baton-gw/baton/handoff"
 	"github.com/baton-gw/baton/proxy"
 	"github.com/baton-gw/baton/supervisor"
 )
@@ -28,10 +28,18 @@ import (
 // demoArg is the hidden first argument with which batond re-executes itself as a demo worker.
 const demoArg = "demo-worker"
 
+// reloadErrFile, in the state directory, is where a batond that fails to start after an
+// upgrade leaves its reason, for the old batond to return to `batonctl reload`.
+const reloadErrFile = "reload-error"
+
 // Main runs batond with args (os.Args) and returns the exit code.
 func Main(args []string, stderr io.Writer) int {
 	if len(args) > 1 && args[1] == demoArg {
-		return demo.Main()
+		label := ""
+		if len(args) > 2 {
+			label = args[2]
+		}
+		return demo.Main(label)
 	}
 	cfg, err := ParseFlags(args[1:], stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -39,8 +47,12 @@ func Main(args []string, stderr io.Writer) int {
 	}
 	if err != nil {
 		fmt.Fprintln(stderr, "batond:", err)
-		fmt.Fprintln(stderr, "run 'batond -h' for usage")
-		return 2
+		if errors.Is(err, ErrUsage) {
+			fmt.Fprintln(stderr, "run 'batond -h' for usage")
+			return 2
+		}
+		reportStartFailure(cfg, args[1:], err)
+		return 1
 	}
 	log := hclog.New(&hclog.LoggerOptions{
 		Name: "batond", Level: hclog.LevelFromString(cfg.LogLevel), JSONFormat: cfg.LogJSON,
@@ -48,49 +60,104 @@ func Main(args []string, stderr io.Writer) int {
 	})
 	if err := run(cfg, log); err != nil {
 		log.Error("batond failed", "error", err)
+		reportStartFailure(cfg, args[1:], err)
 		return 1
 	}
 	return 0
 }
 
-// daemon is one running batond.
-type daemon struct {
-	cfg  *Config
-	log  hclog.Logger
-	upg  *tableflip.Upgrader
-	gw   *proxy.Gateway
-	sup  *supervisor.Supervisor
-	gen  uint64
-	lns  []*proxy.Listener
-	regL *net.UnixListener
-	admL *net.UnixListener
+// reportStartFailure leaves the reason for the old batond when this process is an upgrade.
+// With a bad configuration cfg is nil, so the state directory is found from the flags alone.
+func reportStartFailure(cfg *Config, args []string, err error) {
+	if os.Getenv("TABLEFLIP_HAS_PARENT_7DIU3") == "" {
+		return
+	}
+	dir := ""
+	if cfg != nil {
+		dir = cfg.stateDir()
+	} else if c, perr := ParseFlags(stripConfig(args), io.Discard); perr == nil {
+		dir = c.stateDir()
+	}
+	if dir != "" {
+		_ = os.WriteFile(filepath.Join(dir, reloadErrFile), []byte(err.Error()), 0o600)
+	}
 }
 
-func run(cfg *Config, log hclog.Logger) (err error) {
-	d := &daemon{cfg: cfg, log: log}
-	upg, err := tableflip.New(tableflip.Options{PIDFile: cfg.PIDFile, UpgradeTimeout: cfg.ReadyTimeout + 10*time.Second})
+// stripConfig drops -config so that flags can be parsed when the file itself is the problem.
+func stripConfig(args []string) []string {
+	var out []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			return append(out, args[i:]...)
+		}
+		if a == "-config" || a == "--config" {
+			i++
+			continue
+		}
+		if strings.HasPrefix(a, "-config=") || strings.HasPrefix(a, "--config=") {
+			continue
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+func (c *Config) stateDir() string {
+	if c.StateDir != "" {
+		return c.StateDir
+	}
+	return filepath.Dir(c.Socket)
+}
+
+// daemon is one running batond.
+type daemon struct {
+	cfg    *Config
+	log    hclog.Logger
+	upg    *tableflip.Upgrader
+	notify notifier
+	gw     *proxy.Gateway
+	sup    *supervisor.Supervisor
+	gen    uint64
+	lns    []*proxy.Listener
+	regL   *net.UnixListener
+	admL   *net.UnixListener
+
+	reloadMu sync.Mutex // one reload at a time
+}
+
+func run(cfg *Config, log hclog.Logger) error {
+	d := &daemon{cfg: cfg, log: log, notify: notifier{log: log}}
+	upg, err := tableflip.New(tableflip.Options{PIDFile: cfg.PIDFile, UpgradeTimeout: cfg.ReadyTimeout + 15*time.Second})
 	if err != nil {
 		return fmt.Errorf("tableflip: %w", err)
 	}
 	d.upg = upg
 	defer upg.Stop()
 
-	if err := d.setup(); err != nil {
+	act := takeActivation()
+	err = d.setup(act)
+	act.close() // anything systemd passed that we did not take
+	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		if err := admin.Serve(ctx, d.admL, d); err != nil {
-			log.Error("admin socket", "error", err)
-		}
-	}()
 	d.sup.Start()
 	go func() {
 		if err := d.sup.Serve(d.regL); err != nil {
 			log.Error("registration socket", "error", err)
 		}
 	}()
+
+	// The health gate: every worker ready, then one real handoff end to end. Only then do we
+	// tell tableflip (and so the old batond, and systemd) that we serve.
+	if err := d.healthGate(); err != nil {
+		d.abort()
+		return err
+	}
+	if err := upg.Ready(); err != nil {
+		d.abort()
+		return fmt.Errorf("ready (pid file %q): %w", cfg.PIDFile, err)
+	}
 	for _, l := range d.lns {
 		go func() {
 			if err := d.gw.Serve(l); err != nil {
@@ -98,16 +165,18 @@ func run(cfg *Config, log hclog.Logger) (err error) {
 			}
 		}()
 	}
-
-	if err := d.waitServing(); err != nil {
-		d.stop()
-		return err
-	}
-	if err := upg.Ready(); err != nil {
-		d.stop()
-		return fmt.Errorf("ready (pid file %q): %w", cfg.PIDFile, err)
-	}
-	log.Info("serving", "listen", strings.Join(cfg.Listen, ","), "workers", cfg.Workers, "generation", d.gen, "pid", os.Getpid())
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	adminDone := make(chan struct{})
+	go func() {
+		defer close(adminDone)
+		if err := admin.Serve(ctx, d.admL, d); err != nil {
+			log.Error("admin socket", "error", err)
+		}
+	}()
+	d.notify.ready(os.Getpid(), d.statusLine())
+	go d.statusLoop(ctx)
+	log.Info("serving", "listen", d.listenerNames(), "workers", cfg.Workers, "generation", d.gen, "pid", os.Getpid())
 
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
@@ -116,40 +185,43 @@ func run(cfg *Config, log hclog.Logger) (err error) {
 		select {
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
-				log.Info("upgrading: starting the binary on disk")
-				if err := upg.Upgrade(); err != nil {
-					log.Error("upgrade failed; still serving", "error", err)
-				}
+				go func() {
+					if err := d.Reload(context.Background()); err != nil {
+						log.Error("reload (SIGHUP) failed; still serving", "error", err)
+					}
+				}()
 				continue
 			}
 			log.Info("stopping", "signal", s)
+			d.notify.stopping()
+			cancel()
 			d.stop()
+			<-adminDone
 			return nil
 		case <-upg.Exit():
 			log.Info("the next batond is serving; handing over")
 			d.handOver()
+			cancel() // the admin server finishes the reload request that brought us here
+			<-adminDone
 			return nil
 		}
 	}
 }
 
 // setup creates or inherits every socket, then builds the gateway and the supervisor.
-func (d *daemon) setup() error {
+func (d *daemon) setup(act activated) error {
 	cfg := d.cfg
-	for _, dir := range []string{filepath.Dir(cfg.Socket), filepath.Dir(cfg.Admin)} {
+	for _, dir := range []string{filepath.Dir(cfg.Socket), filepath.Dir(cfg.Admin), cfg.stateDir()} {
 		if err := os.MkdirAll(dir, 0o750); err != nil {
 			return err
 		}
 	}
-	stateDir := cfg.StateDir
-	if stateDir == "" {
-		stateDir = filepath.Dir(cfg.Socket)
-	}
-	gen, err := nextGeneration(filepath.Join(stateDir, "generation"))
+	gen, err := nextGeneration(filepath.Join(cfg.stateDir(), "generation"))
 	if err != nil {
 		return err
 	}
 	d.gen = gen
+	d.log = d.log.With("gen", gen)
 	keyFile := cfg.KeyFile
 	if keyFile == "" {
 		keyFile = cfg.Socket + ".key"
@@ -169,32 +241,15 @@ func (d *daemon) setup() error {
 	if command, err = supervisor.ResolveCommand(command); err != nil {
 		return err
 	}
-
-	for _, addr := range cfg.Listen {
-		ln, err := d.upg.Listen("tcp", addr)
-		if err != nil {
-			return fmt.Errorf("listen %s: %w", addr, err)
-		}
-		tl, ok := ln.(*net.TCPListener)
-		if !ok {
-			return fmt.Errorf("listen %s: not a TCP listener", addr)
-		}
-		if err := proxy.SetNoDelay(tl); err != nil {
-			return fmt.Errorf("listen %s: %w", addr, err)
-		}
-		l, err := proxy.NewListener(addr, tl)
-		if err != nil {
-			return err
-		}
-		d.lns = append(d.lns, l)
+	if d.lns, err = publicListeners(d.upg, act, cfg.Listen); err != nil {
+		return err
 	}
-	if d.regL, err = d.unixListener("unixpacket", cfg.Socket, 0o600); err != nil {
+	if d.regL, err = unixListener(d.upg, act, fdNameWorkers, fdNameWorkers, "unixpacket", cfg.Socket, 0o600); err != nil {
 		return fmt.Errorf("registration socket: %w", err)
 	}
-	if d.admL, err = d.unixListener("unix", cfg.Admin, os.FileMode(cfg.AdminMode)); err != nil {
+	if d.admL, err = unixListener(d.upg, act, fdKeyAdmin, "", "unix", cfg.Admin, os.FileMode(cfg.AdminMode)); err != nil {
 		return fmt.Errorf("admin socket: %w", err)
 	}
-
 	d.gw = proxy.New(proxy.Config{
 		HandoffTimeout:  cfg.HandoffTimeout,
 		QueueTimeout:    cfg.QueueTimeout,
@@ -215,41 +270,65 @@ func (d *daemon) setup() error {
 	return nil
 }
 
-// unixListener inherits the socket from the previous batond or creates it.
-func (d *daemon) unixListener(network, path string, mode os.FileMode) (*net.UnixListener, error) {
-	ln, err := d.upg.Fds.Listener(network, path)
-	if err != nil {
-		return nil, err
-	}
-	if ln == nil {
-		ul, err := handoff.ListenUnix(network, path, mode)
-		if err != nil {
-			return nil, err
-		}
-		if err := d.upg.Fds.AddListener(network, path, ul); err != nil {
-			ul.Close()
-			return nil, err
-		}
-		return ul, nil
-	}
-	ul, ok := ln.(*net.UnixListener)
-	if !ok {
-		ln.Close()
-		return nil, fmt.Errorf("inherited %s is not a Unix listener", path)
-	}
-	return ul, nil
-}
-
-// waitServing waits until every worker of this generation is ready.
-func (d *daemon) waitServing() error {
-	deadline := time.Now().Add(d.cfg.ReadyTimeout)
+// healthGate waits (up to -ready-timeout) until every worker of this generation is ready and
+// one handoff has gone end to end.
+func (d *daemon) healthGate() error {
+	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.ReadyTimeout)
+	defer cancel()
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
 	for d.sup.ReadyCount() < d.cfg.Workers {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("only %d of %d workers ready after %v", d.sup.ReadyCount(), d.cfg.Workers, d.cfg.ReadyTimeout)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("not serving after -ready-timeout %v: %d of %d workers ready (%s)",
+				d.cfg.ReadyTimeout, d.sup.ReadyCount(), d.cfg.Workers, d.sup.LastExits())
+		case <-t.C:
 		}
-		time.Sleep(10 * time.Millisecond)
+	}
+	if err := d.gw.SelfCheck(ctx); err != nil {
+		return err
 	}
 	return nil
+}
+
+// abort undoes a start that failed its health gate: the new workers go, nothing else is
+// touched (the listeners stay open in the old batond, or in systemd).
+func (d *daemon) abort() {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	d.sup.Stop(ctx, time.Second)
+	cancel()
+	d.gw.Close()
+}
+
+// Reload starts the binary on disk as the next batond and returns once it serves, or why not.
+func (d *daemon) Reload(ctx context.Context) error {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
+	// After a reload, tableflip refuses the next one until our own parent has exited; it
+	// exits within seconds of handing over.
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err := d.upg.WaitForParent(wctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("the previous batond has not exited yet: %w", err)
+	}
+	errFile := filepath.Join(d.cfg.stateDir(), reloadErrFile)
+	os.Remove(errFile)
+	d.log.Info("reloading: starting the binary on disk")
+	d.notify.reloading()
+	d.sup.PauseRegistrations()
+	err = d.upg.Upgrade()
+	if err == nil {
+		d.log.Info("reload succeeded: the new batond serves")
+		return nil
+	}
+	d.sup.ResumeRegistrations()
+	if why, rerr := os.ReadFile(errFile); rerr == nil && len(why) > 0 {
+		err = fmt.Errorf("%s (%v)", strings.TrimSpace(string(why)), err)
+	}
+	d.notify.ready(os.Getpid(), d.statusLine())
+	d.log.Error("reload failed; still serving", "error", err)
+	return err
 }
 
 // stop is the graceful stop: no new clients, in-flight handoffs finish, workers drain.
@@ -276,6 +355,14 @@ func (d *daemon) handOver() {
 	d.gw.Close()
 }
 
+func (d *daemon) listenerNames() string {
+	var s []string
+	for _, l := range d.lns {
+		s = append(s, l.Addr().String())
+	}
+	return strings.Join(s, ",")
+}
+
 // Status implements admin.Source.
 func (d *daemon) Status() admin.Status {
 	s := admin.Status{PID: os.Getpid(), Generation: d.gen, Workers: d.sup.Status(), Gateway: d.gw.Stats()}
@@ -289,6 +376,29 @@ func (d *daemon) Status() admin.Status {
 		}
 	}
 	return s
+}
+
+// statusLine is systemd's STATUS=: generation 7 · 8 workers · 1532 clients · 2 draining.
+func (d *daemon) statusLine() string {
+	st := d.Status()
+	return fmt.Sprintf("generation %d · %d workers · %d clients · %d draining", st.Generation, d.sup.ReadyCount(), st.Clients, st.Draining)
+}
+
+func (d *daemon) statusLoop(ctx context.Context) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	last := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if s := d.statusLine(); s != last {
+				d.notify.status(s)
+				last = s
+			}
+		}
+	}
 }
 
 // nextGeneration increments the generation counter in path. Every batond start is a new

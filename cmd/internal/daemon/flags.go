@@ -15,6 +15,7 @@ var ErrUsage = errors.New("usage")
 
 // Config is batond's configuration.
 type Config struct {
+	ConfigFile     string
 	Listen         []string
 	Workers        int
 	Capacity       int
@@ -63,6 +64,7 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 	c := &Config{}
 	fs := flag.NewFlagSet("batond", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.StringVar(&c.ConfigFile, "config", "", "TOML configuration `file` (flags given on the command line win over it)")
 	fs.Var(listFlag{&c.Listen}, "listen", "public `address` to accept clients on (repeatable) (default 127.0.0.1:7000)")
 	fs.IntVar(&c.Workers, "workers", 2, "worker processes to run")
 	fs.IntVar(&c.Capacity, "capacity", 1000, "most clients per worker, for workers that do not declare their own")
@@ -93,6 +95,13 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 		return nil, fmt.Errorf("%w: %v", ErrUsage, err)
 	}
 	c.Command = fs.Args()
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if c.ConfigFile != "" {
+		if err := loadFile(c.ConfigFile, c, set); err != nil {
+			return nil, err
+		}
+	}
 	if len(c.Listen) == 0 {
 		c.Listen = []string{"127.0.0.1:7000"}
 	}

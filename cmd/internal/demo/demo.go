@@ -15,14 +15,20 @@ import (
 	"github.com/baton-gw/baton/worker"
 )
 
-// Main runs one demo worker under batond and returns the process exit code.
-func Main() int {
+// Main runs one demo worker under batond and returns the process exit code. label (a version
+// name such as "v2", may be empty) appears in the greeting, so a deployment shows which
+// release serves a client.
+func Main(label string) int {
 	l, err := worker.Listen()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "demo worker:", err)
 		return 1
 	}
-	greeting := fmt.Sprintf("baton demo · worker %d · pid %d · generation %d\n", l.Slot(), os.Getpid(), l.Generation())
+	name := "baton demo"
+	if label != "" {
+		name += " " + label
+	}
+	greeting := fmt.Sprintf("%s · worker %d · pid %d · generation %d\n", name, l.Slot(), os.Getpid(), l.Generation())
 	for {
 		c, err := l.Accept()
 		if err != nil {

@@ -1,0 +1,66 @@
+package daemon
+
+import (
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func writeConfig(t *testing.T, text string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "baton.toml")
+	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestConfigFile(t *testing.T) {
+	p := writeConfig(t, `
+# a comment
+listen = ["127.0.0.1:7100", "127.0.0.1:7101"]
+workers = 6
+command = ["python3", "game.py"]
+drain_timeout = "90s"
+`)
+	c, err := ParseFlags([]string{"-config", p, "-workers", "3"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Workers != 3 {
+		t.Errorf("workers %d: the flag must win over the file", c.Workers)
+	}
+	if len(c.Listen) != 2 || c.DrainTimeout != 90*time.Second || strings.Join(c.Command, " ") != "python3 game.py" {
+		t.Errorf("config not applied: %+v", c)
+	}
+	c, err = ParseFlags([]string{"-config", p, "--", "./other"}, io.Discard)
+	if err != nil || strings.Join(c.Command, " ") != "./other" {
+		t.Errorf("a command line command must win: %v %v", c.Command, err)
+	}
+}
+
+func TestConfigErrorsNameFileAndLine(t *testing.T) {
+	for name, c := range map[string]struct{ text, want string }{
+		"syntax":       {"workers = 2\nlisten = [\"a\"\nbad", ":3:"},
+		"unknown key":  {"workers = 2\n\nworkerz = 3\n", ":3: unknown key \"workerz\""},
+		"bad duration": {"workers = 2\ndrain_timeout = \"soon\"\n", ":2"},
+		"bad workers":  {"\n\nworkers = 0\n", ":3: workers must be at least 1"},
+		"wrong type":   {"workers = \"two\"\n", ":1"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			p := writeConfig(t, c.text)
+			_, err := ParseFlags([]string{"-config", p}, io.Discard)
+			if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), p+c.want) {
+				t.Errorf("got %v, want %s%s", err, p, c.want)
+			}
+		})
+	}
+	_, err := ParseFlags([]string{"-config", "/no/such/file.toml"}, io.Discard)
+	if !errors.Is(err, ErrConfig) {
+		t.Errorf("missing file: %v", err)
+	}
+}
