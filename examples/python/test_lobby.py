@@ -1,0 +1,400 @@
+"""Tests for examples/python/lobby.py and echo.py.
+
+Most run the lobby in direct mode (plain asyncio.start_server on 127.0.0.1, port 0) in this
+process and drive clients over TCP; the last ones run the programs as real processes, standalone
+and behind the fake gateway of worker/python/test_baton_worker.py.
+
+Run from the repository root: python3 -m unittest discover -s examples/python -v
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+from pathlib import Path
+from typing import List, Tuple
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "worker" / "python"))
+
+import baton_worker as bw  # noqa: E402
+import lobby  # noqa: E402
+from test_baton_worker import FakeGateway  # noqa: E402
+
+T = bw.MsgType
+
+
+class Client:
+    """A line client over asyncio streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.r, self.w = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int) -> "Client":
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        return cls(r, w)
+
+    async def line(self, timeout: float = 5.0) -> str:
+        raw = await asyncio.wait_for(self.r.readline(), timeout)
+        if not raw:
+            raise EOFError
+        return raw.decode().rstrip("\n")
+
+    async def until(self, pred, timeout: float = 5.0) -> List[str]:
+        """Read lines until one satisfies pred (a substring or a callable); return them all."""
+        if isinstance(pred, str):
+            sub = pred
+            pred = lambda s: sub in s  # noqa: E731
+        got = []
+        while True:
+            got.append(await self.line(timeout))
+            if pred(got[-1]):
+                return got
+
+    async def say(self, *lines: str) -> None:
+        self.w.write("".join(line + "\n" for line in lines).encode())
+        await self.w.drain()
+
+    async def eof(self, timeout: float = 5.0) -> bytes:
+        """Everything up to EOF."""
+        return await asyncio.wait_for(self.r.read(), timeout)
+
+    async def quiet(self, seconds: float = 0.2) -> bool:
+        try:
+            await asyncio.wait_for(self.r.readline(), seconds)
+        except asyncio.TimeoutError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class LobbyTest(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self):
+        self.server, self.lobby = await lobby.serve_direct("127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.clients: List[Client] = []
+
+    async def asyncTearDown(self):
+        for c in self.clients:
+            c.close()
+        await self.lobby.shutdown()
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def join(self, name: str) -> Client:
+        c = await Client.connect(self.port)
+        self.clients.append(c)
+        greeting = await c.until("what is your name")
+        self.assertIn("pid %d" % os.getpid(), greeting[0])
+        await c.say(name)
+        await c.until("* %s joined [lobby]" % name)
+        return c
+
+    async def test_two_players_chat_and_rooms(self):
+        alice = await self.join("alice")
+        bob = await self.join("bob")
+        await alice.until("* bob joined [lobby] (2 here)")
+        await alice.say("/rooms")
+        self.assertEqual(await alice.line(), "rooms on this worker: lobby (2)")
+        await alice.say("hello bob")
+        self.assertEqual(await bob.line(), "[lobby] alice: hello bob")
+        self.assertEqual(await alice.line(), "[lobby] alice: hello bob")
+        await bob.say("/who")
+        self.assertEqual(await bob.line(), "in [lobby]: alice, bob")
+        await alice.say("/join arena")
+        await alice.until("* alice joined [arena] (1 here)")
+        self.assertEqual(await bob.line(), "* alice left [lobby]")
+        await bob.say("/rooms")
+        self.assertEqual(await bob.line(), "rooms on this worker: arena (1), lobby (1)")
+        await bob.say("only bob hears this")
+        self.assertEqual(await bob.line(), "[lobby] bob: only bob hears this")
+        self.assertTrue(await alice.quiet())
+        await bob.say("/join arena")
+        await bob.until("joined [arena]")
+        await alice.until("* bob joined [arena] (2 here)")
+        await alice.say("/leave")
+        self.assertEqual(await alice.line(), "you left [arena]")
+        self.assertEqual(await bob.line(), "* alice left [arena]")
+        await alice.say("anyone?")
+        self.assertIn("no room", await alice.line())
+        await bob.say("/rooms")
+        self.assertEqual(await bob.line(), "rooms on this worker: arena (1)")  # empty rooms vanish
+
+    async def test_where_ping_help_quit(self):
+        c = await self.join("carol")
+        await c.say("/where")
+        self.assertEqual(await c.line(), "worker pid %d, direct (no batond)" % os.getpid())
+        await c.say("/ping")
+        self.assertEqual(await c.line(), "pong")
+        c.w.write(b"/ping\r\n/ping\n")
+        self.assertEqual([await c.line(), await c.line()], ["pong", "pong"])
+        await c.say("/help")
+        help_lines = await c.until("/quit")
+        self.assertTrue(any("/rooms" in h for h in help_lines))
+        rest = await c.until("per worker process")
+        self.assertIn("rooms and names are per worker process", rest[-1])
+        await c.say("/bogus")
+        self.assertIn("unknown command /bogus", await c.line())
+        await c.say("/quit")
+        self.assertEqual(await c.eof(), b"bye\n")
+
+    async def test_ping_before_name(self):
+        c = await Client.connect(self.port)
+        self.clients.append(c)
+        await c.until("what is your name")
+        await c.say("/ping")
+        self.assertEqual(await c.line(), "pong")
+        await c.say("/join x")
+        self.assertIn("choose a name first", await c.line())
+
+    async def test_names(self):
+        dave = await self.join("dave")
+        c = await Client.connect(self.port)
+        self.clients.append(c)
+        await c.until("what is your name")
+        await c.say("dave")
+        self.assertIn("dave is taken", await c.line())
+        await c.say("not a valid name!")
+        self.assertIn("error: a name is", await c.line())
+        await c.say("/name erin")
+        await c.until("* erin joined [lobby]")
+        await dave.until("* erin joined")
+        await c.say("/name frank")
+        self.assertEqual(await c.line(), "you are now frank")
+        self.assertEqual(await dave.line(), "* erin is now known as frank")
+        await dave.say("/who")
+        self.assertEqual(await dave.line(), "in [lobby]: dave, frank")
+
+    async def test_garbage_and_control_characters(self):
+        g = await self.join("gina")
+        h = await self.join("hank")
+        await g.until("hank joined")
+        g.w.write(b"\xff\xfe hi \x1b[2J\x07there\x00\n")
+        await g.w.drain()
+        self.assertEqual(await h.line(), "[lobby] gina: \ufffd\ufffd hi [2Jthere")
+        g.w.write(bytes(range(256)).replace(b"\n", b"") + b"\n")
+        await g.w.drain()
+        line = await h.line()
+        self.assertTrue(line.startswith("[lobby] gina: "))
+        self.assertFalse(any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in line))
+        await h.say("/ping")
+        self.assertEqual((await h.until("pong"))[-1], "pong")
+
+    async def test_long_line_closes_with_message(self):
+        c = await self.join("ivan")
+        other = await self.join("judy")
+        c.w.write(b"x" * 5000 + b"\n")
+        data = await c.eof()
+        self.assertTrue(data.endswith(b"error: line longer than 1024 bytes; bye\n"), data[-100:])
+        await other.until("* ivan left [lobby]")
+        self.assertNotIn("ivan", self.lobby.names)
+        # MAX_LINE bytes before the newline is fine; one more is not
+        await other.say("y" * lobby.MAX_LINE)
+        self.assertEqual(await other.line(), "[lobby] judy: " + "y" * lobby.MAX_LINE)
+        await other.say("y" * (lobby.MAX_LINE + 1))
+        self.assertTrue((await other.eof()).endswith(b"bye\n"))
+
+    async def test_silent_and_abrupt_clients(self):
+        silent = await Client.connect(self.port)  # never says a word
+        self.clients.append(silent)
+        k = await self.join("kim")
+        leo = await self.join("leo")
+        await k.until("leo joined")
+        # leo vanishes with a RST, mid-line
+        leo.w.write(b"half a li")
+        await leo.w.drain()
+        sock = leo.w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        leo.w.transport.abort()
+        self.clients.remove(leo)
+        await k.until("* leo left [lobby]")
+        await k.say("/who")
+        self.assertEqual(await k.line(), "in [lobby]: kim")
+        self.assertEqual(len(self.lobby.players), 2)  # kim and the silent one
+
+    async def test_flood_is_rate_limited(self):
+        m = await self.join("mia")
+        n = await self.join("ned")
+        await m.until("ned joined")
+        await m.say(*["spam %d" % i for i in range(100)])
+        lines = await m.until("slow down")
+        self.assertLessEqual(sum(1 for x in lines if x.startswith("[lobby] mia: spam")), lobby.CHAT_BURST + 2)
+
+    async def test_client_that_does_not_read_is_dropped(self):
+        p = await Client.connect(self.port)
+        self.clients.append(p)
+        p.w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await p.say("pete")
+        await p.until("pete joined")
+        p.w.transport.pause_reading()  # pete stops reading
+        server_side = self.lobby.names["pete"].writer.get_extra_info("socket")
+        server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        old, lobby.MAX_BUFFERED = lobby.MAX_BUFFERED, 32 * 1024
+        self.addCleanup(setattr, lobby, "MAX_BUFFERED", old)
+        # Fill pete's queue through the chat of many talkers (each within its rate limit).
+        talkers = [await self.join("t%d" % i) for i in range(6)]
+        big = "z" * 900
+        deadline = time.monotonic() + 10
+        while "pete" in self.lobby.names and time.monotonic() < deadline:
+            for t in talkers:
+                await t.say(big)
+            await asyncio.sleep(0.1)
+        self.assertNotIn("pete", self.lobby.names)
+        await talkers[0].say("/who")
+        self.assertNotIn("pete", (await talkers[0].until("in [lobby]"))[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Real processes
+# ----------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def recv_lines(sock: socket.socket, n: int) -> List[str]:
+    buf = b""
+    sock.settimeout(5)
+    while buf.count(b"\n") < n:
+        d = sock.recv(4096)
+        if not d:
+            break
+        buf += d
+    return buf.decode().splitlines()
+
+
+class ProcessTest(unittest.TestCase):
+    def spawn(self, args: List[str], env: dict) -> subprocess.Popen:
+        full = dict(os.environ)
+        for k in list(full):
+            if k.startswith("BATON_"):
+                del full[k]
+        full.update(env)
+        p = subprocess.Popen(
+            [sys.executable] + args, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.addCleanup(lambda: (p.poll() is None and p.kill(), p.wait(), p.stdout.close(), p.stderr.close()))
+        return p
+
+    def test_direct_flag(self):
+        p = self.spawn([str(HERE / "lobby.py"), "--direct", "127.0.0.1:0"], {})
+        line = p.stdout.readline()
+        self.assertIn("(direct)", line)
+        port = int(line.rsplit(":", 1)[1].split()[0])
+        c = socket.create_connection(("127.0.0.1", port))
+        recv_lines(c, 2)
+        c.sendall(b"/ping\n")
+        self.assertEqual(recv_lines(c, 1), ["pong"])
+        c.close()
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait(10), 0)
+
+    def test_fallback_env(self):
+        port = free_port()
+        p = self.spawn([str(HERE / "lobby.py")], {"BATON_FALLBACK_LISTEN": "127.0.0.1:%d" % port})
+        self.assertIn("(standalone)", p.stdout.readline())
+        c = socket.create_connection(("127.0.0.1", port))
+        self.assertIn("standalone", recv_lines(c, 2)[0])
+        c.close()
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait(10), 0)
+
+    def test_not_under_baton(self):
+        for prog in ("lobby.py", "echo.py"):
+            p = self.spawn([str(HERE / prog)], {})
+            _, err = p.communicate(timeout=10)
+            self.assertEqual(p.returncode, 1, prog)
+            self.assertIn("BATON_SOCKET is not set", err)
+
+    def under_gateway(self, prog: str, gw: FakeGateway):
+        p = self.spawn([str(HERE / prog)], gw.env(slot=5, generation=12))
+        ch = gw.accept(timeout=10)
+        hello = ch.read_hello()
+        self.assertEqual((hello.pid, hello.slot, hello.generation, hello.live), (p.pid, 5, 12, 0))
+        ch.welcome(generation=12)
+        ch.expect(T.READY, timeout=10)
+        return p, ch
+
+    def test_lobby_behind_gateway(self):
+        gw = FakeGateway()
+        self.addCleanup(gw.close)
+        p, ch = self.under_gateway("lobby.py", gw)
+        cid, c = gw.hand_off(ch)
+        greeting = recv_lines(c, 2)
+        self.assertIn("worker pid %d, slot 5, generation 12" % p.pid, greeting[0])
+        c.sendall(b"zoe\n/where\n")
+        self.assertEqual(recv_lines(c, 3)[-1], "worker pid %d, slot 5, generation 12" % p.pid)
+        ch.send(bw.encode_drain(10000))
+        self.assertIn("being replaced", recv_lines(c, 1)[0])
+        c.sendall(b"/where\n")
+        self.assertTrue(recv_lines(c, 1)[0].endswith(", draining"))
+        time.sleep(0.2)
+        self.assertIsNone(p.poll())  # still serving zoe
+        c.sendall(b"/quit\n")
+        self.assertEqual(ch.expect_ids(T.CLOSED), [cid])
+        self.assertEqual(p.wait(10), 0)  # drained and idle: exits
+
+    def test_echo_behind_gateway(self):
+        gw = FakeGateway()
+        self.addCleanup(gw.close)
+        p, ch = self.under_gateway("echo.py", gw)
+        conns: List[Tuple[int, socket.socket]] = [gw.hand_off(ch) for _ in range(3)]
+        payload = bytes(range(256)) * 1000
+        for cid, c in conns:
+            got = bytearray()
+
+            def reader(c=c, got=got):
+                while True:
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    got.extend(d)
+
+            t = threading.Thread(target=reader)
+            t.start()
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            t.join(10)
+            self.assertEqual(bytes(got), payload)
+            self.assertEqual(ch.expect_ids(T.CLOSED), [cid])
+        cid, c = gw.hand_off(ch)
+        ch.send(bw.encode_drain(10000))
+        time.sleep(0.2)
+        self.assertIsNone(p.poll())
+        c.sendall(b"last")
+        self.assertEqual(c.recv(10), b"last")
+        c.close()
+        self.assertEqual(ch.expect_ids(T.CLOSED), [cid])
+        self.assertEqual(p.wait(10), 0)
+
+    def test_echo_refused(self):
+        gw = FakeGateway()
+        self.addCleanup(gw.close)
+        p = self.spawn([str(HERE / "echo.py")], gw.env())
+        ch = gw.accept(timeout=10)
+        ch.read_hello()
+        ch.send(bw.encode_error(bw.ErrorCode.TOKEN, "token does not match"))
+        _, err = p.communicate(timeout=10)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("TOKEN", err)
+        self.assertIn("token does not match", err)
+
+
+if __name__ == "__main__":
+    unittest.main()

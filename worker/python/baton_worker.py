@@ -1,0 +1,2042 @@
+"""baton_worker: write baton workers in Python (standard library only, Python >= 3.9, Linux).
+
+``batond`` accepts TCP connections and hands each connected socket to one of its worker
+processes over a ``SOCK_SEQPACKET`` Unix socket (``SCM_RIGHTS``). This module is the worker side
+of that protocol (``handoff/PROTOCOL.md``, version 1): it registers with ``batond``, receives client
+sockets, acknowledges them at once, reports when they end, answers pings, honours ``DRAIN`` and
+re-registers by itself when the channel to ``batond`` drops, keeping every client session.
+
+Blocking API (one background thread owns the channel; ``accept`` is thread-safe)::
+
+    import baton_worker
+    w = baton_worker.Worker()                # registers; raises BatonError / NotUnderBaton
+    while True:
+        try:
+            sock, addr = w.accept()          # first call sends READY
+        except baton_worker.Draining:
+            break                            # no new connections will come
+        threading.Thread(target=serve, args=(sock, addr)).start()
+    w.wait_idle()                            # every session has ended: exit
+
+asyncio API (the channel is read with ``loop.add_reader``; no threads)::
+
+    async def handle(reader, writer):       # exactly as for asyncio.start_server
+        ...
+
+    async def main():
+        server = await baton_worker.start_server(handle)
+        await server.serve_forever()         # returns once drained and the last client left
+
+Every client socket is a :class:`BatonSocket`; ``batond``'s count of live connections for this
+worker goes down exactly once per socket, when it is closed, detached or garbage-collected, so a
+game that forgets to close a socket still does not look full forever. In the asyncio API the
+connection is closed when the handler returns or raises (an exception is logged).
+
+Outside ``batond`` (no ``BATON_SOCKET`` in the environment) :class:`NotUnderBaton` is raised,
+unless a fallback TCP address is given with ``fallback=(host, port)`` or the environment variable
+``BATON_FALLBACK_LISTEN=host:port`` (which wins over the parameter): then the worker listens on
+that address itself, for local development.
+
+Ownership of fds: a received client fd belongs to this module until it is handed to the program
+(``accept`` returns it, or the asyncio handler starts); from then on it belongs to the returned
+:class:`BatonSocket`. Every error path closes the fds it received. Logging goes to the
+``baton_worker`` logger.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextvars
+import enum
+import errno
+import inspect
+import ipaddress
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
+
+__all__ = [
+    "VERSION",
+    "MAX_MESSAGE",
+    "HEADER_LEN",
+    "MAX_STRING",
+    "MAX_IDS",
+    "FLAG_READY",
+    "FLAG_DRAINING",
+    "MsgType",
+    "ErrorCode",
+    "Hello",
+    "Welcome",
+    "ConnInfo",
+    "BatonException",
+    "BatonError",
+    "ProtocolError",
+    "NotUnderBaton",
+    "ConfigError",
+    "RegistrationError",
+    "Draining",
+    "WorkerClosed",
+    "split",
+    "encode_hello",
+    "encode_welcome",
+    "encode_error",
+    "encode_ready",
+    "encode_ids",
+    "encode_ack",
+    "encode_closed",
+    "encode_ping",
+    "encode_pong",
+    "encode_conn",
+    "encode_drain",
+    "parse_hello",
+    "parse_welcome",
+    "parse_error",
+    "parse_ids",
+    "parse_nonce",
+    "parse_conn",
+    "parse_drain",
+    "recv_message",
+    "BatonSocket",
+    "Worker",
+    "Server",
+    "start_server",
+    "connection_info",
+]
+
+log = logging.getLogger("baton_worker")
+
+# --------------------------------------------------------------------------------------------
+# Protocol constants (PROTOCOL.md)
+# --------------------------------------------------------------------------------------------
+
+#: The protocol version this module speaks.
+VERSION = 1
+#: Largest message, header included.
+MAX_MESSAGE = 4096
+#: Size of the fixed header in front of every body.
+HEADER_LEN = 4
+#: Longest ``str`` field in bytes.
+MAX_STRING = 1024
+#: Most connection ids one ACK or CLOSED carries (511).
+MAX_IDS = (MAX_MESSAGE - HEADER_LEN - 2) // 8
+#: First optional message type: receivers ignore unknown types at or above it.
+OPTIONAL_TYPE = 0x80
+
+#: HELLO flag bit 0: already serving (READY was sent before the channel dropped).
+FLAG_READY = 1 << 0
+#: HELLO flag bit 1: the worker has been told to drain.
+FLAG_DRAINING = 1 << 1
+
+#: Backoff between re-registration attempts: first delay and cap, in seconds.
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 2.0
+
+
+class MsgType(enum.IntEnum):
+    """Message types (PROTOCOL.md, "Messages")."""
+
+    HELLO = 0x01
+    WELCOME = 0x02
+    ERROR = 0x03
+    READY = 0x04
+    ACK = 0x05
+    CLOSED = 0x06
+    PING = 0x07
+    PONG = 0x08
+    CONN = 0x09
+    DRAIN = 0x0A
+
+
+class ErrorCode(enum.IntEnum):
+    """``ERROR`` codes (PROTOCOL.md, "Errors")."""
+
+    VERSION = 1
+    TOKEN = 2
+    PEER = 3
+    MALFORMED = 4
+    UNEXPECTED = 5
+    TOO_BIG = 6
+    UNKNOWN_TYPE = 7
+    FDS = 8
+    SLOT = 9
+    SHUTDOWN = 10
+    STALLED = 11
+
+
+#: Codes after which retrying the same HELLO is pointless: the worker must stop.
+FATAL_CODES = frozenset({ErrorCode.VERSION, ErrorCode.TOKEN, ErrorCode.PEER})
+
+
+def _type_name(t: int) -> str:
+    try:
+        return MsgType(t).name
+    except ValueError:
+        return "type(0x%02x)" % t
+
+
+def _code_name(c: int) -> str:
+    try:
+        return ErrorCode(c).name
+    except ValueError:
+        return "code(%d)" % c
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class BatonException(Exception):
+    """Base class of every exception this module raises on purpose."""
+
+
+class BatonError(BatonException):
+    """``batond`` answered with an ``ERROR`` message.
+
+    ``code`` is the machine-readable :class:`ErrorCode` (an ``int`` if the code is unknown to
+    this module), ``reason`` the text meant for people. ``fatal`` is true for ``VERSION``,
+    ``TOKEN`` and ``PEER``: retrying cannot help, the worker should exit.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        try:
+            code = ErrorCode(code)
+        except ValueError:
+            pass
+        self.code: Union[ErrorCode, int] = code
+        self.reason = reason
+        super().__init__(code, reason)
+
+    @property
+    def fatal(self) -> bool:
+        """True if the worker cannot recover by registering again."""
+        return self.code in FATAL_CODES
+
+    def __str__(self) -> str:
+        return "batond refused this worker: %s (code %d): %s" % (
+            _code_name(int(self.code)),
+            int(self.code),
+            self.reason,
+        )
+
+
+class ProtocolError(BatonException):
+    """A message broke the protocol. ``code`` is the :class:`ErrorCode` to answer with."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class NotUnderBaton(BatonException):
+    """The program was started without ``BATON_SOCKET``, that is, not by ``batond``."""
+
+
+class ConfigError(BatonException, ValueError):
+    """The ``BATON_*`` environment (or a parameter) is present but invalid."""
+
+
+class RegistrationError(BatonException):
+    """The worker could not register: ``batond`` unreachable, silent, or hung up."""
+
+
+class Draining(BatonException):
+    """``batond`` drains this worker: no new connections will come.
+
+    Connections already delivered are still served; exit once they have ended (see
+    :meth:`Worker.wait_idle`).
+    """
+
+
+class WorkerClosed(BatonException):
+    """The worker was closed with :meth:`Worker.close`."""
+
+
+# --------------------------------------------------------------------------------------------
+# Messages and their encoding
+# --------------------------------------------------------------------------------------------
+
+Address = Optional[Tuple[str, int]]
+
+_HDR = struct.Struct("<BBH")
+_HELLO = struct.Struct("<HHIIQIII")
+_WELCOME = struct.Struct("<HHIQ")
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_FAM_PORT = struct.Struct("<BH")
+
+
+@dataclass
+class Hello:
+    """A ``HELLO`` (worker -> gateway)."""
+
+    min_version: int = VERSION
+    max_version: int = VERSION
+    pid: int = 0
+    slot: int = 0
+    generation: int = 0
+    capacity: int = 0
+    flags: int = 0
+    live: int = 0
+    token: str = ""
+
+
+@dataclass
+class Welcome:
+    """A ``WELCOME`` (gateway -> worker): the chosen version, the ping interval in
+    milliseconds and the gateway's current generation."""
+
+    version: int = VERSION
+    ping_interval_ms: int = 0
+    generation: int = 0
+
+
+@dataclass
+class ConnInfo:
+    """The metadata of a ``CONN``.
+
+    ``client`` and ``local`` are ``(host, port)`` tuples, or ``None`` when the gateway does not
+    know the address (family 0). ``client`` is the real client (behind a PROXY-protocol balancer
+    it differs from ``getpeername()``). ``listener`` names the gateway listener that accepted it.
+    """
+
+    id: int
+    client: Address
+    local: Address
+    listener: str
+
+
+def _frame(t: int, body: bytes) -> bytes:
+    if HEADER_LEN + len(body) > MAX_MESSAGE:
+        raise ValueError("message of %d bytes exceeds %d" % (HEADER_LEN + len(body), MAX_MESSAGE))
+    return _HDR.pack(t, 0, len(body)) + body
+
+
+def _enc_str(s: str, truncate: bool = False) -> bytes:
+    b = s.encode("utf-8")
+    if len(b) > MAX_STRING:
+        if not truncate:
+            raise ValueError("string of %d bytes exceeds %d" % (len(b), MAX_STRING))
+        b = b[:MAX_STRING].decode("utf-8", "ignore").encode("utf-8")
+    return _U16.pack(len(b)) + b
+
+
+def _enc_addr(addr: Address) -> bytes:
+    if addr is None:
+        return b"\x00"
+    ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return _FAM_PORT.pack(4 if ip.version == 4 else 6, int(addr[1])) + ip.packed
+
+
+def encode_hello(h: Hello) -> bytes:
+    """Encode a ``HELLO``. Raises ``ValueError`` if the token exceeds 1024 bytes."""
+    body = _HELLO.pack(
+        h.min_version,
+        h.max_version,
+        h.pid,
+        h.slot,
+        h.generation,
+        h.capacity,
+        h.flags,
+        h.live,
+    ) + _enc_str(h.token)
+    return _frame(MsgType.HELLO, body)
+
+
+def encode_welcome(w: Welcome) -> bytes:
+    """Encode a ``WELCOME`` (gateway side; for tests and tools)."""
+    return _frame(MsgType.WELCOME, _WELCOME.pack(w.version, 0, w.ping_interval_ms, w.generation))
+
+
+def encode_error(code: int, reason: str) -> bytes:
+    """Encode an ``ERROR``; a reason longer than 1024 bytes is cut at a character boundary."""
+    return _frame(MsgType.ERROR, _U16.pack(int(code)) + _enc_str(reason, truncate=True))
+
+
+def encode_ready() -> bytes:
+    """Encode a ``READY``: ``04 00 00 00``."""
+    return _frame(MsgType.READY, b"")
+
+
+def encode_ids(t: int, ids: Sequence[int]) -> bytes:
+    """Encode an ``ACK`` or ``CLOSED`` with 1..511 ids (callers batch longer lists)."""
+    if not 1 <= len(ids) <= MAX_IDS:
+        raise ValueError("%s carries 1..%d ids, not %d" % (_type_name(t), MAX_IDS, len(ids)))
+    return _frame(t, _U16.pack(len(ids)) + struct.pack("<%dQ" % len(ids), *ids))
+
+
+def encode_ack(ids: Sequence[int]) -> bytes:
+    """Encode an ``ACK`` for ``ids``."""
+    return encode_ids(MsgType.ACK, ids)
+
+
+def encode_closed(ids: Sequence[int]) -> bytes:
+    """Encode a ``CLOSED`` for ``ids``."""
+    return encode_ids(MsgType.CLOSED, ids)
+
+
+def encode_ping(nonce: int) -> bytes:
+    """Encode a ``PING`` (gateway side)."""
+    return _frame(MsgType.PING, _U64.pack(nonce))
+
+
+def encode_pong(nonce: int) -> bytes:
+    """Encode a ``PONG`` echoing ``nonce``."""
+    return _frame(MsgType.PONG, _U64.pack(nonce))
+
+
+def encode_conn(c: ConnInfo) -> bytes:
+    """Encode a ``CONN`` (gateway side; the fd travels as SCM_RIGHTS next to it)."""
+    body = _U64.pack(c.id) + _enc_addr(c.client) + _enc_addr(c.local) + _enc_str(c.listener)
+    return _frame(MsgType.CONN, body)
+
+
+def encode_drain(deadline_ms: int) -> bytes:
+    """Encode a ``DRAIN`` (gateway side)."""
+    return _frame(MsgType.DRAIN, _U32.pack(deadline_ms))
+
+
+def split(msg: bytes) -> Tuple[int, bytes]:
+    """Check a message's header against its length; return ``(type, body)``.
+
+    Raises :class:`ProtocolError` with ``MALFORMED`` (shorter than the header, or the header's
+    length differs from the message's) or ``TOO_BIG`` (longer than 4096 bytes).
+    """
+    if len(msg) < HEADER_LEN:
+        raise ProtocolError(
+            ErrorCode.MALFORMED, "%d-byte message is shorter than the header" % len(msg)
+        )
+    if len(msg) > MAX_MESSAGE:
+        raise ProtocolError(ErrorCode.TOO_BIG, "%d-byte message exceeds %d" % (len(msg), MAX_MESSAGE))
+    t, _flags, n = _HDR.unpack_from(msg)
+    if n != len(msg) - HEADER_LEN:
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            "%s header says %d body bytes, message has %d" % (_type_name(t), n, len(msg) - HEADER_LEN),
+        )
+    return t, bytes(msg[HEADER_LEN:])
+
+
+class _Reader:
+    """Decodes fields in order; a short body raises ProtocolError(MALFORMED)."""
+
+    __slots__ = ("b", "pos", "msg")
+
+    def __init__(self, body: bytes, msg: int) -> None:
+        self.b = body
+        self.pos = 0
+        self.msg = msg
+
+    def _take(self, n: int, field: str) -> int:
+        p = self.pos
+        if len(self.b) - p < n:
+            raise ProtocolError(
+                ErrorCode.MALFORMED, "%s body too short for %s" % (_type_name(self.msg), field)
+            )
+        self.pos = p + n
+        return p
+
+    def u8(self, field: str) -> int:
+        return self.b[self._take(1, field)]
+
+    def u16(self, field: str) -> int:
+        return _U16.unpack_from(self.b, self._take(2, field))[0]
+
+    def u32(self, field: str) -> int:
+        return _U32.unpack_from(self.b, self._take(4, field))[0]
+
+    def u64(self, field: str) -> int:
+        return _U64.unpack_from(self.b, self._take(8, field))[0]
+
+    def raw(self, n: int, field: str) -> bytes:
+        p = self._take(n, field)
+        return self.b[p : p + n]
+
+    def str(self, field: str) -> str:
+        n = self.u16(field)
+        if n > MAX_STRING:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                "%s %s is %d bytes, more than %d" % (_type_name(self.msg), field, n, MAX_STRING),
+            )
+        try:
+            return self.raw(n, field).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(
+                ErrorCode.MALFORMED, "%s %s is not UTF-8: %s" % (_type_name(self.msg), field, e)
+            ) from None
+
+    def addr(self, field: str) -> Address:
+        fam = self.u8(field)
+        if fam == 0:
+            return None
+        if fam == 4:
+            port = self.u16(field)
+            return socket.inet_ntop(socket.AF_INET, self.raw(4, field)), port
+        if fam == 6:
+            port = self.u16(field)
+            return socket.inet_ntop(socket.AF_INET6, self.raw(16, field)), port
+        raise ProtocolError(
+            ErrorCode.MALFORMED, "%s %s has address family %d" % (_type_name(self.msg), field, fam)
+        )
+
+
+def parse_hello(body: bytes) -> Hello:
+    """Decode a ``HELLO`` body (gateway side; for tests and tools)."""
+    r = _Reader(body, MsgType.HELLO)
+    return Hello(
+        min_version=r.u16("min_version"),
+        max_version=r.u16("max_version"),
+        pid=r.u32("pid"),
+        slot=r.u32("slot"),
+        generation=r.u64("generation"),
+        capacity=r.u32("capacity"),
+        flags=r.u32("flags"),
+        live=r.u32("live"),
+        token=r.str("token"),
+    )
+
+
+def parse_welcome(body: bytes) -> Welcome:
+    """Decode a ``WELCOME`` body."""
+    r = _Reader(body, MsgType.WELCOME)
+    version = r.u16("version")
+    r.u16("reserved")
+    return Welcome(version=version, ping_interval_ms=r.u32("ping_interval_ms"), generation=r.u64("generation"))
+
+
+def parse_error(body: bytes) -> BatonError:
+    """Decode an ``ERROR`` body into a :class:`BatonError` (not raised)."""
+    r = _Reader(body, MsgType.ERROR)
+    code = r.u16("code")
+    return BatonError(code, r.str("reason"))
+
+
+def parse_ids(t: int, body: bytes) -> List[int]:
+    """Decode an ``ACK`` or ``CLOSED`` body: 1..511 ids."""
+    r = _Reader(body, t)
+    n = r.u16("count")
+    if not 1 <= n <= MAX_IDS:
+        raise ProtocolError(ErrorCode.MALFORMED, "%s count %d not in 1..%d" % (_type_name(t), n, MAX_IDS))
+    p = r._take(8 * n, "%d ids" % n)
+    return list(struct.unpack_from("<%dQ" % n, body, p))
+
+
+def parse_nonce(t: int, body: bytes) -> int:
+    """Decode a ``PING`` or ``PONG`` body."""
+    return _Reader(body, t).u64("nonce")
+
+
+def parse_conn(body: bytes) -> ConnInfo:
+    """Decode a ``CONN`` body."""
+    r = _Reader(body, MsgType.CONN)
+    return ConnInfo(id=r.u64("conn_id"), client=r.addr("client"), local=r.addr("local"), listener=r.str("listener"))
+
+
+def parse_drain(body: bytes) -> int:
+    """Decode a ``DRAIN`` body: the deadline in milliseconds."""
+    return _Reader(body, MsgType.DRAIN).u32("deadline_ms")
+
+
+# --------------------------------------------------------------------------------------------
+# The channel: one message per datagram, fds as SCM_RIGHTS
+# --------------------------------------------------------------------------------------------
+
+_FD_SIZE = array.array("i").itemsize
+# Room for a few fds, so that a peer sending two or three is reported as FDS (and the extra fds
+# closed) rather than truncated by the kernel.
+_ANC_SPACE = socket.CMSG_SPACE(4 * _FD_SIZE)
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def recv_message(sock: socket.socket) -> Optional[Tuple[bytes, Optional[int]]]:
+    """Receive one message from a ``SOCK_SEQPACKET`` channel.
+
+    Returns ``(message, fd)`` where ``fd`` is the one fd a ``CONN`` carries (``None`` for any other
+    message), or ``None`` at end of stream. It enforces the transport rules: ``MSG_TRUNC`` or
+    ``MSG_CTRUNC`` raise :class:`ProtocolError` ``TOO_BIG``; not exactly one fd on ``CONN``, or
+    any fd on another message, raise ``FDS``. Every fd received with a rejected message is closed.
+    The message itself is not decoded (see :func:`split`). ``BlockingIOError`` and other
+    ``OSError`` propagate.
+    """
+    data, anc, flags, _addr = sock.recvmsg(MAX_MESSAGE, _ANC_SPACE, _RECV_FLAGS)
+    fds: List[int] = []
+    for level, typ, cdata in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
+            fds.extend(a)
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ProtocolError(
+                ErrorCode.TOO_BIG,
+                "message or its fds truncated (flags 0x%x, %d bytes, %d fds)" % (flags, len(data), len(fds)),
+            )
+        if not data:
+            if fds:
+                raise ProtocolError(ErrorCode.FDS, "empty message with %d fds" % len(fds))
+            return None
+        t = data[0]
+        if t == MsgType.CONN:
+            if len(fds) != 1:
+                raise ProtocolError(ErrorCode.FDS, "CONN with %d fds" % len(fds))
+            return data, fds[0]
+        if fds:
+            raise ProtocolError(ErrorCode.FDS, "%s with %d fds" % (_type_name(t), len(fds)))
+        return data, None
+    except BaseException:
+        _close_fds(fds)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Client sockets
+# --------------------------------------------------------------------------------------------
+
+
+class BatonSocket(socket.socket):
+    """A client connection received from ``batond`` (or, in fallback mode, accepted locally).
+
+    It is an ordinary :class:`socket.socket`. The connection counts as ended for ``batond``
+    exactly once, at the first of: :meth:`close` (once every ``makefile`` object is closed too),
+    :meth:`detach` (the fd then belongs to the caller and is no longer counted), or garbage
+    collection of an unclosed socket. ``conn_info`` holds the :class:`ConnInfo` from ``CONN``.
+    """
+
+    __slots__ = ("conn_info", "_baton_done", "_baton_key")
+
+    def _real_close(self, *args: Any, **kwargs: Any) -> None:
+        # This function should not reference globals (it may run during interpreter shutdown).
+        try:
+            super()._real_close(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            try:
+                done = self._baton_done
+            except AttributeError:
+                done = None
+            if done is not None:
+                done()
+
+    def detach(self) -> int:
+        """Give up the fd without closing it; the connection stops counting in ``batond``."""
+        fd = super().detach()
+        try:
+            done = self._baton_done
+        except AttributeError:
+            done = None
+        if done is not None:
+            done()
+        return fd
+
+    def dup(self) -> socket.socket:
+        """Return a plain :class:`socket.socket` on a duplicate fd.
+
+        The copy is not counted: the connection counts as ended when this socket is closed.
+        """
+        sock = socket.socket(self.family, self.type, self.proto, fileno=socket.dup(self.fileno()))
+        sock.settimeout(self.gettimeout())
+        return sock
+
+
+def _make_socket(fd: int, info: ConnInfo, done: Callable[[int], None], key: int) -> BatonSocket:
+    """Wrap a received fd; on failure the fd is closed and the error re-raised."""
+    try:
+        sock = BatonSocket(fileno=fd)
+    except BaseException:
+        _close_fds((fd,))
+        raise
+    sock.conn_info = info
+    sock._baton_key = key
+    fin = weakref.finalize(sock, done, key)
+    fin.atexit = False
+    sock._baton_done = fin
+    return sock
+
+
+def _silence(sock: BatonSocket) -> None:
+    """Close a socket without counting it as a CLOSED connection (it was never acked)."""
+    try:
+        fin = sock._baton_done
+    except AttributeError:
+        fin = None
+    if fin is not None:
+        fin.detach()
+    sock._baton_done = None
+    sock.close()
+
+
+_current_conn: contextvars.ContextVar[Optional[ConnInfo]] = contextvars.ContextVar(
+    "baton_worker_conn", default=None
+)
+
+
+def connection_info() -> Optional[ConnInfo]:
+    """Inside an asyncio handler started by :func:`start_server`, the connection's :class:`ConnInfo`
+    (its real client address, gateway id and listener); ``None`` elsewhere."""
+    return _current_conn.get()
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+
+_NOT_UNDER_BATON = (
+    "BATON_SOCKET is not set: this program is a baton worker and expects to be started by "
+    "batond (for example `batond -- python3 %s`). To run it on its own for development, set "
+    "BATON_FALLBACK_LISTEN=127.0.0.1:7000 (or pass fallback=(host, port)) and it will listen on "
+    "that TCP address itself."
+)
+
+
+def _env_int(env: Mapping[str, str], name: str, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        raise ConfigError(
+            "%s is not set although BATON_SOCKET is: the worker environment from batond is incomplete" % name
+        )
+    try:
+        v = int(raw, 10)
+    except ValueError:
+        raise ConfigError("%s=%r is not a decimal integer" % (name, raw)) from None
+    if not lo <= v <= hi:
+        raise ConfigError("%s=%d is out of range %d..%d" % (name, v, lo, hi))
+    return v
+
+
+def _parse_hostport(s: str, what: str) -> Tuple[str, int]:
+    host, sep, port = s.rpartition(":")
+    if not sep:
+        raise ConfigError("%s=%r: want HOST:PORT" % (what, s))
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        p = int(port, 10)
+    except ValueError:
+        raise ConfigError("%s=%r: port %r is not a number" % (what, s, port)) from None
+    if not 0 <= p <= 65535:
+        raise ConfigError("%s=%r: port out of range" % (what, s))
+    return host, p
+
+
+def _socket_path(path: str) -> str:
+    # Go's convention: a leading '@' names a socket in the abstract namespace.
+    if path.startswith("@"):
+        return "\0" + path[1:]
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The worker
+# --------------------------------------------------------------------------------------------
+
+_Conn = Tuple[BatonSocket, ConnInfo]
+_KNOWN_TYPES = frozenset(int(t) for t in MsgType)
+_MODE_THREAD = "thread"
+_MODE_ASYNCIO = "asyncio"
+_CHANNEL_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED)
+
+
+class Worker:
+    """One registration with ``batond`` (or, outside it, an opt-in fallback TCP listener).
+
+    ``capacity`` is the most client connections wanted at once (0: let ``batond`` decide).
+    ``fallback`` is a ``(host, port)`` to listen on when not started by ``batond``; the
+    environment variable ``BATON_FALLBACK_LISTEN=host:port`` wins over it. ``env`` replaces
+    ``os.environ`` (for tests). ``register_timeout`` bounds the initial registration (connecting
+    and waiting for ``WELCOME``) and each re-registration's wait for ``WELCOME``.
+
+    With ``start=True`` (the default) the constructor registers at once, in blocking mode (a
+    daemon thread then owns the channel): it raises :class:`NotUnderBaton`, :class:`ConfigError`,
+    :class:`BatonError` or :class:`RegistrationError`. :func:`start_server` creates its worker
+    with ``start=False`` and drives it from the event loop instead. A worker is used either
+    through :meth:`accept` or through :func:`start_server`, not both.
+
+    Thread safety: every public method may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        capacity: int = 0,
+        *,
+        fallback: Optional[Tuple[str, int]] = None,
+        env: Optional[Mapping[str, str]] = None,
+        register_timeout: float = 10.0,
+        start: bool = True,
+    ) -> None:
+        if env is None:
+            env = os.environ
+        if not 0 <= int(capacity) <= 0xFFFFFFFF:
+            raise ConfigError("capacity %d out of range" % capacity)
+        self.capacity = int(capacity)
+        self.pid = os.getpid()
+        self._register_timeout = float(register_timeout)
+        path = env.get("BATON_SOCKET") or ""
+        self._path: Optional[str] = None
+        self._fallback: Optional[Tuple[str, int]] = None
+        #: The slot (``BATON_WORKER``), or ``None`` outside ``batond``.
+        self.slot: Optional[int] = None
+        #: The generation that started this worker (``BATON_GENERATION``), or ``None``.
+        self.generation: Optional[int] = None
+        self._token = ""
+        if path:
+            self._path = path
+            self.slot = _env_int(env, "BATON_WORKER", 0, 0xFFFFFFFF)
+            self.generation = _env_int(env, "BATON_GENERATION", 0, 0xFFFFFFFFFFFFFFFF)
+            self._token = env.get("BATON_TOKEN", "")
+            if len(self._token.encode("utf-8")) > MAX_STRING:
+                raise ConfigError("BATON_TOKEN is longer than %d bytes" % MAX_STRING)
+        else:
+            fb = env.get("BATON_FALLBACK_LISTEN") or ""
+            if fb:
+                self._fallback = _parse_hostport(fb, "BATON_FALLBACK_LISTEN")
+            elif fallback is not None:
+                self._fallback = (str(fallback[0]), int(fallback[1]))
+            else:
+                import sys
+
+                prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "worker.py"
+                raise NotUnderBaton(_NOT_UNDER_BATON % prog)
+
+        #: The last ``WELCOME`` (``None`` before registration and in fallback mode).
+        self.welcome: Optional[Welcome] = None
+
+        # Guarded by _cond: the sets and flags that other threads read or wait on.
+        self._cond = threading.Condition(threading.Lock())
+        self._live: Dict[int, int] = {}  # local key -> gateway conn id
+        self._accept_q: Deque[_Conn] = collections.deque()
+        self._draining = False
+        self._drain_deadline: Optional[float] = None
+        self._fatal: Optional[BaseException] = None
+        self._closed = False
+        self._ready_wanted = False
+        self._inflight = 0  # received, not yet acked and handed to the program
+
+        # Owned by the driver (the channel thread, or the event loop).
+        self._mode: Optional[str] = None
+        self._chan: Optional[socket.socket] = None
+        # (message, connections it ACKs, connection ids it reports CLOSED)
+        self._outq: Deque[Tuple[bytes, Optional[List[_Conn]], Optional[List[int]]]] = collections.deque()
+        # Ended connections whose CLOSED is not sent yet (the channel was down): counted in the
+        # next HELLO's live and reported after its WELCOME (PROTOCOL.md, Re-registration).
+        self._unreported: List[int] = []
+        self._ready_sent = False
+        self._hello_flags = 0
+        self._backoff = BACKOFF_MIN
+        self._reconnect_due: Optional[float] = None
+        self._reconnect_task: Optional[asyncio.Task] = None
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread: Optional[int] = None
+        self._state_cb: Optional[Callable[[], None]] = None
+        self._conn_cb: Optional[Callable[[BatonSocket, ConnInfo], None]] = None
+        self._listener: Optional[socket.socket] = None
+        self._closing_pipe: Optional[Tuple[int, int]] = None  # fallback accept's wake-up on close
+        self._keys = iter(range(1, 1 << 62))  # next() is atomic under the GIL
+
+        # Any thread (and finalizers) -> driver: ended connections and a wake-up pipe.
+        self._closed_q: Deque[int] = collections.deque()
+        self._wake_pending = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Closed only when the worker itself goes away: its sockets' finalizers hold it alive,
+        # so no finalizer can ever write into a closed (and reused) fd number.
+        self._pipe_fin = weakref.finalize(self, _close_fds, (self._wake_r, self._wake_w))
+        self._pipe_fin.atexit = False
+        if start:
+            self.start()
+
+    # ---------------------------------------------------------------- public state
+
+    @property
+    def under_baton(self) -> bool:
+        """True when started by ``batond`` (``BATON_SOCKET`` set); False in fallback mode."""
+        return self._path is not None
+
+    @property
+    def live(self) -> int:
+        """Client connections this worker holds (delivered and not yet ended)."""
+        return len(self._live)
+
+    @property
+    def draining(self) -> bool:
+        """True once ``batond`` sent ``DRAIN``: no new connections will come."""
+        return self._draining
+
+    @property
+    def drain_deadline(self) -> Optional[float]:
+        """When (``time.monotonic()``) ``batond`` will stop a draining worker; ``None`` if not draining."""
+        return self._drain_deadline
+
+    @property
+    def registered(self) -> bool:
+        """True while the channel to ``batond`` is up."""
+        return self._chan is not None
+
+    @property
+    def address(self) -> Optional[Tuple[str, int]]:
+        """The fallback listener's bound address (blocking fallback mode), else ``None``."""
+        lst = self._listener
+        return lst.getsockname()[:2] if lst is not None else None
+
+    def __repr__(self) -> str:
+        if self._path is None:
+            where = "fallback %s:%d" % self._fallback if self._fallback else "unstarted"
+        else:
+            where = "slot %s generation %s" % (self.slot, self.generation)
+        return "<baton_worker.Worker pid %d %s live %d%s>" % (
+            self.pid,
+            where,
+            self.live,
+            " draining" if self._draining else "",
+        )
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- blocking API
+
+    def start(self) -> None:
+        """Register with ``batond`` (or open the fallback listener) and start the channel thread.
+
+        Called by the constructor unless ``start=False``; idempotent.
+        """
+        with self._cond:
+            if self._mode is not None:
+                return
+            if self._closed:
+                raise WorkerClosed("worker is closed")
+            self._mode = _MODE_THREAD
+        try:
+            if self._path is None:
+                assert self._fallback is not None
+                fam = socket.AF_INET6 if ":" in self._fallback[0] else socket.AF_INET
+                self._listener = socket.create_server(self._fallback, family=fam)
+                self._listener.setblocking(False)
+                log.warning(
+                    "not started by batond: listening on %s:%d myself (fallback)", *self.address  # type: ignore[misc]
+                )
+            else:
+                sock, welcome = self._register_initial_blocking()
+                self._attach(sock, welcome)
+        except BaseException:
+            with self._cond:
+                self._mode = None
+            raise
+        self._thread = threading.Thread(target=self._thread_main, name="baton-worker", daemon=True)
+        self._thread.start()
+
+    def ready(self) -> None:
+        """Tell ``batond`` this worker serves (sends ``READY`` once). :meth:`accept` and
+        :func:`start_server` call it; call it yourself to become ready before accepting."""
+        with self._cond:
+            if self._ready_wanted:
+                return
+            self._ready_wanted = True
+        self._wake()
+
+    def accept(self, timeout: Optional[float] = None) -> Tuple[BatonSocket, Address]:
+        """Wait for the next client connection; return ``(socket, client_address)``.
+
+        The address is the real client from ``CONN`` (``getpeername()`` if ``batond`` did not
+        know it). The socket is in blocking mode (or has the default timeout), like
+        :meth:`socket.socket.accept`. The first call sends ``READY``.
+
+        Raises :class:`Draining` once ``batond`` drains this worker and every delivered
+        connection has been handed out; :class:`WorkerClosed` after :meth:`close`;
+        :class:`BatonError` if ``batond`` refused a re-registration fatally; ``socket.timeout``
+        after ``timeout`` seconds.
+        """
+        if self._mode is None:
+            self.start()
+        if self._mode != _MODE_THREAD:
+            raise RuntimeError("this worker is driven by asyncio (start_server); accept() is for the blocking API")
+        if self._listener is not None:
+            return self._accept_fallback(timeout)
+        self.ready()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._accept_q:
+                    sock, info = self._accept_q.popleft()
+                    break
+                self._raise_if_done()
+                if deadline is None:
+                    self._cond.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout("accept timed out")
+                    self._cond.wait(left)
+        sock.settimeout(socket.getdefaulttimeout())  # also clears the gateway's O_NONBLOCK
+        addr = info.client
+        if addr is None:
+            try:
+                addr = sock.getpeername()[:2]
+            except OSError:
+                addr = None
+        return sock, addr
+
+    def _raise_if_done(self) -> None:
+        # Called with _cond held.
+        if self._fatal is not None:
+            raise self._fatal
+        if self._closed:
+            raise WorkerClosed("worker is closed")
+        if self._draining and not self._inflight:
+            raise Draining(
+                "batond is draining this worker: no new connections; serve the ones you have "
+                "and exit when they have ended (wait_idle())"
+            )
+
+    def _accept_fallback(self, timeout: Optional[float]) -> Tuple[BatonSocket, Address]:
+        lst = self._listener
+        assert lst is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(lst.fileno(), select.POLLIN)
+        poller.register(self._closing_fd(), select.POLLIN)
+        while True:
+            with self._cond:
+                self._raise_if_done()
+            if deadline is None:
+                wait_ms = None
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("accept timed out")
+                wait_ms = int(left * 1000) + 1
+            poller.poll(wait_ms)
+            with self._cond:
+                self._raise_if_done()
+            try:
+                plain, addr = lst.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                with self._cond:
+                    self._raise_if_done()
+                raise
+            fd = plain.detach()
+            key = next(self._keys)
+            info = ConnInfo(id=key, client=addr[:2], local=None, listener="fallback")
+            sock = _make_socket(fd, info, self._conn_ended, key)
+            with self._cond:
+                self._live[key] = key
+            sock.settimeout(socket.getdefaulttimeout())
+            try:
+                info.local = sock.getsockname()[:2]
+            except OSError:
+                pass
+            return sock, info.client
+
+    def _closing_fd(self) -> int:
+        """A pipe fd that becomes readable (forever) once the worker is closed."""
+        with self._cond:
+            if self._closing_pipe is None:
+                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._closing_pipe = (r, w)
+                fin = weakref.finalize(self, _close_fds, (r, w))
+                fin.atexit = False
+                if self._closed:
+                    os.write(w, b"x")
+            return self._closing_pipe[0]
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Block until the worker holds no connection; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._live, timeout)
+
+    def wait_drained(self, timeout: Optional[float] = None) -> bool:
+        """Block until ``batond`` has drained this worker and its last connection ended (time to
+        exit); False on timeout. Raises the fatal :class:`BatonError`, if any."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: self._fatal is not None or self._closed or (self._draining and not self._live), timeout
+            )
+            if self._fatal is not None:
+                raise self._fatal
+            return ok
+
+    def wait_draining(self, timeout: Optional[float] = None) -> bool:
+        """Block until ``DRAIN`` arrives (or the worker is closed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._draining or self._closed or self._fatal is not None, timeout)
+
+    def close(self) -> None:
+        """Stop: close connections not yet accepted, report them, close the channel.
+
+        Sessions already handed to the program are left alone. Idempotent.
+        """
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            queued = list(self._accept_q)
+            self._accept_q.clear()
+            self._cond.notify_all()
+            closing = self._closing_pipe
+        if closing is not None:
+            try:
+                os.write(closing[1], b"x")
+            except OSError:
+                pass
+        for sock, _ in queued:
+            sock.close()
+        if self._mode == _MODE_THREAD:
+            self._stopping = True
+            self._wake()
+            t = self._thread
+            if t is not None and t is not threading.current_thread():
+                t.join(5.0)
+            if self._listener is not None:
+                self._listener.close()
+        elif self._mode == _MODE_ASYNCIO:
+            loop = self._loop
+            assert loop is not None
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                self._shutdown_async()
+            elif not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self._shutdown_async)
+                except RuntimeError:
+                    pass
+
+    # ---------------------------------------------------------------- any thread -> driver
+
+    def _conn_ended(self, key: int) -> None:
+        """A connection ended (close, detach, GC). Any thread, finalizers included: no locks."""
+        self._closed_q.append(key)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        if self._loop_thread == threading.get_ident():
+            # On the event loop's own thread (the usual case for asyncio): no pipe needed.
+            try:
+                self._loop.call_soon(self._service)  # type: ignore[union-attr]
+                return
+            except RuntimeError:  # the loop is closed
+                pass
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- driver: shared logic
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+        cb = self._state_cb
+        if cb is not None:
+            cb()
+
+    def _service(self) -> None:
+        """Driver: handle wake-ups (READY wanted, ended connections)."""
+        # Empty the pipe first, then re-arm: a waker that sees _wake_pending False writes a byte
+        # after this point, so the driver wakes again; one that saw it True before the reset
+        # appended before it, and the flush below sees its id.
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return
+        self._wake_pending = False
+        if self._chan is not None and self._ready_wanted and not self._ready_sent and not self._draining:
+            self._ready_sent = True
+            self._send(encode_ready())
+        self._flush_closed()
+
+    def _flush_closed(self) -> None:
+        """Driver: forget ended connections and report them (CLOSED) if the channel is up.
+
+        While it is down their ids wait in ``_unreported``: the next HELLO counts them in
+        ``live`` and they are reported right after its WELCOME.
+        """
+        ids: List[int] = []
+        with self._cond:
+            while True:
+                try:
+                    key = self._closed_q.popleft()
+                except IndexError:
+                    break
+                cid = self._live.pop(key, None)
+                if cid is not None:
+                    ids.append(cid)
+        if self._path is None:  # fallback: nobody to tell
+            if ids:
+                self._notify()
+            return
+        if self._chan is None:
+            self._unreported.extend(ids)
+        elif self._unreported or ids:
+            ids = self._unreported + ids
+            self._unreported = []
+            for i in range(0, len(ids), MAX_IDS):
+                part = ids[i : i + MAX_IDS]
+                self._send(encode_closed(part), cids=part)
+        if ids:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%d connection(s) ended, %d live", len(ids), len(self._live))
+            self._notify()
+
+    def _hello(self) -> bytes:
+        """Driver: the HELLO for now, with live connections and READY/DRAINING flags."""
+        self._flush_closed()  # the channel is down: ended ones move to _unreported
+        flags = (FLAG_READY if self._ready_wanted else 0) | (FLAG_DRAINING if self._draining else 0)
+        self._hello_flags = flags
+        return encode_hello(
+            Hello(
+                min_version=VERSION,
+                max_version=VERSION,
+                pid=self.pid,
+                slot=self.slot or 0,
+                generation=self.generation or 0,
+                capacity=self.capacity,
+                flags=flags,
+                live=len(self._live) + len(self._unreported),
+                token=self._token,
+            )
+        )
+
+    def _connect(self) -> socket.socket:
+        """Driver: connect to BATON_SOCKET and send HELLO (non-blocking; AF_UNIX connects at once)."""
+        assert self._path is not None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.setblocking(False)
+            sock.connect(_socket_path(self._path))
+            sock.send(self._hello(), _SEND_FLAGS)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _read_welcome(self, sock: socket.socket) -> Welcome:
+        """Driver: read the answer to HELLO. BlockingIOError if it has not arrived yet."""
+        try:
+            got = recv_message(sock)
+        except ProtocolError as e:
+            _send_error(sock, e)
+            raise
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError as e:
+            raise RegistrationError("batond hung up before answering HELLO: %s" % e) from e
+        if got is None:
+            raise RegistrationError("batond closed the registration channel before answering HELLO")
+        data, fd = got
+        try:
+            t, body = split(data)
+            if t == MsgType.ERROR:
+                raise parse_error(body)
+            if t != MsgType.WELCOME:
+                raise ProtocolError(ErrorCode.UNEXPECTED, "%s before WELCOME" % _type_name(t))
+            w = parse_welcome(body)
+            if w.version != VERSION:
+                raise ProtocolError(
+                    ErrorCode.VERSION, "WELCOME chose version %d, this worker speaks %d" % (w.version, VERSION)
+                )
+            return w
+        except ProtocolError as e:
+            _send_error(sock, e)
+            raise
+        finally:
+            if fd is not None:
+                _close_fds((fd,))
+
+    def _attach(self, sock: socket.socket, w: Welcome) -> None:
+        """Driver: the handshake succeeded; start using ``sock`` as the channel."""
+        self._chan = sock
+        self.welcome = w
+        self._backoff = BACKOFF_MIN
+        self._reconnect_due = None
+        self._ready_sent = bool(self._hello_flags & FLAG_READY)
+        log.info(
+            "registered with batond at %s: pid %d, slot %s, generation %s, %d live%s%s (protocol v%d, gateway generation %d, ping every %d ms)",
+            self._path,
+            self.pid,
+            self.slot,
+            self.generation,
+            len(self._live),
+            ", ready" if self._hello_flags & FLAG_READY else "",
+            ", draining" if self._hello_flags & FLAG_DRAINING else "",
+            w.version,
+            w.generation,
+            w.ping_interval_ms,
+        )
+        if self._mode == _MODE_ASYNCIO:
+            assert self._loop is not None
+            self._loop.add_reader(sock.fileno(), self._on_readable)
+        self._service()
+        self._notify()
+
+    def _send(
+        self, data: bytes, conns: Optional[List[_Conn]] = None, cids: Optional[List[int]] = None
+    ) -> None:
+        """Driver: send one message. ``conns`` are handed to the program once it is written
+        (it is their ACK); if it cannot be, they are closed unreported. ``cids`` are the ids a
+        CLOSED reports; if it cannot be sent, they wait for the next registration."""
+        chan = self._chan
+        if chan is None:
+            self._discard(conns)
+            if cids:
+                self._unreported.extend(cids)
+            return
+        if self._outq:
+            self._outq.append((data, conns, cids))
+            return
+        try:
+            chan.send(data, _SEND_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            self._outq.append((data, conns, cids))
+            self._want_write(True)
+            return
+        except OSError as e:
+            self._discard(conns)
+            if cids:
+                self._unreported.extend(cids)
+            self._lost(e)
+            return
+        if conns:
+            self._publish(conns)
+
+    def _on_writable(self) -> None:
+        """Driver: the channel can take more: send what waits."""
+        chan = self._chan
+        while chan is not None and self._outq:
+            data, conns, _ = self._outq[0]
+            try:
+                chan.send(data, _SEND_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._lost(e)
+                return
+            self._outq.popleft()
+            if conns:
+                self._publish(conns)
+        self._want_write(False)
+
+    def _on_readable(self) -> None:
+        """Driver: read and handle up to 64 messages; ACK the CONNs among them in one batch."""
+        chan = self._chan
+        if chan is None:
+            return
+        conns: List[_Conn] = []
+        try:
+            for _ in range(64):
+                try:
+                    got = recv_message(chan)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if got is None:
+                    raise ConnectionResetError(errno.ECONNRESET, "batond closed the channel")
+                data, fd = got
+                if fd is not None:
+                    try:
+                        t, body = split(data)
+                        info = parse_conn(body)
+                        key = next(self._keys)
+                        sock = _make_socket(fd, info, self._conn_ended, key)
+                    except ProtocolError:
+                        _close_fds((fd,))
+                        raise
+                    except OSError as e:
+                        raise ProtocolError(ErrorCode.FDS, "CONN %s: fd is not a socket: %s" % (info.id, e)) from e
+                    with self._cond:
+                        self._live[key] = info.id
+                        self._inflight += 1
+                    conns.append((sock, info))
+                    continue
+                t, body = split(data)
+                if t == MsgType.PING:
+                    self._send(encode_pong(parse_nonce(t, body)))
+                elif t == MsgType.DRAIN:
+                    self._on_drain(parse_drain(body))
+                elif t == MsgType.ERROR:
+                    err = parse_error(body)
+                    if err.fatal:
+                        self._fatal_error(err)
+                    else:
+                        self._lost(err)
+                    self._discard(conns)
+                    conns = []
+                    return
+                elif t >= OPTIONAL_TYPE:
+                    continue
+                elif t in _KNOWN_TYPES:
+                    raise ProtocolError(ErrorCode.UNEXPECTED, "unexpected %s from batond" % _type_name(t))
+                else:
+                    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "unknown message %s" % _type_name(t))
+                if self._chan is not chan:
+                    self._discard(conns)
+                    return
+        except ProtocolError as e:
+            log.error("protocol error from batond: %s", e)
+            if self._chan is chan:
+                _send_error(chan, e)
+                self._lost(e)
+            self._discard(conns)
+            return
+        except OSError as e:
+            self._discard(conns)
+            if self._chan is chan:
+                self._lost(e)
+            return
+        except BaseException:
+            self._discard(conns)
+            raise
+        if conns:
+            if log.isEnabledFor(logging.DEBUG):
+                for _, info in conns:
+                    log.debug("CONN %#x from %s on %r", info.id, info.client, info.listener)
+            for i in range(0, len(conns), MAX_IDS):
+                part = conns[i : i + MAX_IDS]
+                self._send(encode_ack([c[1].id for c in part]), part)
+
+    def _on_drain(self, deadline_ms: int) -> None:
+        with self._cond:
+            first = not self._draining
+            self._draining = True
+            self._drain_deadline = time.monotonic() + deadline_ms / 1000.0
+        if first:
+            log.info(
+                "batond drains this worker: no new connections; %d live, deadline in %.1fs",
+                self.live,
+                deadline_ms / 1000.0,
+            )
+        self._notify()
+
+    def _publish(self, conns: List[_Conn]) -> None:
+        """Driver: acked connections go to the program."""
+        with self._cond:
+            self._inflight -= len(conns)
+        if self._closed:
+            for sock, _ in conns:
+                sock.close()
+            return
+        if self._mode == _MODE_ASYNCIO:
+            cb = self._conn_cb
+            for sock, info in conns:
+                if cb is None:
+                    sock.close()
+                else:
+                    cb(sock, info)
+        else:
+            with self._cond:
+                self._accept_q.extend(conns)
+                self._cond.notify_all()
+
+    def _discard(self, conns: Optional[List[_Conn]]) -> None:
+        """Driver: close connections that were never acked; batond still owns them."""
+        if not conns:
+            return
+        with self._cond:
+            self._inflight -= len(conns)
+            for sock, _ in conns:
+                self._live.pop(sock._baton_key, None)
+        for sock, _ in conns:
+            _silence(sock)
+        self._notify()
+
+    def _lost(self, why: BaseException) -> None:
+        """Driver: the channel is gone: keep the sessions, re-register with backoff."""
+        if self._chan is None:
+            return
+        self._drop_channel()
+        if self._closed or self._stopping:
+            return
+        log.warning(
+            "channel to batond lost (%s); keeping %d connection(s), re-registering",
+            str(why) or type(why).__name__,
+            self.live,
+        )
+        self._notify()
+        self._schedule_reconnect()
+
+    def _fatal_error(self, err: BaseException) -> None:
+        """Driver: batond refused us for good: stop talking to it; sessions are kept."""
+        log.error("%s", err)
+        with self._cond:
+            self._fatal = err
+            self._cond.notify_all()
+        self._drop_channel()
+        self._reconnect_due = None
+        self._notify()
+
+    def _drop_channel(self) -> None:
+        """Driver: close the channel; unacked connections waiting in the send queue are
+        closed unreported (batond still owns them)."""
+        chan = self._chan
+        self._chan = None
+        if chan is not None:
+            self._stop_io(chan)
+            chan.close()
+        pending = list(self._outq)
+        self._outq.clear()
+        for _, conns, cids in pending:
+            self._discard(conns)
+            if cids:
+                self._unreported.extend(cids)
+        self._ready_sent = False
+
+    def _registration_failed(self, e: BaseException) -> None:
+        """Driver: one re-registration attempt failed."""
+        if self._stopping or self._closed:
+            return
+        if isinstance(e, BatonError) and e.fatal:
+            self._fatal_error(e)
+            return
+        lvl = logging.WARNING if self._backoff <= BACKOFF_MIN * 2 else logging.DEBUG
+        log.log(lvl, "re-registration with batond failed: %s; retrying in %.1fs", e, self._backoff)
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        if self._mode == _MODE_ASYNCIO:
+            assert self._loop is not None
+            self._reconnect_task = self._loop.create_task(self._reconnect_async(delay))
+        else:
+            self._reconnect_due = time.monotonic() + delay
+
+    def _stop_io(self, chan: socket.socket) -> None:
+        if self._mode == _MODE_ASYNCIO and self._loop is not None and not self._loop.is_closed():
+            fd = chan.fileno()
+            if fd >= 0:
+                self._loop.remove_reader(fd)
+                self._loop.remove_writer(fd)
+
+    def _want_write(self, on: bool) -> None:
+        if self._mode == _MODE_ASYNCIO and self._chan is not None:
+            assert self._loop is not None
+            if on:
+                self._loop.add_writer(self._chan.fileno(), self._on_writable)
+            else:
+                self._loop.remove_writer(self._chan.fileno())
+        # The channel thread derives its poll mask from _outq.
+
+    # ---------------------------------------------------------------- driver: thread mode
+
+    def _register_initial_blocking(self) -> Tuple[socket.socket, Welcome]:
+        deadline = time.monotonic() + self._register_timeout
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                sock = self._connect()
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError, InterruptedError) as e:
+                if time.monotonic() + delay >= deadline:
+                    raise RegistrationError("cannot reach batond at %s: %s" % (self._path, e)) from e
+                log.debug("batond at %s not reachable yet (%s); retrying", self._path, e)
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            except OSError as e:
+                raise RegistrationError("cannot connect to batond at %s: %s" % (self._path, e)) from e
+            try:
+                return sock, self._wait_welcome_blocking(sock, deadline)
+            except BaseException:
+                sock.close()
+                raise
+
+    def _wait_welcome_blocking(self, sock: socket.socket, deadline: float) -> Welcome:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        if self._thread is not None:
+            poller.register(self._wake_r, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RegistrationError("batond did not answer HELLO within %.1fs" % self._register_timeout)
+            for fd, _ in poller.poll(int(left * 1000) + 1):
+                if fd == self._wake_r:
+                    self._service()
+                    if self._stopping:
+                        raise RegistrationError("worker closed during registration")
+            try:
+                return self._read_welcome(sock)
+            except (BlockingIOError, InterruptedError):
+                continue
+
+    def _thread_main(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        cur_fd, cur_mask = -1, 0
+        try:
+            while not self._stopping:
+                chan = self._chan
+                timeout_ms: Optional[int] = None
+                if chan is not None:
+                    fd = chan.fileno()
+                    mask = select.POLLIN | (select.POLLOUT if self._outq else 0)
+                else:
+                    fd, mask = -1, 0
+                    if self._reconnect_due is not None:
+                        timeout_ms = max(0, int((self._reconnect_due - time.monotonic()) * 1000) + 1)
+                if fd != cur_fd:
+                    if cur_fd >= 0:
+                        try:
+                            poller.unregister(cur_fd)
+                        except KeyError:
+                            pass
+                    if fd >= 0:
+                        poller.register(fd, mask)
+                    cur_fd, cur_mask = fd, mask
+                elif fd >= 0 and mask != cur_mask:
+                    poller.modify(fd, mask)
+                    cur_mask = mask
+                for efd, ev in poller.poll(timeout_ms):
+                    if efd == self._wake_r:
+                        self._service()
+                    elif chan is not None and self._chan is chan and efd == fd:
+                        if ev & select.POLLOUT:
+                            self._on_writable()
+                        if self._chan is chan and ev & (select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                            self._on_readable()
+                if (
+                    self._chan is None
+                    and self._reconnect_due is not None
+                    and not self._stopping
+                    and time.monotonic() >= self._reconnect_due
+                ):
+                    self._reconnect_due = None
+                    self._reregister_blocking()
+        except BaseException as e:  # a bug: make it visible to accept() rather than hang
+            log.exception("baton_worker channel thread failed")
+            with self._cond:
+                if self._fatal is None:
+                    self._fatal = RegistrationError("baton_worker channel thread failed: %r" % e)
+                self._cond.notify_all()
+        finally:
+            self._service()
+            self._drop_channel()
+
+    def _reregister_blocking(self) -> None:
+        try:
+            sock = self._connect()
+        except OSError as e:
+            self._registration_failed(e)
+            return
+        try:
+            w = self._wait_welcome_blocking(sock, time.monotonic() + self._register_timeout)
+        except BaseException as e:
+            sock.close()
+            if isinstance(e, (BatonException, OSError)):
+                self._registration_failed(e)
+                return
+            raise
+        self._attach(sock, w)
+
+    # ---------------------------------------------------------------- driver: asyncio mode
+
+    async def _start_async(
+        self,
+        on_conn: Callable[[BatonSocket, ConnInfo], None],
+        on_state: Callable[[], None],
+    ) -> None:
+        """Register from the running event loop (used by :func:`start_server`)."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._mode is not None:
+                raise RuntimeError("worker already started")
+            if self._closed:
+                raise WorkerClosed("worker is closed")
+            self._mode = _MODE_ASYNCIO
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._conn_cb = on_conn
+        self._state_cb = on_state
+        loop.add_reader(self._wake_r, self._service)
+        if self._path is None:
+            return
+        try:
+            sock, w = await self._register_initial_async()
+        except BaseException:
+            loop.remove_reader(self._wake_r)
+            with self._cond:
+                self._mode = None
+            raise
+        self._attach(sock, w)
+
+    async def _wait_readable(self, sock: socket.socket, timeout: float) -> None:
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        fd = sock.fileno()
+
+        def on_ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._loop.add_reader(fd, on_ready)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise RegistrationError("batond did not answer HELLO within %.1fs" % self._register_timeout) from None
+        finally:
+            self._loop.remove_reader(fd)
+
+    async def _welcome_async(self, sock: socket.socket, deadline: float) -> Welcome:
+        while True:
+            await self._wait_readable(sock, max(0.0, deadline - time.monotonic()))
+            try:
+                return self._read_welcome(sock)
+            except (BlockingIOError, InterruptedError):
+                continue
+
+    async def _register_initial_async(self) -> Tuple[socket.socket, Welcome]:
+        deadline = time.monotonic() + self._register_timeout
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                sock = self._connect()
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError, InterruptedError) as e:
+                if time.monotonic() + delay >= deadline:
+                    raise RegistrationError("cannot reach batond at %s: %s" % (self._path, e)) from e
+                log.debug("batond at %s not reachable yet (%s); retrying", self._path, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            except OSError as e:
+                raise RegistrationError("cannot connect to batond at %s: %s" % (self._path, e)) from e
+            try:
+                return sock, await self._welcome_async(sock, deadline)
+            except BaseException:
+                sock.close()
+                raise
+
+    async def _reconnect_async(self, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            return
+        if self._closed or self._stopping or self._fatal is not None or self._chan is not None:
+            return
+        try:
+            sock = self._connect()
+        except OSError as e:
+            self._registration_failed(e)
+            return
+        try:
+            w = await self._welcome_async(sock, time.monotonic() + self._register_timeout)
+        except asyncio.CancelledError:
+            sock.close()
+            return
+        except (BatonException, OSError) as e:
+            sock.close()
+            self._registration_failed(e)
+            return
+        except BaseException:
+            sock.close()
+            raise
+        if self._closed or self._stopping:
+            sock.close()
+            return
+        self._attach(sock, w)
+
+    def _shutdown_async(self) -> None:
+        """Driver (loop thread): report what ended, close the channel, stop re-registering."""
+        self._stopping = True
+        loop = self._loop
+        self._service()
+        task = self._reconnect_task
+        if task is not None and not task.done():
+            task.cancel()
+        self._drop_channel()
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._wake_r)
+        self._loop_thread = None
+        self._notify()
+
+
+def _send_error(sock: socket.socket, e: ProtocolError) -> None:
+    """Best effort: tell the peer why we hang up."""
+    try:
+        sock.send(encode_error(e.code, str(e)), _SEND_FLAGS)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# asyncio API
+# --------------------------------------------------------------------------------------------
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Union[Awaitable[None], None]]
+_DEFAULT_LIMIT = 2**16
+
+
+class Server:
+    """The asyncio face of a :class:`Worker`, returned by :func:`start_server`.
+
+    It hands each connection from ``batond`` to the handler as ``(reader, writer)``, exactly
+    like :func:`asyncio.start_server`, and closes the connection when the handler returns or
+    raises (the exception is logged). :meth:`serve_forever` returns once ``batond`` has drained
+    this worker and its last connection has ended: the worker's cue to exit.
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        handler: Handler,
+        *,
+        limit: int = _DEFAULT_LIMIT,
+        close_timeout: float = 10.0,
+    ) -> None:
+        self.worker = worker
+        self._handler = handler
+        self._limit = limit
+        self._close_timeout = close_timeout
+        self._loop = asyncio.get_running_loop()
+        self._tasks: Set[asyncio.Task] = set()
+        self._waiters: List[asyncio.Future] = []
+        self._tcp: Optional[asyncio.AbstractServer] = None
+        self._fallback_live = 0
+        self._closed = False
+
+    async def _start(self, ready: bool) -> None:
+        w = self.worker
+        await w._start_async(self._on_conn, self._state_changed)
+        if w._fallback is not None:
+            self._tcp = await asyncio.start_server(self._on_tcp, w._fallback[0], w._fallback[1], limit=self._limit)
+            addrs = ", ".join("%s:%d" % s.getsockname()[:2] for s in self._tcp.sockets or ())
+            log.warning("not started by batond: listening on %s myself (fallback)", addrs)
+        if ready:
+            self.ready()
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def live(self) -> int:
+        """Client connections being served."""
+        return self.worker.live if self._tcp is None else self._fallback_live
+
+    @property
+    def draining(self) -> bool:
+        """True once ``batond`` sent ``DRAIN``."""
+        return self.worker.draining
+
+    @property
+    def sockets(self) -> Tuple[socket.socket, ...]:
+        """The fallback listener's sockets (empty under ``batond``)."""
+        return tuple(self._tcp.sockets) if self._tcp is not None and self._tcp.sockets else ()
+
+    def is_serving(self) -> bool:
+        """True while new connections may arrive (not closed, not draining)."""
+        return not self._closed and not self.worker.draining and self.worker._fatal is None
+
+    def ready(self) -> None:
+        """Send ``READY`` (done by :func:`start_server` unless ``ready=False``)."""
+        w = self.worker
+        with w._cond:
+            w._ready_wanted = True
+        w._service()
+
+    def close(self) -> None:
+        """Stop: close the fallback listener or the channel to ``batond``. Running handlers
+        keep going (cancel them yourself, or let ``asyncio.run`` do it)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._tcp is not None:
+            self._tcp.close()
+        self.worker.close()
+        self._state_changed()
+
+    async def wait_closed(self) -> None:
+        """Wait until the fallback listener is closed."""
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+
+    async def __aenter__(self) -> "Server":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+        await self.wait_closed()
+
+    async def _until(self, pred: Callable[[], bool]) -> None:
+        while True:
+            fatal = self.worker._fatal
+            if fatal is not None:
+                raise fatal
+            if pred():
+                return
+            fut = self._loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+
+    async def serve_forever(self) -> None:
+        """Serve until ``batond`` has drained this worker and the last connection has ended
+        (then return: exit the process), or until :meth:`close`. Raises the :class:`BatonError`
+        with which ``batond`` refused a re-registration (``VERSION``, ``TOKEN``, ``PEER``)."""
+        await self._until(lambda: self._closed or (self.worker.draining and self.live == 0))
+
+    wait_drained = serve_forever
+
+    async def wait_draining(self) -> None:
+        """Wait until ``DRAIN`` arrives (or :meth:`close`)."""
+        await self._until(lambda: self._closed or self.worker.draining)
+
+    async def wait_idle(self) -> None:
+        """Wait until no connection is being served."""
+        await self._until(lambda: self.live == 0)
+
+    def _state_changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    # ---------------------------------------------------------------- connections
+
+    def _on_conn(self, sock: BatonSocket, info: ConnInfo) -> None:
+        if self._closed:
+            sock.close()
+            return
+        task = self._loop.create_task(self._serve(sock, info))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: BatonSocket, info: ConnInfo) -> None:
+        _current_conn.set(info)
+        loop = self._loop
+        try:
+            reader = asyncio.StreamReader(limit=self._limit, loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except Exception:
+            log.exception("cannot set up connection %#x from %s", info.id, info.client)
+            sock.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await self._run(reader, writer, info)
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        info = ConnInfo(
+            id=0,
+            client=tuple(peer[:2]) if peer else None,  # type: ignore[arg-type]
+            local=tuple(local[:2]) if local else None,  # type: ignore[arg-type]
+            listener="fallback",
+        )
+        _current_conn.set(info)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._fallback_live += 1
+        try:
+            await self._run(reader, writer, info)
+        finally:
+            self._fallback_live -= 1
+            if task is not None:
+                self._tasks.discard(task)
+            self._state_changed()
+
+    async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: ConnInfo) -> None:
+        try:
+            res = self._handler(reader, writer)
+            if inspect.isawaitable(res):
+                await res
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        except Exception:
+            log.exception("handler failed on connection %#x from %s; closing it", info.id, info.client)
+        try:
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), self._close_timeout)
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+        except Exception:
+            writer.transport.abort()
+
+
+async def start_server(
+    handler: Handler,
+    *,
+    capacity: int = 0,
+    fallback: Optional[Tuple[str, int]] = None,
+    env: Optional[Mapping[str, str]] = None,
+    limit: int = _DEFAULT_LIMIT,
+    register_timeout: float = 10.0,
+    close_timeout: float = 10.0,
+    ready: bool = True,
+) -> Server:
+    """Register with ``batond`` and serve each handed-over connection with ``handler``.
+
+    ``handler(reader, writer)`` is called exactly as by :func:`asyncio.start_server` (a
+    coroutine function or a plain function); when it returns or raises, the connection is
+    closed (waiting up to ``close_timeout`` for buffered data to be sent) and reported to
+    ``batond``. ``limit`` is the :class:`asyncio.StreamReader` buffer limit. With ``ready=True``
+    the worker reports ``READY`` at once. ``capacity``, ``fallback``, ``env`` and
+    ``register_timeout`` are as for :class:`Worker`.
+
+    Raises :class:`NotUnderBaton` (no ``BATON_SOCKET`` and no fallback), :class:`ConfigError`,
+    :class:`BatonError` (``batond`` refused the registration) or :class:`RegistrationError`.
+    """
+    worker = Worker(capacity, fallback=fallback, env=env, register_timeout=register_timeout, start=False)
+    server = Server(worker, handler, limit=limit, close_timeout=close_timeout)
+    try:
+        await server._start(ready)
+    except BaseException:
+        worker.close()
+        raise
+    return server
