@@ -95,6 +95,13 @@ func (p *Process) Signal(sig syscall.Signal) error {
 // KillAndWait sends SIGKILL and waits until the process has exited.
 func (p *Process) KillAndWait(ctx context.Context) error {
 	if err := p.Signal(unix.SIGKILL); err != nil && !errors.Is(err, ErrGone) {
+		// The supervisor marks a reaped process exited before it closes the pidfd, so a
+		// signal failing on a closed pidfd of an exited process is not a failure to kill.
+		select {
+		case <-p.exited:
+			return nil
+		default:
+		}
 		return err
 	}
 	select {

@@ -70,22 +70,13 @@ func build(t *testing.T) {
 	}
 }
 
-// syncBuffer collects a process's output for assertions.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
+// logFile is batond's output, in a file: a pipe would be inherited by the next batond after a
+// reload (and by workers), and exec.Cmd.Wait would wait for all of them.
+type logFile struct{ path string }
 
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+func (l logFile) String() string {
+	b, _ := os.ReadFile(l.path)
+	return string(b)
 }
 
 // gateway is one running batond under test.
@@ -93,7 +84,7 @@ type gateway struct {
 	t      *testing.T
 	dir    string
 	cmd    *exec.Cmd
-	log    *syncBuffer
+	log    logFile
 	admin  *admin.Client
 	addr   string
 	exited chan struct{}
@@ -102,6 +93,7 @@ type gateway struct {
 }
 
 type opts struct {
+	binary  string // batond to run; "" = the shared build (use ownBinary to swap it on disk)
 	workers int
 	args    []string // extra batond flags
 	env     []string
@@ -113,7 +105,12 @@ func startGateway(t *testing.T, o opts) *gateway {
 	t.Helper()
 	build(t)
 	dir := t.TempDir()
-	g := &gateway{t: t, dir: dir, log: &syncBuffer{}, exited: make(chan struct{})}
+	g := &gateway{t: t, dir: dir, log: logFile{filepath.Join(dir, "batond.log")}, exited: make(chan struct{})}
+	logf, err := os.OpenFile(g.log.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
 	args := []string{
 		"-listen", "127.0.0.1:0", "-workers", strconv.Itoa(o.workers),
 		"-socket", filepath.Join(dir, "workers.sock"), "-admin", filepath.Join(dir, "admin.sock"),
@@ -124,10 +121,14 @@ func startGateway(t *testing.T, o opts) *gateway {
 	if len(o.command) > 0 {
 		args = append(append(args, "--"), o.command...)
 	}
-	g.cmd = exec.Command(bins.batond, args...)
+	bin := bins.batond
+	if o.binary != "" {
+		bin = o.binary
+	}
+	g.cmd = exec.Command(bin, args...)
 	g.cmd.Env = append(os.Environ(), o.env...)
-	g.cmd.Stderr = g.log
-	g.cmd.Stdout = g.log
+	g.cmd.Stderr = logf
+	g.cmd.Stdout = logf
 	g.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := g.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -158,28 +159,48 @@ func startGateway(t *testing.T, o opts) *gateway {
 	return g
 }
 
-// stop sends SIGTERM and waits; then kills whatever of the test's process group is left.
+// stop sends SIGTERM to the batond serving now (the pid file follows reloads) and waits for it
+// to exit, through a pidfd; then kills whatever worker of this test is left.
 func (g *gateway) stop() {
-	select {
-	case <-g.exited:
-	default:
-		g.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-g.exited:
-		case <-time.After(15 * time.Second):
-			g.t.Errorf("batond did not stop within 15s of SIGTERM")
-			g.cmd.Process.Kill()
-			<-g.exited
+	defer func() {
+		for _, w := range g.lastWorkers {
+			killStray(w, g.dir)
+		}
+		if g.t.Failed() {
+			g.t.Logf("batond log:\n%s", g.log.String())
+		}
+	}()
+	b, err := os.ReadFile(filepath.Join(g.dir, "batond.pid"))
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid == 0 {
+		pid = g.cmd.Process.Pid
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return // already gone
+	}
+	defer unix.Close(fd)
+	unix.PidfdSendSignal(fd, unix.SIGTERM, nil, 0)
+	if !pidfdWait(fd, 15*time.Second) {
+		g.t.Errorf("batond %d did not stop within 15s of SIGTERM", pid)
+		unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0)
+		pidfdWait(fd, 5*time.Second)
+	}
+	if pid == g.cmd.Process.Pid {
+		<-g.exited
+	}
+}
+
+// pidfdWait waits until the process behind fd exits (its pidfd becomes readable).
+func pidfdWait(fd int, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		n, _ := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 100)
+		if n > 0 {
+			return true
 		}
 	}
-	// Workers live in their own process groups; any left behind is a test failure elsewhere,
-	// but must not outlive the test.
-	for _, w := range g.lastWorkers {
-		killStray(w, g.dir)
-	}
-	if g.t.Failed() {
-		g.t.Logf("batond log:\n%s", g.log.String())
-	}
+	return false
 }
 
 func (g *gateway) status() admin.Status {
@@ -219,6 +240,33 @@ type client struct {
 	c        net.Conn
 	r        *bufio.Reader
 	greeting string
+}
+
+// generation parses the greeting's generation.
+func (c *client) generation() int {
+	f := strings.Fields(strings.ReplaceAll(c.greeting, "·", " "))
+	for i := 0; i+1 < len(f); i++ {
+		if f[i] == "generation" {
+			n, _ := strconv.Atoi(f[i+1])
+			return n
+		}
+	}
+	return 0
+}
+
+// ownBinary copies batond to dir, so a test can replace it on disk (as a deploy does).
+func ownBinary(t *testing.T, dir string) string {
+	t.Helper()
+	build(t)
+	b, err := os.ReadFile(bins.batond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "batond")
+	if err := os.WriteFile(p, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // greeting format: "baton demo · worker 1 · pid 123 · generation 1"

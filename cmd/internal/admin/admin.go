@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/baton-gw/baton/handoff"
@@ -66,18 +67,37 @@ func Handler(src Source) http.Handler {
 	return mux
 }
 
-// Serve runs the admin HTTP server on l until ctx ends.
-func Serve(ctx context.Context, l net.Listener, src Source) error {
-	srv := &http.Server{Handler: Handler(src), ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		<-ctx.Done()
-		// Long enough for the reload request that ended this process to get its answer.
+// Server is the admin HTTP server on one listener.
+type Server struct {
+	srv     *http.Server
+	l       net.Listener
+	stopped atomic.Bool
+}
+
+// NewServer serves src's admin API on l (which it owns).
+func NewServer(l net.Listener, src Source) *Server {
+	return &Server{srv: &http.Server{Handler: Handler(src), ReadHeaderTimeout: 5 * time.Second}, l: l}
+}
+
+// StopAccepting closes the listener now; requests under way still get their answers. After a
+// reload the admin socket is the next batond's: a client's next connection must reach it, not
+// this process on its way out.
+func (s *Server) StopAccepting() {
+	s.stopped.Store(true)
+	_ = s.l.Close()
+}
+
+// Run serves until ctx ends or StopAccepting, then returns once the requests under way have
+// been answered (at most 5 s). (http.Server.Serve itself returns as soon as its listener
+// closes, before its handlers finish; the process must not exit under them.)
+func (s *Server) Run(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, s.StopAccepting)
+	defer stop()
+	err := s.srv.Serve(s.l)
+	if s.stopped.Load() || errors.Is(err, http.ErrServerClosed) {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}()
-	err := srv.Serve(l)
-	if errors.Is(err, http.ErrServerClosed) {
+		_ = s.srv.Shutdown(sctx)
 		return nil
 	}
 	return err
@@ -92,6 +112,9 @@ type Client struct {
 // NewClient returns a client for the admin socket at path.
 func NewClient(path string) *Client {
 	return &Client{Path: path, hc: &http.Client{Transport: &http.Transport{
+		// A new connection per request: across a reload the socket is answered by another
+		// process, and a kept-alive connection would still lead to the old one.
+		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)

@@ -122,6 +122,7 @@ type daemon struct {
 	lns    []*proxy.Listener
 	regL   *net.UnixListener
 	admL   *net.UnixListener
+	adm    *admin.Server
 
 	reloadMu sync.Mutex // one reload at a time
 }
@@ -168,9 +169,10 @@ func run(cfg *Config, log hclog.Logger) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	adminDone := make(chan struct{})
+	d.adm = admin.NewServer(d.admL, d)
 	go func() {
 		defer close(adminDone)
-		if err := admin.Serve(ctx, d.admL, d); err != nil {
+		if err := d.adm.Run(ctx); err != nil {
 			log.Error("admin socket", "error", err)
 		}
 	}()
@@ -200,8 +202,10 @@ func run(cfg *Config, log hclog.Logger) error {
 			return nil
 		case <-upg.Exit():
 			log.Info("the next batond is serving; handing over")
+			// Stop taking admin connections at once (the next batond answers them now); the
+			// reload request that brought us here still gets its answer.
+			cancel()
 			d.handOver()
-			cancel() // the admin server finishes the reload request that brought us here
 			<-adminDone
 			return nil
 		}
@@ -320,6 +324,7 @@ func (d *daemon) Reload(ctx context.Context) error {
 	err = d.upg.Upgrade()
 	if err == nil {
 		d.log.Info("reload succeeded: the new batond serves")
+		d.adm.StopAccepting() // before the answer goes out: the client's next request is the new batond's
 		return nil
 	}
 	d.sup.ResumeRegistrations()
