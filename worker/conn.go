@@ -5,10 +5,11 @@ import (
 	"net"
 	"os"
 	"runtime"
-	"strconv"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/baton-gw/baton/handoff"
 )
@@ -54,13 +55,32 @@ func cleanupConn(st *connState) {
 	}
 }
 
-// fdConn turns a received client fd into a net.Conn. It always consumes fd: net.FileConn dups
-// it, and the original is closed on every path.
-func fdConn(fd int, id uint64) (net.Conn, error) {
-	f := os.NewFile(uintptr(fd), "baton-conn-"+strconv.FormatUint(id, 10))
-	c, err := net.FileConn(f)
-	f.Close()
-	return c, err
+// fdConn turns a received client fd into a net.Conn without net.FileConn's dup and its dozen
+// syscalls (fcntls, getsockopt, getsockname, getpeername, setsockopts): batond already sent the
+// addresses, and options set on its listener (TCP_NODELAY) are inherited by the socket. The
+// fd arrives blocking (PROTOCOL.md); it is made non-blocking and wrapped in an *os.File, which
+// puts it on the runtime poller. fdConn always consumes fd.
+func fdConn(fd int, info *handoff.ConnInfo) (net.Conn, error) {
+	// One check that it is a stream socket at all (a broken gateway could send anything).
+	if typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil || typ != unix.SOCK_STREAM {
+		unix.Close(fd)
+		if err == nil {
+			err = unix.EPROTOTYPE
+		}
+		return nil, os.NewSyscallError("getsockopt SO_TYPE", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("fcntl O_NONBLOCK", err)
+	}
+	sc := &sockConn{f: os.NewFile(uintptr(fd), "tcp")}
+	if info.Client.IsValid() {
+		sc.remote = net.TCPAddrFromAddrPort(info.Client)
+	}
+	if info.Local.IsValid() {
+		sc.local = net.TCPAddrFromAddrPort(info.Local)
+	}
+	return sc, nil
 }
 
 // newConn wraps c. The addresses from CONN win over the socket's own: with the PROXY protocol
@@ -68,6 +88,10 @@ func fdConn(fd int, id uint64) (net.Conn, error) {
 func newConn(l *Listener, c net.Conn, info *handoff.ConnInfo, report bool) *Conn {
 	st := &connState{l: l, id: info.ID, report: report}
 	cn := &Conn{c: c, name: info.Listener, st: st, remote: c.RemoteAddr(), local: c.LocalAddr()}
+	if sc, ok := c.(*sockConn); ok {
+		// The fast path's socket: the cleanup watches its *os.File (see below).
+		cn.gc = runtime.AddCleanup(sc.f, cleanupConn, st)
+	}
 	if info.Client.IsValid() {
 		cn.remote = net.TCPAddrFromAddrPort(info.Client)
 	}
@@ -98,7 +122,17 @@ func (c *Conn) ListenerName() string { return c.name }
 // other than a TCP socket. Its RemoteAddr is the socket's peer, which behind a balancer or the
 // PROXY protocol is not the client: prefer c.RemoteAddr. Close c, not the TCPConn, so that
 // batond learns of the close at once.
-func (c *Conn) TCPConn() *net.TCPConn { return c.tcp }
+//
+// For a handed-off connection the first call makes the *net.TCPConn (net.FileConn, so a second
+// descriptor for the same socket, closed with c); keep c, not only the TCPConn.
+func (c *Conn) TCPConn() *net.TCPConn {
+	if c.tcp == nil {
+		if sc, ok := c.c.(*sockConn); ok {
+			return sc.tcpConn()
+		}
+	}
+	return c.tcp
+}
 
 // Close closes the connection and tells batond (CLOSED) exactly once. A second Close returns an
 // error wrapping net.ErrClosed, as net's connections do.

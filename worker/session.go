@@ -318,7 +318,7 @@ func (s *session) handleConn(body []byte, fd int) error {
 	// Even if the ACK failed (the channel dropped), keep the connection: the fd is ours now,
 	// the next HELLO counts it, and a gateway that is still alive will not hand it to anyone
 	// else before this process is gone.
-	nc, err := fdConn(fd, info.ID)
+	nc, err := fdConn(fd, &info)
 	if err != nil {
 		// Acked, so counted by batond: report it closed at once so the count stays right.
 		s.l.log.Warn("handed-off fd is not a usable connection; reporting it closed", "id", info.ID, "err", err)

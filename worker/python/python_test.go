@@ -24,4 +24,6 @@ func runUnittest(t *testing.T, dir string) {
 
 func TestPythonWorkerModule(t *testing.T) { runUnittest(t, ".") }
 
-func TestPythonExamples(t *testing.T) { runUnittest(t, filepath.Join("..", "..", "examples", "python")) }
+func TestPythonExamples(t *testing.T) {
+	runUnittest(t, filepath.Join("..", "..", "examples", "python"))
+}
