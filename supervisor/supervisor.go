@@ -344,30 +344,10 @@ func (s *Supervisor) isStopping() bool {
 // Stop drains every worker (this generation's and others that registered), waits up to ctx for
 // them to exit, then sends SIGTERM, waits KillGrace, then SIGKILL.
 func (s *Supervisor) Stop(ctx context.Context, drain time.Duration) {
-	s.mu.Lock()
-	if s.stopping {
-		s.mu.Unlock()
+	procs, backends, ok := s.finish()
+	if !ok {
 		return
 	}
-	s.stopping = true
-	close(s.quit)
-	var procs []*Process
-	var backends []*proxy.Backend
-	for _, sl := range s.slots {
-		if sl.proc != nil {
-			procs = append(procs, sl.proc)
-		}
-		if sl.backend != nil {
-			backends = append(backends, sl.backend)
-		}
-	}
-	for b, o := range s.others {
-		backends = append(backends, b)
-		if o.proc != nil {
-			procs = append(procs, o.proc)
-		}
-	}
-	s.mu.Unlock()
 	for _, b := range backends {
 		_ = b.Drain(drain)
 	}
@@ -465,26 +445,41 @@ func (s *Supervisor) ReadyCount() int {
 // drain (it keeps its sessions and re-registers with the next batond, which gives it no new
 // clients), and this supervisor stops restarting anything. The processes are left running.
 func (s *Supervisor) Detach(drain time.Duration) {
-	s.mu.Lock()
-	if s.stopping {
-		s.mu.Unlock()
+	_, backends, ok := s.finish()
+	if !ok {
 		return
+	}
+	for _, b := range backends {
+		_ = b.Drain(drain)
+	}
+}
+
+// finish ends supervision (no more restarts, no more registrations) once, and returns every
+// worker process and backend it knew, for Stop or Detach to drain. ok is false if it had
+// already finished.
+func (s *Supervisor) finish() (procs []*Process, backends []*proxy.Backend, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopping {
+		return nil, nil, false
 	}
 	s.stopping = true
 	close(s.quit)
-	var backends []*proxy.Backend
 	for _, sl := range s.slots {
+		if sl.proc != nil {
+			procs = append(procs, sl.proc)
+		}
 		if sl.backend != nil {
 			backends = append(backends, sl.backend)
 		}
 	}
-	for b := range s.others {
+	for b, o := range s.others {
 		backends = append(backends, b)
+		if o.proc != nil {
+			procs = append(procs, o.proc)
+		}
 	}
-	s.mu.Unlock()
-	for _, b := range backends {
-		_ = b.Drain(drain)
-	}
+	return procs, backends, true
 }
 
 // LastExits summarises why this generation's slots last exited, for a failed start's message.
