@@ -1,7 +1,10 @@
 package proxy
 
 import (
+	"net"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func testGateway(caps ...int) (*Gateway, []*Backend) {
@@ -72,5 +75,36 @@ func TestPickNone(t *testing.T) {
 	g, _ := testGateway()
 	if g.pickLocked() != nil {
 		t.Fatal("picked from nothing")
+	}
+}
+
+func TestRawAddrPort(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	l, err := NewListener("t", ln.(*net.TCPListener))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.f.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	a := newAcceptor(l)
+	fd, client, local, err := a.accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if client.String() != c.LocalAddr().String() || local.String() != ln.Addr().String() {
+		t.Fatalf("accepted client %v local %v; dialer is %v, listener %v", client, local, c.LocalAddr(), ln.Addr())
+	}
+	flags, _ := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	if flags&unix.FD_CLOEXEC == 0 {
+		t.Fatal("accepted fd is not close-on-exec")
 	}
 }

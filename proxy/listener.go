@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -96,7 +97,7 @@ type acceptor struct {
 	l   *Listener
 	fn  func(uintptr) bool
 	fd  int
-	sa  unix.Sockaddr
+	rsa unix.RawSockaddrAny
 	err error
 }
 
@@ -110,7 +111,14 @@ func (a *acceptor) try(s uintptr) bool {
 	for {
 		// No SOCK_NONBLOCK: the fd goes to a worker, whose runtime picks its own I/O mode; the
 		// gateway never does I/O on it. CLOEXEC so that no worker we spawn inherits it.
-		a.fd, a.sa, a.err = unix.Accept4(int(s), unix.SOCK_CLOEXEC)
+		// Raw accept4: x/sys's Accept4 turns the address into a Sockaddr with an allocation and,
+		// for AF_INET, a getsockopt(SO_PROTOCOL) syscall per connection.
+		n := uint32(unix.SizeofSockaddrAny)
+		fd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, s, uintptr(unsafe.Pointer(&a.rsa)), uintptr(unsafe.Pointer(&n)), unix.SOCK_CLOEXEC, 0, 0)
+		a.fd, a.err = int(fd), nil
+		if errno != 0 {
+			a.fd, a.err = -1, errno
+		}
 		if a.err == unix.EINTR {
 			continue
 		}
@@ -135,7 +143,26 @@ func (a *acceptor) accept() (int, netip.AddrPort, netip.AddrPort, error) {
 			local = sockaddrAddrPort(sa)
 		}
 	}
-	return a.fd, sockaddrAddrPort(a.sa), local, nil
+	return a.fd, rawAddrPort(&a.rsa), local, nil
+}
+
+// rawAddrPort decodes an AF_INET or AF_INET6 socket address.
+func rawAddrPort(rsa *unix.RawSockaddrAny) netip.AddrPort {
+	switch rsa.Addr.Family {
+	case unix.AF_INET:
+		p := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
+		return netip.AddrPortFrom(netip.AddrFrom4(p.Addr), ntohs(p.Port))
+	case unix.AF_INET6:
+		p := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
+		return netip.AddrPortFrom(netip.AddrFrom16(p.Addr).Unmap(), ntohs(p.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// ntohs reads a port as the kernel stores it (network byte order) in a uint16.
+func ntohs(p uint16) uint16 {
+	b := (*[2]byte)(unsafe.Pointer(&p))
+	return uint16(b[0])<<8 | uint16(b[1])
 }
 
 func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
