@@ -159,7 +159,13 @@ func (b *Backend) Drain(deadline time.Duration) error {
 	b.draining = true
 	b.drainDeadline = time.Now().Add(deadline)
 	b.g.mu.Unlock()
-	return b.ch.Send(handoff.AppendDrain(nil, &handoff.Drain{Deadline: deadline}))
+	// Never a blocking Send on a live backend: a parked write holds the socket's write lock,
+	// and every TrySend (pings, CONN, ERROR) would then wait behind it.
+	err := b.ch.TrySend(handoff.AppendDrain(nil, &handoff.Drain{Deadline: deadline}), -1)
+	if errors.Is(err, handoff.ErrWouldBlock) {
+		b.g.fail(b, fmt.Errorf("%w: its queue is full at DRAIN", ErrStalled), handoff.CodeStalled)
+	}
+	return err
 }
 
 // Kick ends the backend as if its channel had failed (used by the supervisor when the process
@@ -172,7 +178,10 @@ func (b *Backend) read() {
 	ids := make([]uint64, 0, 64)
 	fds := make([]int, 0, 64)
 	for {
-		msg, _, err := b.ch.Recv(buf)
+		msg, fd, err := b.ch.Recv(buf)
+		if fd >= 0 {
+			unix.Close(fd) // only CONN carries an fd, and workers never send CONN
+		}
 		if err != nil {
 			code := handoff.ErrorCode(0)
 			switch {
@@ -183,24 +192,24 @@ func (b *Backend) read() {
 			case errors.Is(err, handoff.ErrFDs):
 				code = handoff.CodeFDs
 			default:
-				err = fmt.Errorf("%w: %v", ErrChannel, err)
+				err = fmt.Errorf("%w: %w", ErrChannel, err)
 			}
 			if code != 0 {
-				err = fmt.Errorf("%w: %v", ErrProtocol, err)
+				err = fmt.Errorf("%w: %w", ErrProtocol, err)
 			}
 			b.g.fail(b, err, code)
 			return
 		}
 		typ, body, err := handoff.Split(msg)
 		if err != nil {
-			b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, err), handoff.CodeMalformed)
+			b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
 			return
 		}
 		now := time.Now()
 		switch typ {
 		case handoff.TypeAck:
 			if ids, err = handoff.ParseIDs(ids[:0], typ, body); err != nil {
-				b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, err), handoff.CodeMalformed)
+				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
 				return
 			}
 			fds = fds[:0]
@@ -224,9 +233,10 @@ func (b *Backend) read() {
 				}
 			}
 			b.lastSeen, b.full = now, false
+			// Counted under the lock with in-flight, so Stats is a consistent snapshot.
+			b.g.stats.acked.Add(uint64(clients))
 			b.g.doneInflightLocked(len(fds))
 			b.g.mu.Unlock()
-			b.g.stats.acked.Add(uint64(clients))
 			// The worker owns these connections now; drop the gateway's copies.
 			for _, fd := range fds {
 				unix.Close(fd)
@@ -237,7 +247,7 @@ func (b *Backend) read() {
 			}
 		case handoff.TypeClosed:
 			if ids, err = handoff.ParseIDs(ids[:0], typ, body); err != nil {
-				b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, err), handoff.CodeMalformed)
+				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
 				return
 			}
 			b.g.mu.Lock()
@@ -264,7 +274,7 @@ func (b *Backend) read() {
 			b.g.poke()
 		case handoff.TypePong:
 			if _, err := handoff.ParseNonce(typ, body); err != nil {
-				b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, err), handoff.CodeMalformed)
+				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
 				return
 			}
 			b.g.mu.Lock()
@@ -273,7 +283,7 @@ func (b *Backend) read() {
 		case handoff.TypeError:
 			e, perr := handoff.ParseError(body)
 			if perr != nil {
-				b.g.fail(b, fmt.Errorf("%w: %v", ErrProtocol, perr), handoff.CodeMalformed)
+				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, perr), handoff.CodeMalformed)
 				return
 			}
 			b.g.fail(b, fmt.Errorf("%w: worker sent %w", ErrChannel, e), 0)

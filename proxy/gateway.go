@@ -66,6 +66,7 @@ type clientConn struct {
 	since    time.Time // accepted, or queued
 	sentAt   time.Time
 	attempts int
+	queued   bool // has waited in g.waiting
 	// selfCheck is set on the gateway's own end-to-end probe (SelfCheck): closed on ACK, and
 	// the probe is kept out of the client counters.
 	selfCheck chan struct{}
@@ -88,7 +89,8 @@ type Gateway struct {
 	waiting   []*clientConn
 	listeners []*Listener
 	stopping  bool
-	inflight  int // handed off, not yet acked (across all backends) + waiting
+	serving   sync.WaitGroup // Serve loops, so StopAccepting can wait for their last dispatch
+	inflight  int            // handed off, not yet acked (across all backends) + waiting
 	idle      chan struct{}
 }
 
@@ -122,8 +124,14 @@ func (g *Gateway) poke() {
 // 1 s) instead of spinning; the pending connection stays in the backlog meanwhile.
 func (g *Gateway) Serve(l *Listener) error {
 	g.mu.Lock()
+	if g.stopping {
+		g.mu.Unlock()
+		return nil
+	}
 	g.listeners = append(g.listeners, l)
+	g.serving.Add(1)
 	g.mu.Unlock()
+	defer g.serving.Done()
 	a := newAcceptor(l)
 	scratch := make([]byte, 0, handoff.MaxMessage)
 	backoff := time.Duration(0)
@@ -154,12 +162,21 @@ func (g *Gateway) Serve(l *Listener) error {
 			continue
 		}
 		backoff = 0
-		g.stats.accepted.Add(1)
 		c := &clientConn{fd: fd, since: time.Now()}
 		c.info = handoff.ConnInfo{ID: g.epoch | g.seq.Add(1)&0xffffffff, Client: client, Local: local, Listener: l.name}
 		g.mu.Lock()
+		g.stats.accepted.Add(1)
 		g.inflight++
+		queued := len(g.waiting) > 0
+		if queued {
+			// Others wait already: a new client does not overtake them.
+			g.waiting = append(g.waiting, c)
+		}
 		g.mu.Unlock()
+		if queued {
+			g.poke()
+			continue
+		}
 		g.dispatch(c, &scratch)
 	}
 }
@@ -192,8 +209,14 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 		g.mu.Lock()
 		b := g.pickLocked()
 		if b == nil {
-			c.since = time.Now()
-			g.waiting = append(g.waiting, c)
+			// Waiting since it was accepted: a connection that loses a race for the last free
+			// worker keeps its place (the head) and its original queue deadline.
+			if c.queued {
+				g.waiting = append([]*clientConn{c}, g.waiting...)
+			} else {
+				c.queued = true
+				g.waiting = append(g.waiting, c)
+			}
 			g.mu.Unlock()
 			return
 		}
@@ -221,17 +244,17 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 			continue
 		}
 		g.mu.Unlock()
-		g.fail(b, fmt.Errorf("%w: send: %v", ErrChannel, err), 0)
+		g.fail(b, fmt.Errorf("%w: send: %w", ErrChannel, err), 0)
 	}
 }
 
 // closeConn closes a connection the gateway gives up on, counting the reason.
 func (g *Gateway) closeConn(c *clientConn, r CloseReason) {
 	unix.Close(c.fd)
+	g.mu.Lock()
 	if c.selfCheck == nil {
 		g.stats.closed[r].Add(1)
 	}
-	g.mu.Lock()
 	g.doneInflightLocked(1)
 	g.mu.Unlock()
 }
@@ -353,6 +376,8 @@ func (g *Gateway) StopAccepting() {
 	for _, l := range ls {
 		l.Close()
 	}
+	// A loop may be between accept4 and its dispatch: wait, so WaitIdle counts that one too.
+	g.serving.Wait()
 }
 
 // WaitIdle waits until every accepted connection has been acked or closed, or ctx ends; then
@@ -383,6 +408,9 @@ func (g *Gateway) WaitIdle(ctx context.Context) {
 }
 
 // Close stops housekeeping. Backends stay as they are; callers drain them first.
+//
+// Connections still waiting for a worker (for example re-dispatched from a worker killed
+// during shutdown) are closed with ReasonShutdown: nothing is left uncounted.
 func (g *Gateway) Close() {
 	select {
 	case <-g.quit:
@@ -390,23 +418,30 @@ func (g *Gateway) Close() {
 		close(g.quit)
 	}
 	<-g.done
+	g.mu.Lock()
+	w := g.waiting
+	g.waiting = nil
+	g.mu.Unlock()
+	for _, c := range w {
+		g.closeConn(c, ReasonShutdown)
+	}
 }
 
 // Stats returns a snapshot of the counters.
 func (g *Gateway) Stats() Stats {
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	s := Stats{
 		Accepted:     g.stats.accepted.Load(),
 		Acked:        g.stats.acked.Load(),
 		Redispatched: g.stats.redispatched.Load(),
 		AcceptErrors: g.stats.acceptErrors.Load(),
 		Closed:       make(map[string]uint64, numReasons),
+		InFlight:     g.inflight,
 	}
 	for r := CloseReason(0); r < numReasons; r++ {
 		s.Closed[r.String()] = g.stats.closed[r].Load()
 	}
-	g.mu.Lock()
-	s.InFlight = g.inflight
-	g.mu.Unlock()
 	return s
 }
 
@@ -467,8 +502,14 @@ func (g *Gateway) SelfCheck(ctx context.Context) error {
 	if err == nil {
 		err = derr
 	}
+	if err == nil {
+		// Go's accepted socket is non-blocking; a worker gets blocking fds (PROTOCOL.md).
+		if err = unix.SetNonblock(fd, false); err != nil {
+			unix.Close(fd)
+		}
+	}
 	if err != nil {
-		return fmt.Errorf("%w: dup: %v", ErrSelfCheck, err)
+		return fmt.Errorf("%w: dup: %w", ErrSelfCheck, err)
 	}
 	c := &clientConn{fd: fd, since: time.Now(), selfCheck: make(chan struct{})}
 	c.info = handoff.ConnInfo{ID: g.epoch | g.seq.Add(1)&0xffffffff,

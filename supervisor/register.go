@@ -107,7 +107,10 @@ func (s *Supervisor) admit(c *net.UnixConn) {
 	}
 	_ = c.SetReadDeadline(time.Now().Add(helloTimeout))
 	buf := make([]byte, handoff.MaxMessage)
-	msg, _, err := ch.Recv(buf)
+	msg, fd, err := ch.Recv(buf)
+	if fd >= 0 {
+		unix.Close(fd) // a CONN (with its fd) instead of HELLO: never keep what a stranger sends
+	}
 	if err != nil {
 		code := handoff.CodeMalformed
 		switch {

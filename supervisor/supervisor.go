@@ -56,6 +56,9 @@ type Config struct {
 	KillGrace    time.Duration // between SIGTERM and SIGKILL
 	Backoff      Backoff
 	Logger       hclog.Logger
+	// PassOutput gives workers batond's own stderr (the journal, under systemd) instead of
+	// re-logging their output through a pipe.
+	PassOutput bool
 }
 
 // Supervisor runs the workers of one generation and admits registrations.
@@ -228,32 +231,59 @@ func (s *Supervisor) runOnce(sl *slot, log hclog.Logger) error {
 	// Own process group: a signal meant for batond's terminal (Ctrl-C) is not delivered to
 	// the workers directly; batond drains them instead. No Pdeathsig: workers outlive batond.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		s.mu.Lock()
-		sl.started = time.Now()
-		s.mu.Unlock()
-		return fmt.Errorf("pipe: %w", err)
+	// Output. Under systemd (JOURNAL_STREAM: our stderr is the journal) workers write to the
+	// journal directly, which outlives every batond: a worker that keeps its sessions across a
+	// reload or a batond crash keeps its log too. Otherwise their lines are re-logged through
+	// a pipe; the pipe dies with this batond, which is why worker.Listen ignores SIGPIPE.
+	var pr *os.File
+	if s.cfg.PassOutput {
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	} else {
+		var pw *os.File
+		var err error
+		if pr, pw, err = os.Pipe(); err != nil {
+			s.mu.Lock()
+			sl.started = time.Now()
+			s.mu.Unlock()
+			return fmt.Errorf("pipe: %w", err)
+		}
+		defer pw.Close() // the child holds its copy
+		cmd.Stdout, cmd.Stderr = pw, pw
 	}
-	cmd.Stdout, cmd.Stderr = pw, pw
+	// Start and publish the pidfd under the lock: a registration from the new process (it may
+	// come at once) and Stop both see it, or neither does.
 	s.mu.Lock()
 	sl.started = time.Now()
 	sl.state = StateStarting
-	s.mu.Unlock()
-	err = cmd.Start()
-	pw.Close() // the child holds its copy
-	if err != nil {
-		pr.Close()
+	if s.stopping {
+		s.mu.Unlock()
+		if pr != nil {
+			pr.Close()
+		}
+		return ErrStopping
+	}
+	if err := cmd.Start(); err != nil {
+		s.mu.Unlock()
+		if pr != nil {
+			pr.Close()
+		}
 		return fmt.Errorf("start: %w", err)
 	}
-	wlog := log.Named(fmt.Sprintf("pid%d", cmd.Process.Pid))
-	go relog(pr, wlog)
 	// Our own pidfd, opened before we reap the child, so the pid cannot have been recycled.
 	proc, err := OpenProcess(cmd.Process.Pid)
 	if err != nil {
+		s.mu.Unlock()
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
+		if pr != nil {
+			pr.Close()
+		}
 		return fmt.Errorf("pidfd: %w", err)
+	}
+	sl.proc, sl.pid = proc, cmd.Process.Pid
+	s.mu.Unlock()
+	if pr != nil {
+		go relog(pr, log.Named(fmt.Sprintf("pid%d", cmd.Process.Pid)))
 	}
 	defer func() {
 		// Every return below follows cmd.Wait, so the process is gone: say so before the
@@ -263,10 +293,7 @@ func (s *Supervisor) runOnce(sl *slot, log hclog.Logger) error {
 	}()
 	waited := make(chan error, 1)
 	go func() { waited <- cmd.Wait() }()
-	s.mu.Lock()
-	sl.proc, sl.pid = proc, cmd.Process.Pid
-	s.mu.Unlock()
-	log.Debug("worker started", "pid", sl.pid)
+	log.Debug("worker started", "pid", cmd.Process.Pid)
 
 	// Start timeout: registered and READY, or killed.
 	timer := time.NewTimer(s.cfg.StartTimeout)
@@ -290,7 +317,7 @@ func (s *Supervisor) runOnce(sl *slot, log hclog.Logger) error {
 			<-waited
 			return ErrNeverReady
 		case <-s.quit:
-			ready = true // Stop takes over
+			return exitReason(<-waited) // Stop or Detach takes over; still starting
 		}
 	}
 	s.mu.Lock()
@@ -325,13 +352,20 @@ func exitReason(err error) error {
 	return err
 }
 
-// relog copies a worker's output, line by line, into its named logger.
+// relog copies a worker's output, line by line, into its named logger. It reads until EOF
+// whatever comes: a reader that stopped would SIGPIPE the worker at its next write. Lines longer
+// than the buffer are logged in pieces.
 func relog(r io.ReadCloser, log hclog.Logger) {
 	defer r.Close()
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 4096), 64*1024)
-	for sc.Scan() {
-		log.Info(sc.Text())
+	br := bufio.NewReaderSize(r, 16*1024)
+	for {
+		line, err := br.ReadSlice('\n')
+		if len(line) > 0 {
+			log.Info(strings.TrimRight(string(line), "\r\n"))
+		}
+		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+			return
+		}
 	}
 }
 
@@ -351,7 +385,7 @@ func (s *Supervisor) Stop(ctx context.Context, drain time.Duration) {
 	for _, b := range backends {
 		_ = b.Drain(drain)
 	}
-	allExited := func(c <-chan time.Time) bool {
+	allExited := func(c <-chan struct{}) bool {
 		for _, p := range procs {
 			select {
 			case <-p.Exited():
@@ -361,28 +395,26 @@ func (s *Supervisor) Stop(ctx context.Context, drain time.Duration) {
 		}
 		return true
 	}
-	if !allExited(chanOf(ctx)) {
+	if !allExited(ctx.Done()) {
 		s.log.Warn("workers still running at the stop deadline; sending SIGTERM")
 		for _, p := range procs {
 			_ = p.Signal(unix.SIGTERM)
 		}
-		if !allExited(time.After(s.cfg.KillGrace)) {
+		if !allExited(after(s.cfg.KillGrace)) {
 			s.log.Warn("workers ignored SIGTERM; sending SIGKILL")
 			for _, p := range procs {
 				_ = p.Signal(unix.SIGKILL)
 			}
-			allExited(time.After(s.cfg.KillGrace))
+			allExited(after(s.cfg.KillGrace))
 		}
 	}
 	s.wg.Wait()
 }
 
-func chanOf(ctx context.Context) <-chan time.Time {
-	c := make(chan time.Time, 1)
-	go func() {
-		<-ctx.Done()
-		c <- time.Now()
-	}()
+// after is time.After as a done channel.
+func after(d time.Duration) <-chan struct{} {
+	c := make(chan struct{})
+	time.AfterFunc(d, func() { close(c) })
 	return c
 }
 
@@ -434,7 +466,7 @@ func (s *Supervisor) ReadyCount() int {
 	defer s.mu.Unlock()
 	n := 0
 	for _, sl := range s.slots {
-		if sl.state == StateReady {
+		if sl.state == StateReady && sl.backend != nil && !isDone(sl.backend.Done()) {
 			n++
 		}
 	}
@@ -498,4 +530,13 @@ func (s *Supervisor) LastExits() string {
 		return "no worker exited"
 	}
 	return strings.Join(parts, "; ")
+}
+
+func isDone(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }

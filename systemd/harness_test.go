@@ -191,8 +191,13 @@ var masked = []string{
 // unit file the host adds in /etc cannot slip past them. Any failing step aborts (set -e)
 // before systemd starts.
 const bootScript = `set -eu
+# never touch the host's mounts: this must be a new mount namespace (and pid namespace)
+[ "$(readlink /proc/self/ns/mnt)" != "$BATON_TEST_HOST_MNTNS" ] || { echo "not in a new mount namespace" >&2; exit 1; }
+[ "$$" = 1 ] || { echo "not PID 1 of a new pid namespace" >&2; exit 1; }
 mount --make-rprivate /
 mount -t tmpfs -o mode=0755 tmpfs /run
+# journald keeps to /run (journal-flush is masked); an empty /var/log/journal makes sure
+if [ -d /var/log/journal ]; then mount -t tmpfs -o mode=2755 tmpfs /var/log/journal; fi
 mkdir -p /run/systemd/system /run/systemd/system.control
 for u in $BATON_TEST_MASKED; do
   ln -sf /dev/null "/run/systemd/system/$u"
@@ -226,7 +231,12 @@ func bootSystemd(t *testing.T, unitDir string) *sysd {
 	s := &sysd{t: t, pidfd: -1, exited: make(chan struct{}), out: &syncBuffer{}}
 	cmd := exec.Command("unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts", "--ipc",
 		"--kill-child", "bash", "-c", bootScript)
+	hostNS, err := os.Readlink("/proc/self/ns/mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
 	cmd.Env = append(os.Environ(),
+		"BATON_TEST_HOST_MNTNS="+hostNS,
 		"BATON_TEST_MASKED="+strings.Join(masked, " "),
 		"BATON_TEST_UNITS="+unitDir)
 	cmd.Stdout, cmd.Stderr = s.out, s.out

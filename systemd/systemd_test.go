@@ -113,9 +113,10 @@ func TestExampleConfig(t *testing.T) {
 
 // TestReloadUnderSystemd proves issue 4 under a real systemd: with new clients arriving
 // continuously and 200 long sessions exchanging a line every 50ms, 20 `systemctl reload baton`
-// (alternating releases v1 and v2 through a `current` link), one reload to a broken release
-// and three `kill -9` of batond drop no client and break no session; reloads report their real
-// outcome; old workers leave once their sessions end; systemd shows batond's STATUS= line.
+// (alternating releases v1 and v2 through a `releases/current` link, as README.md here
+// deploys), one reload to a broken release, one with a bad configuration file and three
+// `kill -9` of batond break no session and fail no client; reloads report their real outcome;
+// old workers leave once their sessions end; systemd shows batond's STATUS= line; stop drains.
 func TestReloadUnderSystemd(t *testing.T) {
 	requireRoot(t)
 	requireTools(t, "go")
@@ -141,6 +142,7 @@ func TestReloadUnderSystemd(t *testing.T) {
 	h.flip("v1")
 
 	cfg := filepath.Join(dir, "baton.toml")
+	h.cfg = cfg
 	const workers = 2
 	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(`# written by TestReloadUnderSystemd
 listen = [%q]
@@ -155,7 +157,7 @@ handoff_timeout = "2s"
 drain_timeout = "10m"
 stop_timeout = "5s"
 log_level = "info"
-`, addr, workers, filepath.Join(dir, "current", "worker"))), 0o644); err != nil {
+`, addr, workers, filepath.Join(dir, "releases", "current", "worker"))), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	units := filepath.Join(dir, "units")
@@ -227,7 +229,7 @@ log_level = "info"
 	time.Sleep(time.Second)
 
 	ops := strings.Fields(`reload reload reload reload reload kill
-		reload reload reload reload reload broken
+		reload reload reload reload reload broken badconfig
 		reload reload reload reload reload kill
 		reload reload reload reload reload kill`)
 	for i, op := range ops {
@@ -243,6 +245,8 @@ log_level = "info"
 			}
 		case "broken":
 			h.brokenReload()
+		case "badconfig":
+			h.badConfigReload()
 		case "kill":
 			h.kill()
 		}
@@ -391,6 +395,12 @@ log_level = "info"
 	}); !ok {
 		t.Errorf("processes of baton.service left after systemctl stop:\n%s", left)
 	}
+	// The sockets stayed: the next client starts baton.service again (socket activation).
+	if g, err := oneClient(addr, "after stop"); err != nil {
+		t.Errorf("a client after systemctl stop baton.service (baton.socket still listening): %v", err)
+	} else if s := h.ns.show("baton.service", "ActiveState"); s != "active" || g.label != h.version {
+		t.Errorf("a client after stop was served by %q and left baton.service %s; want %q, active", g.label, s, h.version)
+	}
 	if j := h.ns.journal("baton.service", 100000); strings.Contains(j, "DATA RACE") {
 		t.Errorf("the race detector reported in batond or a worker (journalctl -u baton)")
 	}
@@ -401,7 +411,7 @@ log_level = "info"
 		"systemctl stop with 10 sessions open took %v (%d session messages meanwhile)",
 		tr.connects.Load(), rate, shortFor.Round(time.Second), tr.skipped.Load(),
 		tr.sessionsUp.Load(), tr.sessionGens(), tr.sessionMsgs.Load(), tr.labels(),
-		h.reloads, h.failedReloads, 1, h.kills, lost, tr.failures(), stopTook.Round(time.Millisecond), duringStop.Load())
+		h.reloads, h.failedReloads, 2, h.kills, lost, tr.failures(), stopTook.Round(time.Millisecond), duringStop.Load())
 	if n := tr.failures(); n > 0 {
 		t.Errorf("%d client failures (connects, greetings, exchanges, sessions); first ones:\n%s", n, tr.failureLog())
 		at := tr.firstFailure()
@@ -412,8 +422,8 @@ log_level = "info"
 	if tr.sessionsUp.Load() != 200 {
 		t.Errorf("%d long sessions established, want 200", tr.sessionsUp.Load())
 	}
-	if h.reloads != 20 || h.failedReloads != 1 || h.kills != 3 {
-		t.Errorf("ran %d successful reloads (want 20), %d failed (want 1), %d kills (want 3)", h.reloads, h.failedReloads, h.kills)
+	if h.reloads != 20 || h.failedReloads != 2 || h.kills != 3 {
+		t.Errorf("ran %d successful reloads (want 20), %d failed (want 2), %d kills (want 3)", h.reloads, h.failedReloads, h.kills)
 	}
 	if rate < 200 {
 		t.Errorf("new clients arrived at %.0f/s, want at least 200/s", rate)
@@ -425,6 +435,7 @@ type harness struct {
 	t       *testing.T
 	ns      *sysd
 	dir     string
+	cfg     string // batond's configuration file
 	addr    string // baton.socket's public address
 	tr      *traffic
 	version string // release `current` points at, and that serves
@@ -435,15 +446,16 @@ type harness struct {
 	killTimes                     [][2]time.Time // just before and after each kill -9
 }
 
-// flip points dir/current at release v, atomically (rename over the old link).
+// flip points releases/current at release v as an operator would: a relative link, replaced
+// atomically (ln -s v current.new && mv -T current.new current).
 func (h *harness) flip(v string) {
 	h.t.Helper()
-	tmp := filepath.Join(h.dir, "current.tmp")
+	tmp := filepath.Join(h.dir, "releases", "current.new")
 	os.Remove(tmp)
-	if err := os.Symlink(filepath.Join(h.dir, "releases", v), tmp); err != nil {
+	if err := os.Symlink(v, tmp); err != nil {
 		h.t.Fatal(err)
 	}
-	if err := os.Rename(tmp, filepath.Join(h.dir, "current")); err != nil {
+	if err := os.Rename(tmp, filepath.Join(h.dir, "releases", "current")); err != nil {
 		h.t.Fatal(err)
 	}
 	if v != "broken" {
@@ -518,7 +530,7 @@ func (h *harness) reload(v string) bool {
 	t1 := time.Now()
 	h.probe(what, v, st.Generation)
 	t2 := time.Now()
-	if h.reloads <= 5 { // while the waves of sessions open: the others reloads are alike
+	if h.reloads <= 5 { // while the waves of sessions open; the later reloads are alike
 		h.checkHeld(what)
 	}
 	t.Logf("%s %s: ok in %v; batond pid %d → %d, generation %d (checks: new batond %v, old exited, probes %v, held %v)", clock(start), what, took.Round(time.Millisecond), oldPID, st.PID, st.Generation,
@@ -529,44 +541,75 @@ func (h *harness) reload(v string) bool {
 // brokenReload deploys a release whose workers exit at once: systemctl reload must fail, and
 // the serving batond go on as if nothing happened. Then `current` goes back.
 func (h *harness) brokenReload() {
-	t := h.t
-	t.Helper()
 	prev := h.version
 	h.flip("broken")
+	h.failingReload("reload to a broken release", prev, nil)
+	h.flip(prev)
+}
+
+// badConfigReload reloads with a configuration file that has a wrong value on line 3: the
+// reload must fail, with the file and line in the reason.
+func (h *harness) badConfigReload() {
+	good, err := os.ReadFile(h.cfg)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	lines := strings.SplitN(string(good), "\n", 4)
+	if len(lines) < 4 || !strings.HasPrefix(lines[2], "workers = ") {
+		h.t.Fatalf("the test's config changed: line 3 is %q", lines[2])
+	}
+	bad := strings.Join([]string{lines[0], lines[1], `workers = "two"`, lines[3]}, "\n")
+	if err := os.WriteFile(h.cfg, []byte(bad), 0o644); err != nil {
+		h.t.Fatal(err)
+	}
+	h.failingReload("reload with a bad config", h.version, regexp.MustCompile(regexp.QuoteMeta(h.cfg)+`:3:`))
+	if err := os.WriteFile(h.cfg, good, 0o644); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// failingReload runs systemctl reload, which must fail and leave the serving batond (release
+// v) as it was; batonctl's reason, in the journal, must match reason if given.
+func (h *harness) failingReload(what, v string, reason *regexp.Regexp) {
+	t := h.t
+	t.Helper()
 	start := time.Now()
 	out, err := h.ns.systemctl("reload", "baton.service")
 	took := time.Since(start)
-	h.flip(prev)
 	if err == nil {
 		h.reloads++
-		t.Errorf("reload to a broken release: systemctl reload exited 0 after %v, want non-zero", took)
+		t.Errorf("%s: systemctl reload exited 0 after %v, want non-zero", what, took)
 		return
 	}
 	h.failedReloads++
-	t.Logf("%s reload to broken: exit %d after %v (as it must): %s", clock(start), exitCode(err), took.Round(time.Millisecond), strings.TrimSpace(out))
+	t.Logf("%s %s: exit %d after %v (as it must): %s", clock(start), what, exitCode(err), took.Round(time.Millisecond), strings.TrimSpace(out))
 	// The reason is in the journal, from batonctl (ExecReload=): that is where an operator
 	// reads why a reload failed.
 	j, _ := h.ns.run(30*time.Second, "journalctl", "--no-pager", "-o", "cat", "-u", "baton.service",
 		"--since", "@"+strconv.FormatInt(start.Unix()-1, 10), "SYSLOG_IDENTIFIER=batonctl")
-	if strings.TrimSpace(j) == "" {
-		t.Errorf("after a failed reload the journal has no word from batonctl (ExecReload=) saying why")
-	} else {
-		t.Logf("journalctl -u baton (batonctl) after the failed reload: %s", strings.TrimSpace(j))
+	j = strings.TrimSpace(j)
+	switch {
+	case j == "":
+		t.Errorf("%s: the journal has no word from batonctl (ExecReload=) saying why", what)
+	case reason != nil && !reason.MatchString(j):
+		t.Errorf("%s: batonctl's reason in the journal does not match %q:\n%s", what, reason, j)
+	default:
+		t.Logf("%s: journalctl -u baton SYSLOG_IDENTIFIER=batonctl: %s", what, j)
 	}
 	if s := h.ns.show("baton.service", "ActiveState"); s != "active" {
-		t.Errorf("after a failed reload ActiveState=%s, want active", s)
+		t.Errorf("%s: ActiveState=%s, want active", what, s)
 	}
 	st := h.status()
 	if st.PID != h.pid || st.Generation != h.gen || h.mainPID() != h.pid {
-		t.Errorf("after a failed reload: batond pid %d generation %d, MainPID %d; want the old one, pid %d generation %d",
-			st.PID, st.Generation, h.mainPID(), h.pid, h.gen)
+		t.Errorf("%s: batond pid %d generation %d, MainPID %d; want the old one, pid %d generation %d",
+			what, st.PID, st.Generation, h.mainPID(), h.pid, h.gen)
 	}
 	for _, w := range st.Workers {
 		if w.Generation > h.gen {
-			t.Errorf("after a failed reload a worker of the failed generation %d is still listed: %+v", w.Generation, w)
+			t.Errorf("%s: a worker of the failed generation %d is listed: %+v", what, w.Generation, w)
 		}
 	}
-	h.probe("after the failed reload", prev, h.gen)
+	h.probe(what, v, h.gen)
 }
 
 // kill SIGKILLs batond's main process and waits for systemd to bring it back.

@@ -7,7 +7,9 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/signal"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/baton-gw/baton/handoff"
@@ -110,6 +112,12 @@ func Listen(opts ...Option) (*Listener, error) {
 		close(l.done) // no registration goroutine in fallback mode
 		return l, nil
 	}
+
+	// The worker outlives the batond that started it (reloads, batond crashes), and with it
+	// the pipe batond may have given it for stdout/stderr. Go kills a program that writes to
+	// a broken pipe on fd 1 or 2 with SIGPIPE unless SIGPIPE is handled or ignored; a game
+	// server must not lose its sessions over a log line, so such writes fail with EPIPE.
+	signal.Ignore(syscall.SIGPIPE)
 
 	l.addr = &net.UnixAddr{Name: e.socket, Net: "unixpacket"}
 	s, err := l.register()

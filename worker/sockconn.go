@@ -19,8 +19,8 @@ type sockConn struct {
 	f             *os.File
 	local, remote net.Addr
 
-	once sync.Once
-	tcp  *net.TCPConn // made on demand by tcpConn
+	mu  sync.Mutex
+	tcp *net.TCPConn // made on demand by tcpConn; closed with the conn
 }
 
 var _ net.Conn = (*sockConn)(nil)
@@ -51,9 +51,11 @@ func (s *sockConn) Write(b []byte) (int, error) {
 
 func (s *sockConn) Close() error {
 	err := s.f.Close()
+	s.mu.Lock()
 	if s.tcp != nil {
 		s.tcp.Close()
 	}
+	s.mu.Unlock()
 	return s.opErr("close", err)
 }
 
@@ -91,14 +93,16 @@ func (s *sockConn) SyscallConn() (syscall.RawConn, error) { return s.f.SyscallCo
 
 // tcpConn makes (once) a *net.TCPConn for the same socket, for code that needs the type.
 func (s *sockConn) tcpConn() *net.TCPConn {
-	s.once.Do(func() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.tcp == nil {
 		if c, err := net.FileConn(s.f); err == nil {
 			if tc, ok := c.(*net.TCPConn); ok {
 				s.tcp = tc
-				return
+			} else {
+				c.Close()
 			}
-			c.Close()
 		}
-	})
+	}
 	return s.tcp
 }

@@ -135,6 +135,11 @@ func run(cfg *Config, log hclog.Logger) error {
 	}
 	d.upg = upg
 	defer upg.Stop()
+	// Signals from the very start: a SIGTERM while the workers start must stop them too (the
+	// default action would orphan them), and a SIGHUP must not kill a batond still starting.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
 
 	act := takeActivation()
 	err = d.setup(act)
@@ -151,7 +156,7 @@ func run(cfg *Config, log hclog.Logger) error {
 
 	// The health gate: every worker ready, then one real handoff end to end. Only then do we
 	// tell tableflip (and so the old batond, and systemd) that we serve.
-	if err := d.healthGate(); err != nil {
+	if err := d.healthGate(sigs); err != nil {
 		d.abort()
 		return err
 	}
@@ -180,9 +185,6 @@ func run(cfg *Config, log hclog.Logger) error {
 	go d.statusLoop(ctx)
 	log.Info("serving", "listen", d.listenerNames(), "workers", cfg.Workers, "generation", d.gen, "pid", os.Getpid())
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
 	for {
 		select {
 		case s := <-sigs:
@@ -270,13 +272,19 @@ func (d *daemon) setup(act activated) error {
 		StartTimeout: cfg.StartTimeout,
 		DrainTimeout: cfg.DrainTimeout,
 		Logger:       d.log.Named("supervisor"),
+		// systemd sets JOURNAL_STREAM when our stderr is the journal: workers write there
+		// directly, so their logs survive a reload or a batond crash with them.
+		PassOutput: os.Getenv("JOURNAL_STREAM") != "",
 	}, d.gw)
 	return nil
 }
 
+// errStoppedStarting: SIGTERM or SIGINT came before batond served.
+var errStoppedStarting = errors.New("stopped by a signal before serving")
+
 // healthGate waits (up to -ready-timeout) until every worker of this generation is ready and
 // one handoff has gone end to end.
-func (d *daemon) healthGate() error {
+func (d *daemon) healthGate(sigs <-chan os.Signal) error {
 	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.ReadyTimeout)
 	defer cancel()
 	t := time.NewTicker(10 * time.Millisecond)
@@ -286,13 +294,18 @@ func (d *daemon) healthGate() error {
 		case <-ctx.Done():
 			return fmt.Errorf("not serving after -ready-timeout %v: %d of %d workers ready (%s)",
 				d.cfg.ReadyTimeout, d.sup.ReadyCount(), d.cfg.Workers, d.sup.LastExits())
+		case s := <-sigs:
+			if s == syscall.SIGHUP {
+				d.log.Warn("SIGHUP while starting: ignored (not serving yet)")
+				continue
+			}
+			d.log.Info("stopping before serving", "signal", s)
+			return errStoppedStarting
 		case <-t.C:
 		}
 	}
-	if err := d.gw.SelfCheck(ctx); err != nil {
-		return err
-	}
-	return nil
+	// (A signal during these milliseconds waits in the channel for the main loop.)
+	return d.gw.SelfCheck(ctx)
 }
 
 // abort undoes a start that failed its health gate: the new workers go, nothing else is

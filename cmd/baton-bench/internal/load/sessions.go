@@ -1,0 +1,329 @@
+package load
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/baton-gw/baton/cmd/baton-bench/internal/stats"
+)
+
+// SessionsConfig configures the sessions scenario.
+type SessionsConfig struct {
+	Addr     string
+	Proto    *Proto
+	Sessions int
+	// Interval paces each session: a request every Interval. Zero sends the next request as
+	// soon as the reply is in (ping-pong at full speed).
+	Interval     time.Duration
+	Warmup       time.Duration
+	Duration     time.Duration
+	Timeout      time.Duration // a reply must come within this; connect and greeting too
+	SetupTimeout time.Duration // all sessions must be established within this
+	ServerPIDs   []int
+	Label        string
+}
+
+func (c *SessionsConfig) defaults() error {
+	if c.Proto == nil || c.Sessions <= 0 || c.Duration <= 0 {
+		return errors.New("sessions: need a protocol, sessions > 0 and a duration > 0")
+	}
+	if c.Timeout <= 0 {
+		c.Timeout = 5 * time.Second
+	}
+	if c.SetupTimeout <= 0 {
+		c.SetupTimeout = 30 * time.Second
+	}
+	return nil
+}
+
+// Session phases.
+const (
+	phConnecting = iota
+	phGreeting   // connected, reading the greeting
+	phReady      // established, no request out
+	phWaiting    // request out, reply expected
+	phPaced      // reply in, next request at the timer
+	phDone       // failed or finished
+)
+
+// sessions drives long-lived ping-pong connections. It is also one half of the reload scenario.
+type sessions struct {
+	e        *engine
+	p        *Proto
+	dst      *unix.SockaddrInet4
+	timeout  int64
+	interval int64
+	conns    []*conn
+	opened   int // dials made
+	ready    int // established
+	running  bool
+	stopAt   int64 // no new request from then on
+	outstand int   // requests out
+
+	from, to int64
+	lat      stats.Samples // replies that ended in the window
+	all      stats.Samples // every reply (reload keeps these)
+	ops      int64
+	msgs     int64
+	setupErr int
+	broken   int
+	res      *Result
+}
+
+func newSessions(e *engine, p *Proto, dst *unix.SockaddrInet4, n int, interval, timeout time.Duration, res *Result) *sessions {
+	s := &sessions{e: e, p: p, dst: dst, timeout: int64(timeout), interval: int64(interval), res: res}
+	s.conns = make([]*conn, n)
+	for i := range s.conns {
+		s.conns[i] = &conn{fd: -1, h: s, hidx: -1, idx: i}
+	}
+	return s
+}
+
+// open dials the sessions, at most 256 connecting at once; it returns true once every dial has
+// been made.
+func (s *sessions) open(now int64) bool {
+	for s.opened < len(s.conns) && s.opened-s.ready-s.setupErr < 256 {
+		c := s.conns[s.opened]
+		s.opened++
+		c.phase = phConnecting
+		if err := s.e.dial(c, s.dst, netip.Addr{}); err != nil {
+			s.setupFail(c, err)
+			continue
+		}
+		s.e.setTimer(c, now+s.timeout)
+		if c.connected {
+			s.connected(c, now)
+		}
+	}
+	return s.opened == len(s.conns)
+}
+
+func (s *sessions) connected(c *conn, now int64) {
+	c.connected = true
+	if g := s.p.greeting(); g > 0 {
+		c.phase, c.need = phGreeting, g
+		return
+	}
+	s.established(c)
+}
+
+func (s *sessions) established(c *conn) {
+	c.phase = phReady
+	s.ready++
+	s.e.clearTimer(c)
+	if s.running {
+		s.send(c, s.e.now())
+	}
+}
+
+// begin starts the requests on every established session.
+func (s *sessions) begin(now int64) {
+	s.running = true
+	for _, c := range s.conns {
+		if c.phase == phReady {
+			s.send(c, now)
+		}
+	}
+}
+
+func (s *sessions) send(c *conn, now int64) {
+	if now >= s.stopAt {
+		c.phase = phReady
+		return
+	}
+	n, err := unix.Write(c.fd, s.p.Session)
+	if err == nil && n < len(s.p.Session) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		s.breakSession(c, sysErr("write", err))
+		return
+	}
+	c.phase, c.begin, c.need = phWaiting, now, s.p.expect(s.p.Session)
+	s.outstand++
+	s.e.setTimer(c, now+s.timeout)
+}
+
+func (s *sessions) event(c *conn, ev uint32) {
+	now := s.e.now()
+	if c.phase == phConnecting {
+		if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			err := soError(c.fd)
+			if err == nil {
+				err = unix.ECONNRESET
+			}
+			s.setupFail(c, sysErr("connect", err))
+			return
+		}
+		if ev&unix.EPOLLOUT == 0 {
+			return
+		}
+		s.connected(c, now)
+	}
+	if ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) == 0 {
+		return
+	}
+	buf := s.e.rbuf
+	for c.phase != phDone {
+		n, err := unix.Read(c.fd, buf)
+		switch {
+		case err == unix.EAGAIN:
+			return
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			s.lost(c, sysErr("read", err))
+			return
+		case n == 0:
+			s.lost(c, sysErr("read", io.EOF))
+			return
+		}
+		got := s.p.consume(buf[:n])
+		switch c.phase {
+		case phGreeting:
+			c.need -= got
+			if c.need <= 0 {
+				s.established(c)
+			}
+		case phWaiting:
+			c.need -= got
+			if c.need <= 0 {
+				s.reply(c, now)
+			}
+		}
+		if n < len(buf) {
+			return
+		}
+	}
+}
+
+func (s *sessions) reply(c *conn, now int64) {
+	s.outstand--
+	rtt := time.Duration(now - c.begin)
+	s.msgs++
+	s.all.Add(rtt)
+	if now >= s.from && now < s.to {
+		s.ops++
+		s.lat.Add(rtt)
+	}
+	if s.interval == 0 {
+		s.send(c, now)
+		return
+	}
+	c.phase = phPaced
+	s.e.setTimer(c, max(c.begin+s.interval, now))
+}
+
+func (s *sessions) timer(c *conn) {
+	switch c.phase {
+	case phPaced:
+		s.send(c, s.e.now())
+	case phConnecting, phGreeting:
+		s.setupFail(c, errors.New("setup timeout"))
+	case phWaiting:
+		s.breakSession(c, errors.New("reply timeout"))
+	}
+}
+
+// lost handles a read error or EOF: a setup failure before the session was established, a
+// broken session after.
+func (s *sessions) lost(c *conn, err error) {
+	if c.phase == phConnecting || c.phase == phGreeting {
+		s.setupFail(c, err)
+		return
+	}
+	s.breakSession(c, err)
+}
+
+func (s *sessions) setupFail(c *conn, err error) {
+	s.setupErr++
+	s.res.addError("setup " + errKind(err))
+	c.phase = phDone
+	s.e.closeConn(c)
+}
+
+func (s *sessions) breakSession(c *conn, err error) {
+	if c.phase == phWaiting {
+		s.outstand--
+	}
+	s.broken++
+	s.res.addError("session " + errKind(err))
+	c.phase = phDone
+	s.e.closeConn(c)
+}
+
+// setupDone reports whether every session is established or failed.
+func (s *sessions) setupDone() bool {
+	return s.opened == len(s.conns) && s.ready+s.setupErr == len(s.conns)
+}
+
+// Sessions runs the sessions scenario: it establishes every session first (not measured), then
+// runs the requests for Warmup+Duration and measures the window.
+func Sessions(cfg SessionsConfig) (*Result, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	dst, err := parseDst(cfg.Addr)
+	if err != nil {
+		return nil, err
+	}
+	e, err := newEngine()
+	if err != nil {
+		return nil, err
+	}
+	defer e.close()
+	e.nodelay = true
+	res := &Result{Scenario: "sessions", Label: cfg.Label, Proto: cfg.Proto.Name, Runs: 1, Conns: cfg.Sessions}
+	s := newSessions(e, cfg.Proto, dst, cfg.Sessions, cfg.Interval, cfg.Timeout, res)
+	s.stopAt = 1 << 62
+	setupDeadline := e.now() + int64(cfg.SetupTimeout)
+	err = e.run(setupDeadline, func(now int64) (int64, bool) {
+		s.open(now)
+		return 0, s.setupDone()
+	})
+	if err != nil {
+		return nil, err
+	}
+	if s.ready < cfg.Sessions {
+		return res, fmt.Errorf("sessions: %d of %d established within %v (%s)", s.ready, cfg.Sessions, cfg.SetupTimeout, kinds(res.ErrorKinds))
+	}
+	probe := newCPUProbe(cfg.ServerPIDs)
+	t0 := e.now()
+	s.from, s.to = t0+int64(cfg.Warmup), t0+int64(cfg.Warmup+cfg.Duration)
+	s.stopAt = s.to
+	s.begin(t0)
+	var marked, ended bool
+	var d cpuDelta
+	err = e.run(s.to+int64(cfg.Timeout)+int64(time.Second), func(now int64) (int64, bool) {
+		if !marked && now >= s.from {
+			probe.mark()
+			marked = true
+		}
+		if marked && !ended && now >= s.to {
+			d = probe.delta()
+			ended = true
+		}
+		wake := s.from
+		if marked {
+			wake = s.to
+		}
+		return wake, ended && s.outstand == 0
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !ended {
+		d = probe.delta()
+	}
+	res.Window = cfg.Duration.Seconds()
+	res.Ops = s.ops
+	res.PerSec = float64(s.ops) / res.Window
+	res.setLatency(&s.lat)
+	res.setCPU(d, s.ops)
+	return res, nil
+}

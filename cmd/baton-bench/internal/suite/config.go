@@ -1,0 +1,323 @@
+package suite
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// env is what the configurations are built from.
+type env struct {
+	bin     string // directory holding batond, batonctl, echo, baton-bench
+	repo    string // the repository (examples/python/lobby.py)
+	python  string
+	haproxy string
+	work    string // scratch directory of this run
+	cpu     int    // server CPU, -1 for no pinning
+}
+
+func (e *env) path(name string) string { return filepath.Join(e.bin, name) }
+
+// server is a running configuration.
+type server struct {
+	addr   string
+	proto  string
+	roots  []int  // roots of the server-side process trees (CPU and memory are summed over them)
+	middle []int  // the middle box, if any (batond, haproxy)
+	reload string // the reload command, "" if the configuration has none
+}
+
+// config is one configuration of the comparison.
+type config struct {
+	ID    string // A, B, C, D, D8, E, F
+	Name  string // short column title
+	Desc  string // what runs
+	Proto string // echo or lobby
+	// Scenarios this configuration runs, in order.
+	Scenarios []string
+	start     func(e *env, p *procs, dir string) (*server, error)
+}
+
+// Scenario keys.
+const (
+	scStormSat  = "storm-sat"
+	scStormOpen = "storm-open"
+	scSess1     = "sessions-1"
+	scSess100   = "sessions-100"
+	scBulk      = "bulk"
+	scIdle      = "idle"
+	scReload    = "reload"
+)
+
+var goScenarios = []string{scStormSat, scStormOpen, scSess1, scSess100, scBulk, scIdle}
+
+// configs returns every configuration, in the order they run in a round.
+func configs() []*config {
+	return []*config{
+		{ID: "A", Name: "direct", Proto: "echo", Scenarios: goScenarios, start: startDirect,
+			Desc: "examples/go/echo accepting directly (BATON_FALLBACK_LISTEN), one process"},
+		{ID: "B", Name: "reuseport×2", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: startReuseport,
+			Desc: "two `baton-bench echo -reuseport` processes sharing the port (SO_REUSEPORT); reload = restart each in turn"},
+		{ID: "C", Name: "haproxy", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: startHAProxy,
+			Desc: "HAProxy (Debian package) `mode tcp`, `balance leastconn`, 1 thread, in front of two direct echo workers; reload = `haproxy -sf` with `-x` socket transfer"},
+		{ID: "D", Name: "baton", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: batonStarter(2, false),
+			Desc: "batond with 2 examples/go/echo workers (-capacity 19000); reload = `batonctl reload`"},
+		{ID: "D8", Name: "baton 8w", Proto: "echo", Scenarios: []string{scIdle}, start: batonStarter(8, false),
+			Desc: "batond with 8 examples/go/echo workers (idle only: 100,000 sessions need ≥ 6 workers under the 20,000-fd cap)"},
+		{ID: "E", Name: "baton-py", Proto: "lobby", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100, scReload}, start: batonStarter(2, true),
+			Desc: "batond with 2 examples/python/lobby.py workers; reload = `batonctl reload`"},
+		{ID: "F", Name: "py direct", Proto: "lobby", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100}, start: startPyDirect,
+			Desc: "examples/python/lobby.py --direct (plain asyncio.start_server), one process (E′ of the issue)"},
+	}
+}
+
+func startDirect(e *env, p *procs, dir string) (*server, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	cmd, err := p.start("echo", []string{"BATON_FALLBACK_LISTEN=" + addr}, e.path("echo"))
+	if err != nil {
+		return nil, err
+	}
+	if err := waitServing(addr, "echo", 10*time.Second, alive(p, cmd, "echo")); err != nil {
+		return nil, err
+	}
+	return &server{addr: addr, proto: "echo", roots: []int{cmd.Process.Pid}}, nil
+}
+
+func alive(p *procs, cmd *exec.Cmd, name string) func() error {
+	return func() error {
+		if p.exited(cmd) {
+			return fmt.Errorf("%s exited: %s", name, p.log(name))
+		}
+		return nil
+	}
+}
+
+func startReuseport(e *env, p *procs, dir string) (*server, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	var roots []int
+	for i := range 2 {
+		name := fmt.Sprintf("echo%d", i)
+		cmd, err := p.start(name, nil, e.path("baton-bench"), "echo", "-listen", addr, "-reuseport",
+			"-pidfile", filepath.Join(dir, name+".pid"))
+		if err != nil {
+			return nil, err
+		}
+		if err := waitFile(filepath.Join(dir, name+".pid"), 10*time.Second, alive(p, cmd, name)); err != nil {
+			return nil, err
+		}
+		roots = append(roots, cmd.Process.Pid)
+	}
+	if err := waitServing(addr, "echo", 10*time.Second, func() error { return nil }); err != nil {
+		return nil, err
+	}
+	reload := fmt.Sprintf("%s reuseport-restart -dir %s -listen %s -cpu %d", shq(e.path("baton-bench")), shq(dir), addr, e.cpu)
+	return &server{addr: addr, proto: "echo", roots: roots, reload: reload}, nil
+}
+
+func waitFile(path string, d time.Duration, alive func() error) error {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		}
+		if err := alive(); err != nil {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("%s not written after %v", path, d)
+}
+
+const haproxyConfig = `# written by baton-bench suite
+global
+    nbthread 1
+    stats socket %[1]s/haproxy.sock mode 600 level admin expose-fd listeners
+    # no maxconn: HAProxy derives it from RLIMIT_NOFILE (20,000 here), two fds per session
+
+defaults
+    mode tcp
+    balance leastconn
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+
+frontend bench
+    bind %[2]s
+    default_backend echo
+
+backend echo
+    server echo0 %[3]s
+    server echo1 %[4]s
+`
+
+func startHAProxy(e *env, p *procs, dir string) (*server, error) {
+	if e.haproxy == "" {
+		return nil, fmt.Errorf("haproxy is not installed (apt-get install haproxy)")
+	}
+	var backends []string
+	var roots []int
+	for i := range 2 {
+		port, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		addr := "127.0.0.1:" + strconv.Itoa(port)
+		name := fmt.Sprintf("echo%d", i)
+		cmd, err := p.start(name, []string{"BATON_FALLBACK_LISTEN=" + addr}, e.path("echo"))
+		if err != nil {
+			return nil, err
+		}
+		if err := waitServing(addr, "echo", 10*time.Second, alive(p, cmd, name)); err != nil {
+			return nil, err
+		}
+		backends = append(backends, addr)
+		roots = append(roots, cmd.Process.Pid)
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	cfgPath := filepath.Join(dir, "haproxy.cfg")
+	if err := os.WriteFile(cfgPath, fmt.Appendf(nil, haproxyConfig, dir, addr, backends[0], backends[1]), 0o644); err != nil {
+		return nil, err
+	}
+	pidfile := filepath.Join(dir, "haproxy.pid")
+	argv := p.pinned(e.haproxy, "-f", cfgPath, "-D", "-p", pidfile)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("haproxy: %v: %s", err, out)
+	} else if len(out) > 0 {
+		os.WriteFile(filepath.Join(dir, "haproxy.log"), out, 0o644)
+	}
+	pid, err := readPID(pidfile)
+	if err != nil {
+		return nil, err
+	}
+	if err := waitServing(addr, "echo", 10*time.Second, func() error { return nil }); err != nil {
+		return nil, err
+	}
+	reload := fmt.Sprintf("%s -f %s -D -p %s -x %s -sf $(cat %s)",
+		strings.Join(shqAll(p.pinned(e.haproxy)), " "), shq(cfgPath), shq(pidfile), shq(filepath.Join(dir, "haproxy.sock")), shq(pidfile))
+	return &server{addr: addr, proto: "echo", roots: append([]int{pid}, roots...), middle: []int{pid}, reload: reload}, nil
+}
+
+func batonStarter(workers int, python bool) func(e *env, p *procs, dir string) (*server, error) {
+	return func(e *env, p *procs, dir string) (*server, error) {
+		port, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		addr := "127.0.0.1:" + strconv.Itoa(port)
+		admin := filepath.Join(dir, "admin.sock")
+		pidfile := filepath.Join(dir, "batond.pid")
+		args := []string{e.path("batond"), "-listen", addr, "-workers", strconv.Itoa(workers),
+			"-capacity", "19000", "-socket", filepath.Join(dir, "workers.sock"), "-admin", admin,
+			"-pidfile", pidfile, "-log-level", "warn", "-stop-timeout", "3s", "-drain-timeout", "2m", "--"}
+		proto := "echo"
+		if python {
+			proto = "lobby"
+			args = append(args, e.python, filepath.Join(e.repo, "examples/python/lobby.py"), "--log-level", "warning")
+		} else {
+			args = append(args, e.path("echo"))
+		}
+		cmd, err := p.start("batond", nil, args...)
+		if err != nil {
+			return nil, err
+		}
+		if err := waitReady(e, admin, workers, 30*time.Second, alive(p, cmd, "batond")); err != nil {
+			return nil, err
+		}
+		pid, err := readPID(pidfile)
+		if err != nil {
+			return nil, err
+		}
+		if err := waitServing(addr, proto, 10*time.Second, alive(p, cmd, "batond")); err != nil {
+			return nil, err
+		}
+		reload := fmt.Sprintf("%s -admin %s reload -timeout 60s", shq(e.path("batonctl")), shq(admin))
+		return &server{addr: addr, proto: proto, roots: []int{pid}, middle: []int{pid}, reload: reload}, nil
+	}
+}
+
+// waitReady polls `batonctl status -json` until n workers are ready.
+func waitReady(e *env, admin string, n int, d time.Duration, alive func() error) error {
+	deadline := time.Now().Add(d)
+	var last string
+	for time.Now().Before(deadline) {
+		if err := alive(); err != nil {
+			return err
+		}
+		out, err := exec.Command(e.path("batonctl"), "-admin", admin, "status", "-json").Output()
+		if err == nil {
+			var st struct {
+				Workers []struct {
+					State string `json:"state"`
+				} `json:"workers"`
+			}
+			if json.Unmarshal(out, &st) == nil {
+				ready := 0
+				for _, w := range st.Workers {
+					if w.State == "ready" {
+						ready++
+					}
+				}
+				if ready >= n {
+					return nil
+				}
+				last = fmt.Sprintf("%d of %d workers ready", ready, n)
+			}
+		} else {
+			last = err.Error()
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("batond not ready after %v: %s", d, last)
+}
+
+func startPyDirect(e *env, p *procs, dir string) (*server, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	cmd, err := p.start("lobby", nil, e.python, filepath.Join(e.repo, "examples/python/lobby.py"), "--direct", addr, "--log-level", "warning")
+	if err != nil {
+		return nil, err
+	}
+	if err := waitServing(addr, "lobby", 20*time.Second, alive(p, cmd, "lobby")); err != nil {
+		return nil, err
+	}
+	return &server{addr: addr, proto: "lobby", roots: []int{cmd.Process.Pid}}, nil
+}
+
+// shq quotes s for sh.
+func shq(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-:=") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+func shqAll(v []string) []string {
+	out := make([]string, len(v))
+	for i, s := range v {
+		out[i] = shq(s)
+	}
+	return out
+}
