@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"time"
+	"unicode/utf8"
 )
 
 // Version is the protocol version this package speaks.
@@ -165,7 +166,12 @@ func finish(b []byte, start int) []byte {
 
 func appendStr(b []byte, s string) []byte {
 	if len(s) > MaxString {
-		s = s[:MaxString]
+		// Cut at a character boundary: a receiver may check that the string is UTF-8.
+		n := MaxString
+		for n > 0 && !utf8.RuneStart(s[n]) {
+			n--
+		}
+		s = s[:n]
 	}
 	b = le.AppendUint16(b, uint16(len(s)))
 	return append(b, s...)

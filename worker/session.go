@@ -393,7 +393,7 @@ func (s *session) flush(block bool) error {
 	l := s.l
 	for {
 		l.mu.Lock()
-		needReady := l.ready && !s.readySent
+		needReady := l.ready && !s.readySent && !l.draining // never READY after DRAIN (PROTOCOL.md)
 		n := min(len(l.pending), handoff.MaxIDs)
 		s.ids = append(s.ids[:0], l.pending[:n]...)
 		l.mu.Unlock()
