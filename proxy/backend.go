@@ -257,12 +257,17 @@ func (b *Backend) read() {
 				b.live -= len(ids)
 				b.closed += uint64(len(ids))
 			}
+			// Freed capacity matters only to connections waiting for it; waking the
+			// housekeeper on every close would cost a goroutine switch per connection.
+			queued := len(b.g.waiting) > 0
 			b.g.mu.Unlock()
 			if over {
 				b.g.fail(b, fmt.Errorf("%w: CLOSED for more connections than it holds", ErrProtocol), handoff.CodeUnexpected)
 				return
 			}
-			b.g.poke()
+			if queued {
+				b.g.poke()
+			}
 		case handoff.TypeReady:
 			b.g.mu.Lock()
 			first := !b.ready

@@ -380,7 +380,11 @@ func (l *Listener) release(id uint64, report bool) {
 	l.mu.Unlock()
 
 	if report && s != nil {
-		s.flushSoon()
+		if zero {
+			s.flushSoon() // the last one: out now, before Wait can return
+		} else {
+			s.flushLater()
+		}
 	}
 	if endLinger {
 		l.shutdown()
