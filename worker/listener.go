@@ -380,11 +380,7 @@ func (l *Listener) release(id uint64, report bool) {
 	l.mu.Unlock()
 
 	if report && s != nil {
-		if zero {
-			s.flushSoon() // the last one: out now, before Wait can return
-		} else {
-			s.flushLater()
-		}
+		s.flushSoon()
 	}
 	if endLinger {
 		l.shutdown()

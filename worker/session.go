@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -37,7 +36,6 @@ type session struct {
 	one  [1]uint64 // the id of one ACK; reader goroutine only
 
 	kick       chan struct{} // capacity 1: the writer has something to flush
-	timerArmed atomic.Bool   // a flushLater timer is pending
 	stop       chan struct{} // closed when the session ends
 	writerDone chan struct{}
 
@@ -353,21 +351,6 @@ func (s *session) flushSoon() {
 		s.wake()
 	default:
 		s.ch.Close() // the reader sees the drop and the worker re-registers
-	}
-}
-
-// closedDelay is how long a CLOSED may wait for others to share its message. Under a storm of
-// short connections this turns one send (and one wake-up of batond) per connection into one
-// per delay; batond's count lags by at most this much.
-const closedDelay = 2 * time.Millisecond
-
-// flushLater has the writer send what is pending after closedDelay (one timer for many closes).
-func (s *session) flushLater() {
-	if s.timerArmed.CompareAndSwap(false, true) {
-		time.AfterFunc(closedDelay, func() {
-			s.timerArmed.Store(false)
-			s.wake()
-		})
 	}
 }
 

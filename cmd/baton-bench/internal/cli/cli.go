@@ -34,6 +34,7 @@ scenarios (each prints one result line; -runs N prints the medians of N runs):
 servers and helpers:
   echo               the Go echo server (-reuseport to share a port between processes)
   reuseport-restart  restart every echo process listed in -dir, one at a time
+  haproxy-reload     HAProxy's seamless reload (-x, -sf) that waits for the handover
   suite              start the configurations of bench/run, run the scenarios interleaved,
                      write results.md, results.json and plot.svg (bench/run calls this)
 
@@ -61,6 +62,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return echo.Main(rest, stderr)
 	case "reuseport-restart":
 		err = suite.RestartReuseport(rest, stderr)
+	case "haproxy-reload":
+		err = suite.RestartHAProxy(rest, stderr)
 	case "suite":
 		err = suite.Main(rest, stdout, stderr)
 	default:
@@ -128,12 +131,12 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 	fs.DurationVar(&c.timeout, "timeout", 5*time.Second, "per connection or request")
 
 	var (
-		conns, sessN, chunk, maxIn, procs, nsrc, conc, reloads int
-		rate                                                   float64
-		interval, every, lead, tail, openTimeout, settle       time.Duration
-		counts, reloadCmd                                      string
-		middle                                                 pidList
-		verify                                                 bool
+		conns, sessN, chunk, maxIn, procs, nsrc, conc, reloads, passes int
+		rate                                                           float64
+		interval, every, lead, tail, openTimeout, settle               time.Duration
+		counts, reloadCmd                                              string
+		middle                                                         pidList
+		verify                                                         bool
 	)
 	switch name {
 	case "storm":
@@ -154,6 +157,7 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 		fs.BoolVar(&verify, "verify", true, "send one probe per connection and wait for its answer (a held connection is one the server serves)")
 		fs.DurationVar(&openTimeout, "open-timeout", 120*time.Second, "give up on a count after this long")
 		fs.DurationVar(&settle, "settle", time.Second, "wait this long after a count is reached before reading memory")
+		fs.IntVar(&passes, "passes", 1, "fill the counts this many times (closing everything in between; later passes show the cost without one-time growth)")
 	case "reload":
 		fs.StringVar(&reloadCmd, "cmd", "", "reload `command` (run with sh -c)")
 		fs.IntVar(&reloads, "reloads", 5, "reloads to run")
@@ -201,7 +205,7 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 			}
 			r, err = load.Idle(load.IdleConfig{Addr: c.addr, Proto: proto, Counts: levels, Procs: procs, Sources: nsrc,
 				Conc: conc, Verify: verify, Timeout: c.timeout, OpenTimeout: openTimeout, Settle: settle,
-				Middle: middle, ServerPIDs: c.pids, Label: c.label})
+				Middle: middle, ServerPIDs: c.pids, Passes: passes, Label: c.label})
 		case "reload":
 			r, err = load.Reload(load.ReloadConfig{Addr: c.addr, Proto: proto, Command: reloadCmd, Reloads: reloads,
 				Every: every, Lead: lead, Tail: tail, Rate: rate, Sessions: sessN, Interval: interval,

@@ -34,10 +34,7 @@ type conn struct {
 	// Scenario state.
 	begin int64 // engine time the current operation began
 	need  int   // bytes (echo) or lines (line protocol) still expected for the current reply
-	out   []byte
-	idx   int
-	phase int
-	src   int // source address index (idle)
+	phase int   // the scenario's own states
 }
 
 // engine is an epoll loop over non-blocking client sockets. Not safe for concurrent use: one

@@ -38,7 +38,11 @@ type IdleConfig struct {
 	Settle      time.Duration // pause before memory is read
 	Middle      []int         // the middle box (batond, haproxy): its RSS and fds are reported
 	ServerPIDs  []int         // roots of every server-side process tree
-	Label       string
+	// Passes runs the counts this many times over (all connections closed in between), each
+	// against a new baseline: the first pass after a server starts includes one-time growth
+	// (heap arenas, runtime structures), later ones show what a held session itself costs.
+	Passes int
+	Label  string
 }
 
 // childReport is what an idle child says after each "open" command.
@@ -131,8 +135,39 @@ func Idle(cfg IdleConfig) (*Result, error) {
 		children[i] = ch
 	}
 
+	for pass := 1; pass <= max(cfg.Passes, 1); pass++ {
+		if pass > 1 {
+			// Close everything, let the server side notice, and take a new baseline.
+			for i, ch := range children {
+				if _, err := fmt.Fprintln(ch.in, "close"); err != nil {
+					return nil, fmt.Errorf("idle: load-generator process %d: %w", i, err)
+				}
+			}
+			for i, ch := range children {
+				select {
+				case _, ok := <-ch.lines:
+					if !ok {
+						return nil, fmt.Errorf("idle: load-generator process %d exited", i)
+					}
+				case <-time.After(time.Minute):
+					return nil, fmt.Errorf("idle: load-generator process %d did not close within a minute", i)
+				}
+			}
+			time.Sleep(cfg.Settle)
+			middleBase = procstat.Sum(cfg.Middle)
+			serverBase = procstat.Sum(procstat.Tree(cfg.ServerPIDs))
+		}
+		if !idlePass(cfg, res, children, pass, middleBase, serverBase) {
+			break
+		}
+	}
+	return res, nil
+}
+
+// idlePass runs the counts once; it reports whether every count was reached.
+func idlePass(cfg IdleConfig, res *Result, children []*idleChild, pass int, middleBase, serverBase procstat.Usage) bool {
 	for _, target := range cfg.Counts {
-		lvl := IdleLevel{Target: target, ErrorKinds: map[string]int64{}}
+		lvl := IdleLevel{Target: target, Pass: pass, ErrorKinds: map[string]int64{}}
 		t0 := time.Now()
 		for i, ch := range children {
 			share := target / cfg.Procs
@@ -140,26 +175,25 @@ func Idle(cfg IdleConfig) (*Result, error) {
 				share++
 			}
 			if _, err := fmt.Fprintf(ch.in, "open %d\n", share); err != nil {
-				return nil, fmt.Errorf("idle: load-generator process %d: %w", i, err)
+				lvl.Stop = fmt.Sprintf("load-generator process %d: %v", i, err)
 			}
 		}
-		deadline := time.After(cfg.OpenTimeout + 10*time.Second)
+		deadline := time.Now().Add(cfg.OpenTimeout + 10*time.Second)
 		var lost int
 		for i, ch := range children {
 			var rep childReport
 			select {
 			case line, ok := <-ch.lines:
 				if !ok {
-					return nil, fmt.Errorf("idle: load-generator process %d exited", i)
+					rep.Err = "exited"
+				} else if err := json.Unmarshal([]byte(line), &rep); err != nil {
+					rep.Err = fmt.Sprintf("said %q", line)
 				}
-				if err := json.Unmarshal([]byte(line), &rep); err != nil {
-					return nil, fmt.Errorf("idle: load-generator process %d said %q", i, line)
-				}
-			case <-deadline:
-				return nil, fmt.Errorf("idle: load-generator process %d did not report within %v", i, cfg.OpenTimeout)
+			case <-time.After(time.Until(deadline)):
+				rep.Err = fmt.Sprintf("did not report within %v", cfg.OpenTimeout)
 			}
 			if rep.Err != "" {
-				return nil, fmt.Errorf("idle: load-generator process %d: %s", i, rep.Err)
+				lvl.ErrorKinds[fmt.Sprintf("load generator %d: %s", i, rep.Err)]++
 			}
 			lvl.Held += rep.Held
 			lvl.Failed += rep.Failed
@@ -196,15 +230,15 @@ func Idle(cfg IdleConfig) (*Result, error) {
 		res.Idle = append(res.Idle, lvl)
 		res.Ops = int64(lvl.Held)
 		if !lvl.Reached {
-			break
+			return false
 		}
 	}
-	return res, nil
+	return true
 }
 
 // IdleChild is one load-generator process of the idle scenario. It reads commands on stdin:
 // "open N" opens connections until it holds N (or gives up) and answers one JSON line on stdout;
-// EOF closes every connection (RST) and returns.
+// "close" closes every connection (RST) and answers; EOF closes every connection and returns.
 func IdleChild(args []string, stdin io.Reader, stdout io.Writer) error {
 	fs := flag.NewFlagSet("idle-child", flag.ContinueOnError)
 	addr := fs.String("addr", "", "server address")
@@ -237,6 +271,13 @@ func IdleChild(args []string, stdin io.Reader, stdout io.Writer) error {
 	enc := json.NewEncoder(stdout)
 	for sc.Scan() {
 		f := strings.Fields(sc.Text())
+		if len(f) == 1 && f[0] == "close" {
+			h.closeAll()
+			if err := enc.Encode(childReport{}); err != nil {
+				return err
+			}
+			continue
+		}
 		if len(f) != 2 || f[0] != "open" {
 			return fmt.Errorf("idle-child: unknown command %q", sc.Text())
 		}
@@ -275,27 +316,29 @@ type idle struct {
 	opening  int
 	held     int
 	failed   int
+	streak   int // failures since the last success
 	lost     int
 	errors   map[string]int64
 	stopping bool
 }
 
 func (h *idle) open(target int) childReport {
-	h.failed, h.lost, h.stopping = 0, 0, false
+	h.failed, h.lost, h.streak, h.stopping = 0, 0, 0, false
 	h.errors = map[string]int64{}
-	// Give up once failures pile up: the server has stopped taking connections.
+	// Give up once failures pile up (the server has stopped taking connections): after 32 in a
+	// row without a success in between, or after max(64, conc) in all.
 	maxFail := max(64, h.conc)
 	deadline := h.e.now() + int64(2*time.Minute)
 	var backoff int64
 	err := h.e.run(deadline, func(now int64) (int64, bool) {
+		if h.failed >= maxFail || h.streak >= 32 {
+			h.stopping = true
+		}
 		for !h.stopping && h.held+h.opening < target && h.opening < h.conc && now >= backoff {
 			if !h.start(now) {
 				backoff = now + int64(10*time.Millisecond)
 				break
 			}
-		}
-		if h.failed >= maxFail {
-			h.stopping = true
 		}
 		if h.opening == 0 && (h.held >= target || h.stopping) {
 			return 0, true
@@ -313,6 +356,16 @@ func (h *idle) open(target int) childReport {
 		rep.Err = fmt.Sprintf("%d connections still opening at the deadline", h.opening)
 	}
 	return rep
+}
+
+// closeAll closes every connection (RST).
+func (h *idle) closeAll() {
+	for _, c := range h.e.conns {
+		if c != nil {
+			h.e.closeConn(c)
+		}
+	}
+	h.held, h.opening = 0, 0
 }
 
 func (h *idle) start(now int64) bool {
@@ -362,6 +415,7 @@ func (h *idle) hold(c *conn) {
 	h.e.clearTimer(c)
 	h.opening--
 	h.held++
+	h.streak = 0
 }
 
 func (h *idle) event(c *conn, ev uint32) {
@@ -430,6 +484,7 @@ func (h *idle) timer(c *conn) { h.fail(c, errors.New("timeout")) }
 // fail counts a failed attempt; c is nil when the socket could not even be made.
 func (h *idle) fail(c *conn, err error) {
 	h.failed++
+	h.streak++
 	h.errors[errKind(err)]++
 	if c != nil {
 		h.opening--

@@ -76,9 +76,9 @@ func Reload(cfg ReloadConfig) (*Result, error) {
 	}
 	rr.Sessions = ss.ready
 
-	st := &storm{e: e, p: cfg.Proto, dst: dst, timeout: int64(cfg.Timeout), res: res, stopAt: 1 << 62}
-	st.from, st.to = 0, 1<<62
 	t0 := e.now()
+	st := &storm{e: e, p: cfg.Proto, dst: dst, timeout: int64(cfg.Timeout), res: res, stopAt: 1 << 62,
+		interval: 1e9 / cfg.Rate, next: float64(t0), maxInflight: 4096, from: 0, to: 1 << 62}
 	ss.from, ss.to = t0, 1<<62
 	ss.begin(t0)
 
@@ -121,14 +121,12 @@ func Reload(cfg ReloadConfig) (*Result, error) {
 		}
 	}()
 
-	interval := 1e9 / cfg.Rate
-	next := float64(t0)
 	bound := cfg.Lead + time.Duration(cfg.Reloads)*(cfg.Every+cfg.CommandTimeout) + cfg.Tail + cfg.Timeout + 5*time.Second
 	err = e.run(t0+int64(bound), func(now int64) (int64, bool) {
 		if end := lastEnd.Load(); end > 0 && st.stopAt > now && now >= end+int64(cfg.Tail) {
 			st.stopAt, ss.stopAt = now, now
 		}
-		wake := st.tick(now, true, interval, &next, 4096)
+		wake := st.tick(now)
 		if wake == 0 || wake > now+int64(10*time.Millisecond) {
 			wake = now + int64(10*time.Millisecond) // look at lastEnd now and then
 		}

@@ -40,8 +40,11 @@ type Result struct {
 	ServerCPUPer float64 `json:"server_cpu_us_per_op,omitempty"`
 	ServerBusy   float64 `json:"server_busy,omitempty"` // server CPU ÷ wall time (1 = one core)
 	ClientBusy   float64 `json:"client_busy,omitempty"` // this process's CPU ÷ wall time
-	ServerProcs  int     `json:"server_procs,omitempty"`
-	MBps         float64 `json:"mb_per_s,omitempty"` // bulk: bytes echoed back per second ÷ 1e6
+	// OthersBusy is the CPU used by everything else on the machine (other processes,
+	// interrupts not charged to a process) ÷ wall time: a measure of the noise.
+	OthersBusy  float64 `json:"others_busy"`
+	ServerProcs int     `json:"server_procs,omitempty"`
+	MBps        float64 `json:"mb_per_s,omitempty"` // bulk: bytes echoed back per second ÷ 1e6
 
 	Idle   []IdleLevel   `json:"idle,omitempty"`
 	Reload *ReloadResult `json:"reload,omitempty"`
@@ -49,6 +52,7 @@ type Result struct {
 
 // IdleLevel is one step of the idle scenario.
 type IdleLevel struct {
+	Pass   int `json:"pass"`   // 1: the first fill after the server started; 2…: refills
 	Target int `json:"target"` // connections asked for
 	Held   int `json:"held"`   // connections open and answered by the server
 	Failed int `json:"failed"` // attempts that failed on the way (after which the step stops)
@@ -105,6 +109,7 @@ func (r *Result) setCPU(d cpuDelta, ops int64) {
 		return
 	}
 	r.ClientBusy = d.Client.Seconds() / w
+	r.OthersBusy = d.Others.Seconds() / w
 	if d.ServerPIDs == 0 {
 		return
 	}
@@ -168,6 +173,7 @@ func Median(rs []*Result) *Result {
 	m.ServerCPUPer = med(func(r *Result) float64 { return r.ServerCPUPer })
 	m.ServerBusy = med(func(r *Result) float64 { return r.ServerBusy })
 	m.ClientBusy = med(func(r *Result) float64 { return r.ClientBusy })
+	m.OthersBusy = med(func(r *Result) float64 { return r.OthersBusy })
 	m.MBps = med(func(r *Result) float64 { return r.MBps })
 	return &m
 }
@@ -194,7 +200,7 @@ func (r *Result) String() string {
 		if r.ServerProcs > 0 {
 			fmt.Fprintf(&b, " · server CPU %.1f µs/%s (busy %.0f%% of a core, %d procs)", r.ServerCPUPer, unit, 100*r.ServerBusy, r.ServerProcs)
 		}
-		fmt.Fprintf(&b, " · client busy %.0f%%", 100*r.ClientBusy)
+		fmt.Fprintf(&b, " · client busy %.0f%% · others %.0f%%", 100*r.ClientBusy, 100*r.OthersBusy)
 	}
 	switch r.Scenario {
 	case "storm":
@@ -213,7 +219,11 @@ func (r *Result) String() string {
 		cpu("MB")
 	case "idle":
 		for _, l := range r.Idle {
-			fmt.Fprintf(&b, " · %d: held %d", l.Target, l.Held)
+			fmt.Fprintf(&b, " · ")
+			if l.Pass > 1 {
+				fmt.Fprintf(&b, "again ")
+			}
+			fmt.Fprintf(&b, "%d: held %d", l.Target, l.Held)
 			if l.MiddleRSS > 0 || l.MiddleFDs > 0 {
 				fmt.Fprintf(&b, ", middle box %.0f B + %.2f fd per conn", l.MiddleRSSPerConn, l.MiddleFDPerConn)
 			}

@@ -16,6 +16,7 @@ type cpuProbe struct {
 	pids []int
 	srv  time.Duration
 	self time.Duration
+	all  time.Duration // busy time of every CPU (/proc/stat)
 	wall time.Time
 }
 
@@ -32,6 +33,7 @@ func newCPUProbe(roots []int) *cpuProbe {
 type cpuDelta struct {
 	Server     time.Duration // server-side CPU in the window
 	Client     time.Duration
+	Others     time.Duration // every CPU's busy time minus Server and Client: other processes, interrupts
 	Wall       time.Duration
 	ServerPIDs int
 }
@@ -39,16 +41,19 @@ type cpuDelta struct {
 func (p *cpuProbe) mark() {
 	p.srv = procstat.CPU(p.pids)
 	p.self = selfCPU()
+	p.all = procstat.Busy()
 	p.wall = time.Now()
 }
 
 func (p *cpuProbe) delta() cpuDelta {
-	return cpuDelta{
+	d := cpuDelta{
 		Server:     procstat.CPU(p.pids) - p.srv,
 		Client:     selfCPU() - p.self,
 		Wall:       time.Since(p.wall),
 		ServerPIDs: len(p.pids),
 	}
+	d.Others = max(procstat.Busy()-p.all-d.Server-d.Client, 0)
+	return d
 }
 
 func selfCPU() time.Duration {

@@ -79,7 +79,7 @@ func newSessions(e *engine, p *Proto, dst *unix.SockaddrInet4, n int, interval, 
 	s := &sessions{e: e, p: p, dst: dst, timeout: int64(timeout), interval: int64(interval), res: res}
 	s.conns = make([]*conn, n)
 	for i := range s.conns {
-		s.conns[i] = &conn{fd: -1, h: s, hidx: -1, idx: i}
+		s.conns[i] = &conn{fd: -1, h: s, hidx: -1}
 	}
 	return s
 }

@@ -60,11 +60,14 @@ type storm struct {
 	timeout int64
 	free    []*conn
 
-	inflight int
-	closed   bool  // closed loop: refill as connections end
-	conns    int   // closed loop target
-	stopAt   int64 // no new connection from then on
-	backoff  int64 // no new connection before then (after a failed socket or connect call)
+	inflight    int
+	closed      bool    // closed loop: refill as connections end
+	conns       int     // closed loop: connections in flight
+	interval    float64 // open loop: nanoseconds between starts
+	next        float64 // open loop: engine time of the next start
+	maxInflight int     // open loop: starts beyond this many in flight are skipped
+	stopAt      int64   // no new connection from then on
+	backoff     int64   // no new connection before then (after a failed socket or connect call)
 
 	from, to int64 // the window: connections that end inside it are counted
 	lat      stats.Samples
@@ -189,29 +192,30 @@ func (s *storm) release(c *conn) {
 	s.free = append(s.free, c)
 }
 
-// tick starts what the loop calls for at now and returns when it wants to run next.
-func (s *storm) tick(now int64, open bool, interval float64, next *float64, maxInflight int) int64 {
-	if now >= s.stopAt || now < s.backoff {
-		if now < s.stopAt {
-			return s.backoff
-		}
+// tick starts what the loop calls for at now and returns when it wants to run next (0: no
+// particular time).
+func (s *storm) tick(now int64) int64 {
+	if now >= s.stopAt {
 		return 0
 	}
-	if !open {
+	if now < s.backoff {
+		return s.backoff
+	}
+	if s.closed {
 		for s.inflight < s.conns && now >= s.backoff {
 			s.start(now)
 		}
 		return 0
 	}
-	for int64(*next) <= now && int64(*next) < s.stopAt {
-		if s.inflight < maxInflight {
+	for int64(s.next) <= now && int64(s.next) < s.stopAt {
+		if s.inflight < s.maxInflight {
 			s.start(now)
 		} else {
 			s.res.Skipped++
 		}
-		*next += interval
+		s.next += s.interval
 	}
-	return int64(*next)
+	return int64(s.next)
 }
 
 // Storm runs the storm scenario.
@@ -235,11 +239,9 @@ func Storm(cfg StormConfig) (*Result, error) {
 	probe := newCPUProbe(cfg.ServerPIDs)
 	t0 := e.now()
 	s := &storm{e: e, p: cfg.Proto, dst: dst, timeout: int64(cfg.Timeout), res: res,
-		closed: !cfg.Open, conns: cfg.Conns,
+		closed: !cfg.Open, conns: cfg.Conns, interval: 1e9 / max(cfg.Rate, 1e-9), next: float64(t0), maxInflight: cfg.MaxInflight,
 		from: t0 + int64(cfg.Warmup), to: t0 + int64(cfg.Warmup+cfg.Duration)}
 	s.stopAt = s.to
-	interval := 1e9 / max(cfg.Rate, 1e-9)
-	next := float64(t0)
 	var marked, ended bool
 	var d cpuDelta
 	deadline := s.to + int64(cfg.Timeout) + int64(time.Second)
@@ -252,7 +254,7 @@ func Storm(cfg StormConfig) (*Result, error) {
 			d = probe.delta()
 			ended = true
 		}
-		wake := s.tick(now, cfg.Open, interval, &next, cfg.MaxInflight)
+		wake := s.tick(now)
 		if !marked {
 			wake = minWake(wake, s.from)
 		} else if !ended {

@@ -151,3 +151,23 @@ func Sum(pids []int) Usage {
 	}
 	return u
 }
+
+// Busy returns the busy time of all CPUs together since boot (/proc/stat: user, nice, system,
+// irq, softirq and steal), or 0 if it cannot be read.
+func Busy() time.Duration {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0
+	}
+	var ticks int64
+	for _, i := range []int{1, 2, 3, 6, 7, 8} { // user nice system (idle iowait) irq softirq steal
+		v, _ := strconv.ParseInt(f[i], 10, 64)
+		ticks += v
+	}
+	return time.Duration(ticks) * ClockTick
+}

@@ -1,7 +1,6 @@
 package suite
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -35,7 +34,7 @@ type server struct {
 
 // config is one configuration of the comparison.
 type config struct {
-	ID    string // A, B, C, D, D8, E, F
+	ID    string // A, A2, B, C, D, D8, E, F
 	Name  string // short column title
 	Desc  string // what runs
 	Proto string // echo or lobby
@@ -62,10 +61,12 @@ func configs() []*config {
 	return []*config{
 		{ID: "A", Name: "direct", Proto: "echo", Scenarios: goScenarios, start: startDirect,
 			Desc: "examples/go/echo accepting directly (BATON_FALLBACK_LISTEN), one process"},
+		{ID: "A2", Name: "direct r/w", Proto: "echo", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100, scBulk}, start: startDirectRW,
+			Desc: "`baton-bench echo -rw`, one process accepting directly, copying with read/write: the data path examples/go/echo takes under batond (accepting directly, its io.Copy splices through a pipe)"},
 		{ID: "B", Name: "reuseport×2", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: startReuseport,
 			Desc: "two `baton-bench echo -reuseport` processes sharing the port (SO_REUSEPORT); reload = restart each in turn"},
 		{ID: "C", Name: "haproxy", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: startHAProxy,
-			Desc: "HAProxy (Debian package) `mode tcp`, `balance leastconn`, 1 thread, in front of two direct echo workers; reload = `haproxy -sf` with `-x` socket transfer"},
+			Desc: "HAProxy (Debian package) `mode tcp`, `balance leastconn`, 1 thread, in front of two direct echo workers; reload = a new `haproxy -x <stats socket> -sf <old pid>` (seamless: listener handed over)"},
 		{ID: "D", Name: "baton", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: batonStarter(2, false),
 			Desc: "batond with 2 examples/go/echo workers (-capacity 19000); reload = `batonctl reload`"},
 		{ID: "D8", Name: "baton 8w", Proto: "echo", Scenarios: []string{scIdle}, start: batonStarter(8, false),
@@ -84,6 +85,22 @@ func startDirect(e *env, p *procs, dir string) (*server, error) {
 	}
 	addr := "127.0.0.1:" + strconv.Itoa(port)
 	cmd, err := p.start("echo", []string{"BATON_FALLBACK_LISTEN=" + addr}, e.path("echo"))
+	if err != nil {
+		return nil, err
+	}
+	if err := waitServing(addr, "echo", 10*time.Second, alive(p, cmd, "echo")); err != nil {
+		return nil, err
+	}
+	return &server{addr: addr, proto: "echo", roots: []int{cmd.Process.Pid}}, nil
+}
+
+func startDirectRW(e *env, p *procs, dir string) (*server, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	cmd, err := p.start("echo", nil, e.path("baton-bench"), "echo", "-listen", addr, "-rw")
 	if err != nil {
 		return nil, err
 	}
@@ -196,25 +213,23 @@ func startHAProxy(e *env, p *procs, dir string) (*server, error) {
 	if err := os.WriteFile(cfgPath, fmt.Appendf(nil, haproxyConfig, dir, addr, backends[0], backends[1]), 0o644); err != nil {
 		return nil, err
 	}
-	pidfile := filepath.Join(dir, "haproxy.pid")
-	argv := p.pinned(e.haproxy, "-f", cfgPath, "-D", "-p", pidfile)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("haproxy: %v: %s", err, out)
-	} else if len(out) > 0 {
-		os.WriteFile(filepath.Join(dir, "haproxy.log"), out, 0o644)
-	}
-	pid, err := readPID(pidfile)
+	// In the foreground (-db): -D would setsid, and a new session is a new scheduler autogroup
+	// (see RestartHAProxy).
+	cmd, err := p.start("haproxy", nil, e.haproxy, "-f", cfgPath, "-db")
 	if err != nil {
 		return nil, err
 	}
-	if err := waitServing(addr, "echo", 10*time.Second, func() error { return nil }); err != nil {
+	pidfile := filepath.Join(dir, "haproxy.pid")
+	if err := os.WriteFile(pidfile, fmt.Appendf(nil, "%d\n", cmd.Process.Pid), 0o644); err != nil {
 		return nil, err
 	}
-	reload := fmt.Sprintf("%s -f %s -D -p %s -x %s -sf $(cat %s)",
-		strings.Join(shqAll(p.pinned(e.haproxy)), " "), shq(cfgPath), shq(pidfile), shq(filepath.Join(dir, "haproxy.sock")), shq(pidfile))
-	return &server{addr: addr, proto: "echo", roots: append([]int{pid}, roots...), middle: []int{pid}, reload: reload}, nil
+	if err := waitServing(addr, "echo", 10*time.Second, alive(p, cmd, "haproxy")); err != nil {
+		return nil, err
+	}
+	reload := fmt.Sprintf("%s haproxy-reload -haproxy %s -f %s -pidfile %s -x %s -listen %s -log %s -cpu %d",
+		shq(e.path("baton-bench")), shq(e.haproxy), shq(cfgPath), shq(pidfile), shq(filepath.Join(dir, "haproxy.sock")), addr,
+		shq(filepath.Join(dir, "haproxy.log")), e.cpu)
+	return &server{addr: addr, proto: "echo", roots: append([]int{cmd.Process.Pid}, roots...), middle: []int{cmd.Process.Pid}, reload: reload}, nil
 }
 
 func batonStarter(workers int, python bool) func(e *env, p *procs, dir string) (*server, error) {

@@ -44,6 +44,7 @@ type plan struct {
 	IdleProcs    int           `json:"idle_procs"`
 	IdleSrc      int           `json:"idle_sources"`
 	IdleSettle   time.Duration `json:"idle_settle"`
+	IdlePasses   int           `json:"idle_passes"`
 	Reloads      int           `json:"reloads"`
 	ReloadEvery  time.Duration `json:"reload_every"`
 	ReloadLead   time.Duration `json:"reload_lead"`
@@ -58,13 +59,13 @@ func plans(mode string) (plan, error) {
 	case "full":
 		return plan{Mode: mode, Rounds: 3, Warmup: 500 * time.Millisecond, Storm: 3 * time.Second, StormConc: 32,
 			Rate: 4000, PyRate: 1000, Sessions: 3 * time.Second, SessN: 100, Bulk: 2 * time.Second,
-			IdleCounts: []int{10000, 100000}, IdleProcs: 8, IdleSrc: 16, IdleSettle: time.Second,
+			IdleCounts: []int{10000, 100000}, IdleProcs: 8, IdleSrc: 16, IdleSettle: time.Second, IdlePasses: 2,
 			Reloads: 5, ReloadEvery: 2 * time.Second, ReloadLead: time.Second, ReloadTail: time.Second,
 			ReloadRate: 2000, ReloadPyRate: 500, ReloadSess: 50}, nil
 	case "smoke":
 		return plan{Mode: mode, Rounds: 1, Warmup: 100 * time.Millisecond, Storm: 300 * time.Millisecond, StormConc: 8,
 			Rate: 1000, PyRate: 300, Sessions: 300 * time.Millisecond, SessN: 10, Bulk: 300 * time.Millisecond,
-			IdleCounts: []int{200, 1000}, IdleProcs: 2, IdleSrc: 2, IdleSettle: 100 * time.Millisecond,
+			IdleCounts: []int{200, 1000}, IdleProcs: 2, IdleSrc: 2, IdleSettle: 100 * time.Millisecond, IdlePasses: 2,
 			Reloads: 1, ReloadEvery: 500 * time.Millisecond, ReloadLead: 300 * time.Millisecond, ReloadTail: 300 * time.Millisecond,
 			ReloadRate: 300, ReloadPyRate: 100, ReloadSess: 5}, nil
 	}
@@ -91,8 +92,9 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	repo := fs.String("repo", ".", "the repository `dir` (for examples/python/lobby.py)")
 	out := fs.String("out", "bench/out", "output `dir`: results.md, results.json, plot.svg")
 	rounds := fs.Int("rounds", 0, "rounds (0: the mode's)")
-	only := fs.String("configs", "", "comma-separated configuration ids to run (default all: A,B,C,D,D8,E,F)")
+	only := fs.String("configs", "", "comma-separated configuration ids to run (default all: A,A2,B,C,D,D8,E,F)")
 	onlySc := fs.String("scenarios", "", "comma-separated scenarios to run (default all: storm-sat, storm-open, sessions-1, sessions-100, bulk, idle, reload)")
+	rev := fs.String("rev", "", "the baton revision measured (shown in the results)")
 	serverCPU := fs.Int("server-cpu", 0, "CPU the server side is pinned to (taskset); -1: no pinning")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -157,6 +159,7 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	}
 
 	m := machine(e)
+	m.Revision = *rev
 	pin := pinning(e)
 	m.Pinning = pin
 	fmt.Fprintf(stdout, "baton-bench suite (%s): %d rounds of %s\n%s\n", pl.Mode, pl.Rounds, ids(cfgs), pin)
@@ -281,8 +284,8 @@ func runScenario(e *env, pl plan, c *config, srv *server, sc, dir string) run {
 			mid = append(mid, "-middle", strconv.Itoa(p))
 		}
 		args = slices.Concat([]string{"idle"}, args, pids(), mid, []string{"-counts", strings.Join(counts, ","),
-			"-procs", strconv.Itoa(pl.IdleProcs), "-src", strconv.Itoa(pl.IdleSrc), "-timeout", "3s", "-settle", pl.IdleSettle.String()})
-		bound = 6 * time.Minute
+			"-procs", strconv.Itoa(pl.IdleProcs), "-src", strconv.Itoa(pl.IdleSrc), "-timeout", "3s", "-settle", pl.IdleSettle.String(), "-passes", strconv.Itoa(pl.IdlePasses)})
+		bound = time.Duration(pl.IdlePasses) * 5 * time.Minute
 	case scReload:
 		if srv.reload == "" {
 			r.Error = "no reload command for this configuration"
@@ -326,6 +329,7 @@ func runScenario(e *env, pl plan, c *config, srv *server, sc, dir string) run {
 // Machine describes where the suite ran.
 type Machine struct {
 	Date       string  `json:"date"`
+	Revision   string  `json:"revision"`
 	Kernel     string  `json:"kernel"`
 	CPU        string  `json:"cpu"`
 	CPUs       int     `json:"cpus"`
