@@ -50,6 +50,7 @@ type Backend struct {
 	acked, closed               uint64
 	pending                     map[uint64]*clientConn
 	lastSeen, lastPing          time.Time
+	lastAck                     time.Time // last ACK (or registration)
 	err                         error
 	drainDeadline               time.Time
 }
@@ -86,6 +87,7 @@ func (g *Gateway) Add(info BackendInfo, ch *handoff.Channel, proc Process) *Back
 		live:     info.Live,
 		pending:  make(map[uint64]*clientConn),
 		lastSeen: now,
+		lastAck:  now,
 		lastPing: now,
 		draining: info.Draining,
 	}
@@ -232,7 +234,7 @@ func (b *Backend) read() {
 					clients++
 				}
 			}
-			b.lastSeen, b.full = now, false
+			b.lastSeen, b.lastAck, b.full = now, now, false
 			// Counted under the lock with in-flight, so Stats is a consistent snapshot.
 			b.g.stats.acked.Add(uint64(clients))
 			b.g.doneInflightLocked(len(fds))

@@ -281,13 +281,21 @@ func (g *Gateway) housekeeping() {
 	t := time.NewTicker(tick)
 	defer t.Stop()
 	scratch := make([]byte, 0, handoff.MaxMessage)
+	last := time.Now()
 	for {
 		select {
 		case <-g.quit:
 			return
 		case <-g.wake:
-		case <-t.C:
-			g.checkTimeouts()
+		case now := <-t.C:
+			// A tick far later than due means this process (or the whole host) was not
+			// running: the workers' answers may be waiting unread in their channels. No
+			// verdict on anyone until the readers have had a turn.
+			late := now.Sub(last) > 4*tick
+			last = now
+			if !late {
+				g.checkTimeouts()
+			}
 		}
 		g.runQueue(&scratch)
 	}
@@ -304,10 +312,14 @@ func (g *Gateway) checkTimeouts() {
 	var pings []*Backend
 	g.mu.Lock()
 	for _, b := range g.backends {
-		for _, c := range b.pending {
-			if now.Sub(c.sentAt) > g.cfg.HandoffTimeout {
-				fails = append(fails, failure{b, ErrStalled})
-				break
+		// Stalled: a connection unacked for the handoff timeout, and no ACK at all from the
+		// worker for as long. A worker that acks in order but slowly (a busy host) is alive.
+		if now.Sub(b.lastAck) > g.cfg.HandoffTimeout {
+			for _, c := range b.pending {
+				if now.Sub(c.sentAt) > g.cfg.HandoffTimeout {
+					fails = append(fails, failure{b, ErrStalled})
+					break
+				}
 			}
 		}
 		if now.Sub(b.lastSeen) > 3*g.cfg.PingInterval {
