@@ -233,7 +233,7 @@ log_level = "info"
 		reload reload reload reload reload kill
 		reload reload reload reload reload kill`)
 	for i, op := range ops {
-		if time.Since(start) > 4*time.Minute {
+		if time.Since(start) > 6*time.Minute {
 			t.Errorf("out of time after %d of %d operations", i, len(ops))
 			break
 		}
