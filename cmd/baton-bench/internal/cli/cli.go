@@ -32,7 +32,8 @@ scenarios (each prints one result line; -runs N prints the medians of N runs):
              failed connects and broken sessions per reload
 
 servers and helpers:
-  echo               the Go echo server (-reuseport to share a port between processes)
+  echo               the Go echo server (-reuseport: share a port between processes; -rw: copy
+                     with read/write instead of io.Copy's splice)
   reuseport-restart  restart every echo process listed in -dir, one at a time
   haproxy-reload     HAProxy's seamless reload (-x, -sf) that waits for the handover
   suite              start the configurations of bench/run, run the scenarios interleaved,

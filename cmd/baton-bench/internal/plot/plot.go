@@ -152,9 +152,16 @@ type Group struct {
 	Bars    []Bar
 }
 
-// Bars draws groups of bars on a linear axis from zero.
+// Bars draws groups of bars on a linear axis from zero. Groups without bars are left out.
 func (c *Canvas) Bars(p Panel, unit string, groups []Group) {
 	c.frame(p)
+	var kept []Group
+	for _, g := range groups {
+		if len(g.Bars) > 0 {
+			kept = append(kept, g)
+		}
+	}
+	groups = kept
 	x0, y0, x1, y1 := p.area()
 	top := 0.0
 	n := 0

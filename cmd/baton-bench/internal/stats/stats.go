@@ -64,7 +64,7 @@ func (s *Samples) CDF() []float64 {
 	}
 	out := make([]float64, len(CDFPoints))
 	for i, q := range CDFPoints {
-		out[i] = Micros(s.Quantile(q))
+		out[i] = math.Round(Micros(s.Quantile(q))*10) / 10 // 0.1 µs is plenty
 	}
 	return out
 }

@@ -61,7 +61,7 @@ func configs() []*config {
 	return []*config{
 		{ID: "A", Name: "direct", Proto: "echo", Scenarios: goScenarios, start: startDirect,
 			Desc: "examples/go/echo accepting directly (BATON_FALLBACK_LISTEN), one process"},
-		{ID: "A2", Name: "direct r/w", Proto: "echo", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100, scBulk}, start: startDirectRW,
+		{ID: "A2", Name: "direct r/w", Proto: "echo", Scenarios: []string{scStormSat, scSess1, scSess100, scBulk}, start: startDirectRW,
 			Desc: "`baton-bench echo -rw`, one process accepting directly, copying with read/write: the data path examples/go/echo takes under batond (accepting directly, its io.Copy splices through a pipe)"},
 		{ID: "B", Name: "reuseport×2", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: startReuseport,
 			Desc: "two `baton-bench echo -reuseport` processes sharing the port (SO_REUSEPORT); reload = restart each in turn"},

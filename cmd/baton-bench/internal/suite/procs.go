@@ -90,6 +90,21 @@ func (p *procs) log(name string) string {
 // stopAll sends SIGTERM to every descendant of this process, waits up to grace for them to go,
 // SIGKILLs the rest and reaps the orphans that re-parented here.
 func (p *procs) stopAll(grace time.Duration) {
+	killDescendants(grace, func() { reapOrphans(p.cmds) })
+	for _, d := range p.done {
+		select {
+		case <-d:
+		case <-time.After(5 * time.Second):
+		}
+	}
+	reapOrphans(p.cmds)
+	p.cmds, p.done = nil, nil
+}
+
+// killDescendants sends SIGTERM to every live descendant of this process, calls poll while it
+// waits up to grace for them to exit, then SIGKILLs what is left. It touches no procs state, so
+// a signal handler may call it while the suite runs.
+func killDescendants(grace time.Duration, poll func()) {
 	self := os.Getpid()
 	live := func() []int {
 		var out []int
@@ -105,7 +120,7 @@ func (p *procs) stopAll(grace time.Duration) {
 	}
 	deadline := time.Now().Add(grace)
 	for len(live()) > 0 && time.Now().Before(deadline) {
-		reapOrphans(p.cmds)
+		poll()
 		time.Sleep(50 * time.Millisecond)
 	}
 	for range 3 {
@@ -118,14 +133,6 @@ func (p *procs) stopAll(grace time.Duration) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	for _, d := range p.done {
-		select {
-		case <-d:
-		case <-time.After(5 * time.Second):
-		}
-	}
-	reapOrphans(p.cmds)
-	p.cmds, p.done = nil, nil
 }
 
 // reapOrphans waits for (without blocking) the children of this process that exec did not

@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 
@@ -54,8 +55,10 @@ func metrics(pl plan) []metric {
 			get: func(r *load.Result) float64 { return r.P99 }},
 		{Key: "storm_sat_cpu", Label: "storm, saturated: server CPU per connection", Unit: "µs", sc: scStormSat, Ratios: true,
 			get: func(r *load.Result) float64 { return r.ServerCPUPer }},
-		{Key: "storm_sat_busy", Label: "storm, saturated: server / client CPU busy", Unit: "% of a core", sc: scStormSat,
+		{Key: "storm_sat_busy", Label: "storm, saturated: server side CPU busy", Unit: "% of a core", sc: scStormSat,
 			get: func(r *load.Result) float64 { return 100 * r.ServerBusy }},
+		{Key: "storm_sat_client", Label: "storm, saturated: load generator CPU busy", Unit: "% of a core", sc: scStormSat,
+			get: func(r *load.Result) float64 { return 100 * r.ClientBusy }},
 		{Key: "storm_open_rate", Label: fmt.Sprintf("storm, open loop at %.0f/s (Python %.0f/s): connections/s", pl.Rate, pl.PyRate), Unit: "conn/s", sc: scStormOpen, Higher: true,
 			get: func(r *load.Result) float64 { return r.PerSec }},
 		{Key: "storm_open_p50", Label: "storm, open loop: connect→reply p50", Unit: "µs", sc: scStormOpen, Ratios: true,
@@ -137,7 +140,7 @@ func metrics(pl plan) []metric {
 				}
 				return float64(best)
 			}},
-		metric{Key: "reload_failed", Label: fmt.Sprintf("reload ×%d under storm (%.0f/s, Python %.0f/s): failed connects per reload", pl.Reloads, pl.ReloadRate, pl.ReloadPyRate), Unit: "conns", sc: scReload,
+		metric{Key: "reload_failed", Label: fmt.Sprintf("reload ×%d (Python ×%d) under storm (%.0f/s, Python %.0f/s): failed connects per reload", pl.Reloads, pl.ReloadsPy, pl.ReloadRate, pl.ReloadPyRate), Unit: "conns", sc: scReload,
 			get: func(r *load.Result) float64 {
 				if r.Reload == nil {
 					return nan
@@ -323,8 +326,8 @@ func (r *report) goals() []goal {
 		slope := r.med("idle_mid_slope", "D8")
 		fdv := r.med(fmt.Sprintf("idle_%d_mid_fd", big), "D8")
 		g = append(g, goal{Workload: "batond memory per held session", Goal: fmt.Sprintf("≤ 32 B at %s sessions", count(big)),
-			Measured: fmt.Sprintf("%s B and %s fds per session at %s, RSS growth over batond's idle RSS (8 workers; %s B per session between %s and %s; %s B when refilled); HAProxy %s B + %s fds per session at %s, stops at %s",
-				f1(v), f2(fdv), count(big), f1(slope), count(small), count(big), f1(refill),
+			Measured: fmt.Sprintf("%s B and %s fds per session at %s, RSS growth over batond's idle RSS (8 workers; %s B per session between %s and %s%s); HAProxy %s B + %s fds per session at %s, stops at %s",
+				f1(v), f2(fdv), count(big), f1(slope), count(small), count(big), refillText(refill),
 				f1(r.med(fmt.Sprintf("idle_%d_mid_rss_first", small), c)), f2(r.med(fmt.Sprintf("idle_%d_mid_fd", small), c)), count(small), f0(r.med("idle_max", c))),
 			Met: v <= 32, Known: ok(v)})
 	}
@@ -337,6 +340,13 @@ func (r *report) goals() []goal {
 			Met: fd == 0 && bd == 0, Known: ok(fd, bd)})
 	}
 	return g
+}
+
+func refillText(v float64) string {
+	if math.IsNaN(v) {
+		return ""
+	}
+	return fmt.Sprintf("; %s B when refilled", f1(v))
 }
 
 func signed(v float64) string {
@@ -415,7 +425,12 @@ func format(mt metric, v float64) string {
 			return commas(v)
 		}
 		return f1(v)
-	case "MB/s", "fds", "sessions":
+	case "MB/s":
+		if v >= 100 {
+			return commas(v)
+		}
+		return f1(v)
+	case "fds", "sessions":
 		return f2(v)
 	case "conns":
 		if v != math.Trunc(v) {
@@ -443,7 +458,9 @@ func (r *report) Markdown(full bool) string {
 		fmt.Fprintf(&b, "%s. %d rounds, configurations interleaved (%s, then again); every figure is the median over the rounds. Load average %s at the start, %s at the end; %.0f s in all.\n\n",
 			r.Machine.Pinning, r.Plan.Rounds, strings.Join(r.order, " "), r.Machine.LoadAvg, r.Machine.LoadAvgEnd, r.Machine.Seconds)
 		if med, worst, where := r.noise(); !math.IsNaN(med) {
-			fmt.Fprintf(&b, "CPU used by everything else on the machine while measuring (other processes, interrupts): median %.0f %% of a core, worst %.0f %% (%s).\n\n", 100*med, 100*worst, where)
+			fmt.Fprintf(&b, "CPU used by everything else on the machine while measuring (other processes, interrupts): median %.0f %% of a core, worst %.0f %% (%s). "+
+				"The suite waited %.0f s in all for quiet moments and measured %d times again because of outside load (more than %.0f %% of a core).\n\n",
+				100*med, 100*worst, where, r.Machine.QuietWait, r.Machine.Retries, 100*maxOthers)
 		}
 		b.WriteString("| id | configuration |\n|---|---|\n")
 		for _, c := range r.Configs {
@@ -527,7 +544,11 @@ func (r *report) Markdown(full bool) string {
 			if x.Error != "" {
 				fmt.Fprintf(&b, "%-3s %-12s round %d: FAILED: %s\n", x.Config, x.Scenario, x.Round, oneLine(x.Error))
 			} else {
-				fmt.Fprintf(&b, "round %d  %s\n", x.Round, oneLine(x.Line))
+				again := ""
+				if x.Retried {
+					again = "   (measured twice: outside load; the quieter kept)"
+				}
+				fmt.Fprintf(&b, "round %d  %s%s\n", x.Round, oneLine(x.Line), again)
 			}
 		}
 		b.WriteString("```\n")
@@ -562,11 +583,19 @@ func oneLine(s string) string {
 	return s
 }
 
+var (
+	numberArrays = regexp.MustCompile(`\[[-0-9.e+,\s]+\]`)
+	whitespace   = regexp.MustCompile(`\s+`)
+)
+
 func (r *report) write(dir string) error {
 	js, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return err
 	}
+	js = numberArrays.ReplaceAllFunc(js, func(m []byte) []byte { // one line per array of numbers
+		return whitespace.ReplaceAll(m, nil)
+	})
 	if err := os.WriteFile(filepath.Join(dir, "results.json"), append(js, '\n'), 0o644); err != nil {
 		return err
 	}
@@ -640,7 +669,7 @@ func (r *report) SVG() string {
 	}
 	c.Bars(plot.Panel{X: x, Y: y, W: pw, H: ph, Title: "idle: middle box RSS per held connection", Note: fmt.Sprintf("lower is better · C HAProxy, D/D8 batond · most held: %s", idleNote(r))}, "bytes", idleGroups)
 	x, y = at(1, 4)
-	c.Bars(plot.Panel{X: x, Y: y, W: pw, H: ph, Title: "reload under storm + sessions", Note: fmt.Sprintf("lower is better · per reload, %d reloads a round", r.Plan.Reloads)}, "per reload",
+	c.Bars(plot.Panel{X: x, Y: y, W: pw, H: ph, Title: "reload under storm + sessions", Note: fmt.Sprintf("lower is better · per reload, %d reloads a round (Python %d)", r.Plan.Reloads, r.Plan.ReloadsPy)}, "per reload",
 		[]plot.Group{{Caption: "failed connects", Bars: bars("reload_failed", []string{"B", "C", "D", "E"})}, {Caption: "broken sessions", Bars: bars("reload_broken", []string{"B", "C", "D", "E"})}})
 	return c.String()
 }

@@ -16,16 +16,19 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/baton-gw/baton/cmd/baton-bench/internal/load"
+	"github.com/baton-gw/baton/cmd/baton-bench/internal/procstat"
 )
 
 // plan is how long and how hard each scenario runs.
@@ -49,25 +52,29 @@ type plan struct {
 	ReloadEvery  time.Duration `json:"reload_every"`
 	ReloadLead   time.Duration `json:"reload_lead"`
 	ReloadTail   time.Duration `json:"reload_tail"`
+	ReloadsPy    int           `json:"reloads_py"` // Python workers take seconds to start: fewer reloads
 	ReloadRate   float64       `json:"reload_rate"`
 	ReloadPyRate float64       `json:"reload_py_rate"`
 	ReloadSess   int           `json:"reload_sessions"`
+	// QuietBudget bounds the time the whole run may spend waiting for the machine to be quiet
+	// before a measurement (and on repeating measurements made under outside load).
+	QuietBudget time.Duration `json:"quiet_budget"`
 }
 
 func plans(mode string) (plan, error) {
 	switch mode {
 	case "full":
-		return plan{Mode: mode, Rounds: 3, Warmup: 500 * time.Millisecond, Storm: 3 * time.Second, StormConc: 32,
-			Rate: 4000, PyRate: 1000, Sessions: 3 * time.Second, SessN: 100, Bulk: 2 * time.Second,
-			IdleCounts: []int{10000, 100000}, IdleProcs: 8, IdleSrc: 16, IdleSettle: time.Second, IdlePasses: 2,
-			Reloads: 5, ReloadEvery: 2 * time.Second, ReloadLead: time.Second, ReloadTail: time.Second,
-			ReloadRate: 2000, ReloadPyRate: 500, ReloadSess: 50}, nil
+		return plan{Mode: mode, Rounds: 3, Warmup: 500 * time.Millisecond, Storm: 2500 * time.Millisecond, StormConc: 32,
+			Rate: 4000, PyRate: 1000, Sessions: 2500 * time.Millisecond, SessN: 100, Bulk: 2 * time.Second,
+			IdleCounts: []int{10000, 100000}, IdleProcs: 8, IdleSrc: 16, IdleSettle: time.Second, IdlePasses: 1,
+			Reloads: 5, ReloadsPy: 3, ReloadEvery: 2 * time.Second, ReloadLead: time.Second, ReloadTail: time.Second,
+			ReloadRate: 2000, ReloadPyRate: 500, ReloadSess: 50, QuietBudget: 4 * time.Minute}, nil
 	case "smoke":
 		return plan{Mode: mode, Rounds: 1, Warmup: 100 * time.Millisecond, Storm: 300 * time.Millisecond, StormConc: 8,
 			Rate: 1000, PyRate: 300, Sessions: 300 * time.Millisecond, SessN: 10, Bulk: 300 * time.Millisecond,
 			IdleCounts: []int{200, 1000}, IdleProcs: 2, IdleSrc: 2, IdleSettle: 100 * time.Millisecond, IdlePasses: 2,
-			Reloads: 1, ReloadEvery: 500 * time.Millisecond, ReloadLead: 300 * time.Millisecond, ReloadTail: 300 * time.Millisecond,
-			ReloadRate: 300, ReloadPyRate: 100, ReloadSess: 5}, nil
+			Reloads: 1, ReloadsPy: 1, ReloadEvery: 500 * time.Millisecond, ReloadLead: 300 * time.Millisecond, ReloadTail: 300 * time.Millisecond,
+			ReloadRate: 300, ReloadPyRate: 100, ReloadSess: 5, QuietBudget: 5 * time.Second}, nil
 	}
 	return plan{}, fmt.Errorf("unknown mode %q (full, smoke)", mode)
 }
@@ -81,6 +88,7 @@ type run struct {
 	Error    string       `json:"error,omitempty"`
 	Line     string       `json:"line,omitempty"`
 	Seconds  float64      `json:"seconds"`
+	Retried  bool         `json:"retried,omitempty"` // measured twice because of outside load
 }
 
 // Main runs the suite with args (without "suite").
@@ -95,9 +103,13 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	only := fs.String("configs", "", "comma-separated configuration ids to run (default all: A,A2,B,C,D,D8,E,F)")
 	onlySc := fs.String("scenarios", "", "comma-separated scenarios to run (default all: storm-sat, storm-open, sessions-1, sessions-100, bulk, idle, reload)")
 	rev := fs.String("rev", "", "the baton revision measured (shown in the results)")
+	from := fs.String("from", "", "measure nothing: read this results.json and write the table and plot again (to -out)")
 	serverCPU := fs.Int("server-cpu", 0, "CPU the server side is pinned to (taskset); -1: no pinning")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *from != "" {
+		return rerender(*from, *out, stdout)
 	}
 	pl, err := plans(*mode)
 	if err != nil {
@@ -157,6 +169,21 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	if err := becomeSubreaper(); err != nil {
 		return fmt.Errorf("prctl(PR_SET_CHILD_SUBREAPER): %w", err)
 	}
+	// Interrupted: stop every server (they have process groups of their own, so the terminal's
+	// SIGINT does not reach them), then exit.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	go func() {
+		s, ok := <-sigs
+		if !ok {
+			return
+		}
+		fmt.Fprintf(stderr, "baton-bench suite: %v: stopping every server\n", s)
+		killDescendants(3*time.Second, func() {})
+		os.RemoveAll(e.work)
+		os.Exit(130)
+	}()
 
 	m := machine(e)
 	m.Revision = *rev
@@ -170,12 +197,14 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	var runs []run
 	p := &procs{cpu: e.cpu}
 	defer p.stopAll(3 * time.Second)
+	q := &quiet{budget: pl.QuietBudget}
 	for round := 1; round <= pl.Rounds; round++ {
 		for _, c := range cfgs {
-			runs = append(runs, runConfig(e, p, pl, c, round, stdout)...)
+			runs = append(runs, runConfig(e, p, pl, c, round, q, stdout)...)
 		}
 	}
 	m.Seconds = time.Since(started).Seconds()
+	m.QuietWait, m.Retries = q.waited.Seconds(), q.retries
 	m.LoadAvgEnd = loadavg()
 	rep := buildReport(m, pl, cfgs, runs)
 	if err := rep.write(*out); err != nil {
@@ -198,8 +227,33 @@ func ids(cfgs []*config) string {
 	return strings.Join(s, " ")
 }
 
+// rerender rebuilds results.md, results.json and plot.svg from an earlier results.json.
+func rerender(from, out string, stdout io.Writer) error {
+	b, err := os.ReadFile(from)
+	if err != nil {
+		return err
+	}
+	var old report
+	if err := json.Unmarshal(b, &old); err != nil {
+		return fmt.Errorf("%s: %w", from, err)
+	}
+	var cfgs []*config
+	for _, c := range old.Configs {
+		cfgs = append(cfgs, &config{ID: c.ID, Name: c.Name, Desc: c.Desc})
+	}
+	rep := buildReport(old.Machine, old.Plan, cfgs, old.Runs)
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		return err
+	}
+	if err := rep.write(out); err != nil {
+		return err
+	}
+	fmt.Fprint(stdout, rep.Markdown(false))
+	return nil
+}
+
 // runConfig starts c, runs its scenarios, and stops it.
-func runConfig(e *env, p *procs, pl plan, c *config, round int, stdout io.Writer) []run {
+func runConfig(e *env, p *procs, pl plan, c *config, round int, q *quiet, stdout io.Writer) []run {
 	dir := filepath.Join(e.work, fmt.Sprintf("%s-%d", c.ID, round))
 	var runs []run
 	fail := func(sc string, err error) {
@@ -228,7 +282,7 @@ func runConfig(e *env, p *procs, pl plan, c *config, round int, stdout io.Writer
 	}
 	for _, sc := range c.Scenarios {
 		ts := time.Now()
-		r := runScenario(e, pl, c, srv, sc, dir)
+		r := measure(e, pl, c, srv, sc, dir, q, stdout)
 		r.Round = round
 		r.Seconds = time.Since(ts).Seconds()
 		if r.Error != "" {
@@ -239,6 +293,55 @@ func runConfig(e *env, p *procs, pl plan, c *config, round int, stdout io.Writer
 		runs = append(runs, r)
 	}
 	return runs
+}
+
+// measure runs one scenario; before, it waits (within the run's budget) for the machine to be
+// quiet, and a measurement during which something else used more than a quarter of a core is
+// made once more, keeping the quieter of the two.
+func measure(e *env, pl plan, c *config, srv *server, sc, dir string, q *quiet, stdout io.Writer) run {
+	q.wait()
+	r := runScenario(e, pl, c, srv, sc, dir)
+	if r.Result == nil || r.Result.OthersBusy <= maxOthers || sc == scIdle || sc == scReload || !q.left() {
+		return r
+	}
+	fmt.Fprintf(stdout, "%-3s %-12s: others used %.0f%% of a core meanwhile; measuring again\n", c.ID, sc, 100*r.Result.OthersBusy)
+	q.retries++
+	q.wait()
+	again := runScenario(e, pl, c, srv, sc, dir)
+	if again.Result != nil && again.Result.OthersBusy < r.Result.OthersBusy {
+		again.Retried = true
+		return again
+	}
+	r.Retried = true
+	return r
+}
+
+// maxOthers is the outside load (fraction of a core) above which a measurement is repeated.
+const maxOthers = 0.25
+
+// quiet waits for the machine to be quiet, within a budget for the whole run.
+type quiet struct {
+	budget  time.Duration
+	waited  time.Duration
+	retries int
+}
+
+func (q *quiet) left() bool { return q.waited < q.budget }
+
+// wait returns once everything but this process tree used less than a tenth of a core over
+// 300 ms, or when the budget is spent (at most 30 s per call).
+func (q *quiet) wait() {
+	start := time.Now()
+	defer func() { q.waited += time.Since(start) }()
+	for q.left() && time.Since(start) < 30*time.Second {
+		self := procstat.Tree([]int{os.Getpid()})
+		b0, s0, t0 := procstat.Busy(), procstat.CPU(self), time.Now()
+		time.Sleep(300 * time.Millisecond)
+		others := procstat.Busy() - b0 - (procstat.CPU(self) - s0)
+		if others.Seconds()/time.Since(t0).Seconds() < 0.1 {
+			return
+		}
+	}
 }
 
 // runScenario runs one scenario as a child process (it inherits this process's CPU) and reads
@@ -291,11 +394,11 @@ func runScenario(e *env, pl plan, c *config, srv *server, sc, dir string) run {
 			r.Error = "no reload command for this configuration"
 			return r
 		}
-		rate := pl.ReloadRate
+		rate, reloads := pl.ReloadRate, pl.Reloads
 		if py {
-			rate = pl.ReloadPyRate
+			rate, reloads = pl.ReloadPyRate, pl.ReloadsPy
 		}
-		args = slices.Concat([]string{"reload"}, args, []string{"-cmd", srv.reload, "-reloads", strconv.Itoa(pl.Reloads),
+		args = slices.Concat([]string{"reload"}, args, []string{"-cmd", srv.reload, "-reloads", strconv.Itoa(reloads),
 			"-every", pl.ReloadEvery.String(), "-lead", pl.ReloadLead.String(), "-tail", pl.ReloadTail.String(),
 			"-rate", fmt.Sprint(rate), "-n", strconv.Itoa(pl.ReloadSess)})
 		bound = time.Duration(pl.Reloads)*(pl.ReloadEvery+time.Minute) + time.Minute
@@ -341,6 +444,8 @@ type Machine struct {
 	Pinning    string  `json:"pinning"`
 	LoadAvg    string  `json:"loadavg_start"`
 	LoadAvgEnd string  `json:"loadavg_end"`
+	QuietWait  float64 `json:"quiet_wait_s"` // time spent waiting for the machine to calm down
+	Retries    int     `json:"retries"`      // measurements repeated because of outside load
 	Seconds    float64 `json:"seconds"`
 }
 

@@ -1,0 +1,149 @@
+package suite
+
+import (
+	"encoding/json"
+	"math"
+	"strings"
+	"testing"
+
+	"github.com/baton-gw/baton/cmd/baton-bench/internal/load"
+)
+
+func fakeRuns(pl plan) []run {
+	var runs []run
+	add := func(cfg, sc string, round int, r *load.Result) {
+		runs = append(runs, run{Config: cfg, Scenario: sc, Round: round, Result: r})
+	}
+	for round := 1; round <= 3; round++ {
+		k := float64(round) // rounds differ; the medians are round 2's
+		for _, c := range []struct {
+			id          string
+			rate, cpu   float64
+			rtt, msgs   float64
+			mb, midRSS  float64
+			failed      float64
+			idleReached bool
+		}{
+			{"A", 10000 + k, 66, 20, 50000, 1000, 0, math.NaN(), false},
+			{"C", 4800 + k, 151, 44, 21500, 210, 3400, 0.5, false},
+			{"D", 9800 + k, 70, 20.5, 49000, 1000, 40, 0, true},
+			{"D8", 0, 0, 0, 0, 0, 20, math.NaN(), true},
+		} {
+			if c.id != "D8" {
+				add(c.id, scStormSat, round, &load.Result{PerSec: c.rate, P50: 100, P99: 900, ServerCPUPer: c.cpu + k, CDF: []float64{1, 2, 3}})
+				add(c.id, scStormOpen, round, &load.Result{PerSec: 4000, ServerCPUPer: 2 * c.cpu})
+				add(c.id, scSess1, round, &load.Result{P50: c.rtt, P99: 2 * c.rtt})
+				add(c.id, scSess100, round, &load.Result{PerSec: c.msgs})
+				add(c.id, scBulk, round, &load.Result{MBps: c.mb})
+			}
+			held := 100000
+			if !c.idleReached {
+				held = 9987
+			}
+			var levels []load.IdleLevel
+			for pass := 1; pass <= 2; pass++ {
+				rss := c.midRSS * float64(3-pass) // the first fill costs more
+				levels = append(levels,
+					load.IdleLevel{Pass: pass, Target: 10000, Held: min(held, 10000), Reached: held >= 10000, MiddleRSSPerConn: rss, MiddleRSS: int64(rss * 1e4), MiddleFDPerConn: 2},
+					load.IdleLevel{Pass: pass, Target: 100000, Held: held, Reached: held >= 100000, MiddleRSSPerConn: rss / 2, MiddleRSS: int64(rss * 5e4)})
+			}
+			add(c.id, scIdle, round, &load.Result{Idle: levels})
+			if !math.IsNaN(c.failed) {
+				add(c.id, scReload, round, &load.Result{Reload: &load.ReloadResult{Reloads: 5, FailedPer: c.failed}})
+			}
+		}
+	}
+	return runs
+}
+
+func TestReport(t *testing.T) {
+	pl, err := plans("full")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfgs []*config
+	for _, c := range configs() {
+		if c.ID == "A" || c.ID == "C" || c.ID == "D" || c.ID == "D8" {
+			cfgs = append(cfgs, c)
+		}
+	}
+	r := buildReport(Machine{Pinning: "server side pinned to CPU 0"}, pl, cfgs, fakeRuns(pl))
+	if got := r.med("storm_sat_rate", "D"); got != 9802 {
+		t.Errorf("median storm rate of D = %v, want round 2's 9802", got)
+	}
+	if _, ok := r.Table["idle_10000_mid_rss"]["A"]; ok {
+		t.Error("a configuration that did not reach a count has a per-connection figure for it")
+	}
+	if first, refill := r.med("idle_100000_mid_rss_first", "D8"), r.med("idle_100000_mid_rss", "D8"); first != 20 || refill != 10 {
+		t.Errorf("D8 at 100k: first fill %v, refill %v; want 20 and 10", first, refill)
+	}
+	if got := r.med("idle_10000_mid_rss_first", "C"); got != 6800 {
+		t.Errorf("HAProxy at 9,987 of 10k: %v B per connection, want 3400 (nearly reached counts are shown)", got)
+	}
+	goals := map[string]goal{}
+	for _, g := range r.Goals {
+		goals[g.Workload] = g
+	}
+	for w, want := range map[string]bool{
+		"storm conn/s (saturated)":                 true, // 0.98× direct, 2.04× HAProxy
+		"server CPU per new connection, saturated": true, // 72 ≤ 68 + 10
+		"1-session RTT p50":                        true, // 1.025×
+		"100 sessions msgs/s":                      true, // 0.98×
+		"bulk MB/s":                                true, // 1.0×
+		"batond memory per held session":           true, // 20/2 = 10 B
+		"reload under storm + sessions":            true, // 0 and 0
+		"server CPU per new connection at 4,000/s": true, // 2×70 vs 2×66
+	} {
+		g, ok := goals[w]
+		if !ok {
+			t.Errorf("no goal %q (have %v)", w, r.Goals)
+			continue
+		}
+		if !g.Known || g.Met != want {
+			t.Errorf("goal %q: %+v", w, g)
+		}
+	}
+	md := r.Markdown(true)
+	for _, want := range []string{"| metric | unit | A direct | C haproxy | D baton | D8 baton 8w | D÷A | D÷C |", "**met**", "9,802", "| 0.98 |", "server side pinned to CPU 0"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	if _, err := json.Marshal(r); err != nil {
+		t.Errorf("results.json: %v", err)
+	}
+	if svg := r.SVG(); !strings.Contains(svg, "</svg>") {
+		t.Error("no SVG")
+	}
+}
+
+func TestReportMissingConfigs(t *testing.T) {
+	pl, _ := plans("smoke")
+	r := buildReport(Machine{}, pl, configs()[:1], []run{{Config: "A", Scenario: scStormSat, Round: 1, Error: "boom"}})
+	if r.failures() != 1 {
+		t.Errorf("failures = %d", r.failures())
+	}
+	md := r.Markdown(true)
+	if !strings.Contains(md, "boom") || strings.Contains(md, "issue 5 goal") {
+		t.Errorf("markdown:\n%s", md)
+	}
+	for _, g := range r.Goals {
+		if g.Known {
+			t.Errorf("goal %q known without measurements", g.Workload)
+		}
+	}
+	if _, err := json.Marshal(r); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestShq(t *testing.T) {
+	for in, want := range map[string]string{"/tmp/a-b.sock": "/tmp/a-b.sock", "a b": "'a b'", "it's": `'it'\''s'`, "": "''"} {
+		if got := shq(in); got != want {
+			t.Errorf("shq(%q) = %s, want %s", in, got, want)
+		}
+	}
+	if _, err := plans("bogus"); err == nil {
+		t.Error("unknown mode accepted")
+	}
+}

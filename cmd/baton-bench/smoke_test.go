@@ -1,0 +1,134 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"encoding/xml"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestSmoke runs `bench/run --smoke` end to end: it builds batond, batonctl, the Go echo
+// example and baton-bench, starts every configuration (direct, SO_REUSEPORT, HAProxy, baton
+// with Go and with Python workers, the Python lobby directly), runs every scenario tiny, and
+// writes the table, results.json and plot.svg. It needs haproxy, python3 and taskset: in CI
+// (CI=true) their absence is a failure naming the package to install, elsewhere a skip.
+func TestSmoke(t *testing.T) {
+	var missing []string
+	for cmd, pkg := range map[string]string{"haproxy": "haproxy", "python3": "python3", "taskset": "util-linux", "bash": "bash"} {
+		if _, err := exec.LookPath(cmd); err != nil {
+			missing = append(missing, cmd+" (Debian package "+pkg+")")
+		}
+	}
+	if len(missing) > 0 {
+		msg := "bench/run --smoke needs " + strings.Join(missing, ", ") + ": .ci/run must apt-get install them"
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	out := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", filepath.Join("..", "..", "bench", "run"), "--smoke", "--no-install", "--out", out)
+	var log strings.Builder
+	cmd.Stdout, cmd.Stderr = &log, &log
+	start := time.Now()
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("bench/run --smoke: %v\n%s", err, log.String())
+	}
+	t.Logf("bench/run --smoke took %.1fs", time.Since(start).Seconds())
+
+	b, err := os.ReadFile(filepath.Join(out, "results.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep struct {
+		Runs []struct {
+			Config, Scenario, Error string
+			Result                  *struct {
+				Ops  int64   `json:"ops"`
+				MBps float64 `json:"mb_per_s"`
+				Idle []struct {
+					Pass, Target, Held int
+					Reached            bool
+				}
+				Reload *struct {
+					Reloads      int `json:"reloads"`
+					ReloadErrors int `json:"reload_errors"`
+					Sessions     int `json:"sessions"`
+				}
+			}
+		}
+		Goals []struct{ Workload string }
+	}
+	if err := json.Unmarshal(b, &rep); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, r := range rep.Runs {
+		name := r.Config + " " + r.Scenario
+		seen[name] = true
+		if r.Error != "" || r.Result == nil {
+			t.Errorf("%s: %s", name, r.Error)
+			continue
+		}
+		res := r.Result
+		switch {
+		case r.Scenario == "bulk" && res.MBps <= 0:
+			t.Errorf("%s: no bytes echoed", name)
+		case r.Scenario == "idle":
+			for _, l := range res.Idle {
+				if !l.Reached {
+					t.Errorf("%s: held %d of %d", name, l.Held, l.Target)
+				}
+			}
+			if len(res.Idle) != 4 || res.Idle[3].Pass != 2 { // two counts, filled twice
+				t.Errorf("%s: idle levels %+v, want two counts filled twice", name, res.Idle)
+			}
+		case r.Scenario == "reload":
+			if x := res.Reload; x == nil || x.Reloads != 1 || x.ReloadErrors != 0 || x.Sessions == 0 {
+				t.Errorf("%s: reload result %+v", name, x)
+			}
+		case r.Scenario != "idle" && r.Scenario != "bulk" && res.Ops <= 0:
+			t.Errorf("%s: nothing completed", name)
+		}
+	}
+	for _, want := range []string{"A storm-sat", "A idle", "B reload", "C storm-open", "C reload", "D sessions-1", "D reload", "D8 idle", "E sessions-100", "E reload", "F storm-sat", "D bulk", "A2 bulk"} {
+		if !seen[want] {
+			t.Errorf("no %s measurement", want)
+		}
+	}
+	if len(rep.Goals) != 8 {
+		t.Errorf("%d goals evaluated, want 8", len(rep.Goals))
+	}
+	md, err := os.ReadFile(filepath.Join(out, "results.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"| metric | unit |", "| issue 5 goal |", "server side pinned to CPU 0"} {
+		if !strings.Contains(string(md), want) {
+			t.Errorf("results.md lacks %q", want)
+		}
+	}
+	svg, err := os.ReadFile(filepath.Join(out, "plot.svg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := xml.NewDecoder(strings.NewReader(string(svg)))
+	for {
+		if _, err := d.Token(); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatalf("plot.svg is not well-formed: %v", err)
+		}
+	}
+	if t.Failed() {
+		t.Logf("bench/run output:\n%s", log.String())
+	}
+}
