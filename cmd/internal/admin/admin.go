@@ -26,6 +26,7 @@ type Status struct {
 	Gateway    proxy.Stats               `json:"gateway"`
 	Clients    int                       `json:"clients"`
 	Draining   int                       `json:"draining"`
+	Runtime    Runtime                   `json:"runtime"`
 }
 
 // Source is what the server asks for data and actions.

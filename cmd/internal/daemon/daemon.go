@@ -383,7 +383,7 @@ func (d *daemon) listenerNames() string {
 
 // Status implements admin.Source.
 func (d *daemon) Status() admin.Status {
-	s := admin.Status{PID: os.Getpid(), Generation: d.gen, Workers: d.sup.Status(), Gateway: d.gw.Stats()}
+	s := admin.Status{PID: os.Getpid(), Generation: d.gen, Workers: d.sup.Status(), Gateway: d.gw.Stats(), Runtime: admin.ReadRuntime()}
 	for _, l := range d.lns {
 		s.Listeners = append(s.Listeners, l.Addr().String())
 	}
