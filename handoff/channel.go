@@ -10,12 +10,14 @@ import (
 	"path/filepath"
 	"sync"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
 
-// ErrWouldBlock is returned by TrySend when the peer's receive queue is full: the peer is not
-// reading, and the caller decides whether that is a stall.
+// ErrWouldBlock is returned by TrySend when the peer's receive queue is full (the peer is not
+// reading, and the caller decides whether that is a stall), and by TryRecv when nothing is
+// queued.
 var ErrWouldBlock = errors.New("handoff: peer is not reading (send would block)")
 
 // oobRecvSpace leaves room for a few fds so that a peer sending two or three is reported as
@@ -23,7 +25,7 @@ var ErrWouldBlock = errors.New("handoff: peer is not reading (send would block)"
 var oobRecvSpace = unix.CmsgSpace(4 * 4)
 
 // Channel is one SOCK_SEQPACKET connection between the gateway and a worker. Sends are safe for
-// concurrent use; Recv must be called from one goroutine at a time.
+// concurrent use; Recv and TryRecv must be called from one goroutine at a time.
 type Channel struct {
 	c   *net.UnixConn
 	raw syscall.RawConn
@@ -33,9 +35,18 @@ type Channel struct {
 	sendOOB []byte
 	sendErr error
 	sendFn  func(uintptr) bool // method value made once, so sends do not allocate
-	rights  []byte             // a ready SCM_RIGHTS header for one fd
+	// sendWaitFn is sendFn for Send: on a full queue it asks the poller to wait for room.
+	sendWaitFn func(uintptr) bool
+	rights     []byte // a ready SCM_RIGHTS header for one fd
 
-	roob []byte
+	roob   []byte
+	rbuf   []byte // the buffer of the Recv or TryRecv in progress
+	rn     int    // bytes, control bytes and flags of the last recvmsg
+	roobn  int
+	rflags int
+	rerr   error
+	recvFn func(uintptr) bool // parks on the poller while nothing is queued (Recv)
+	tryFn  func(uintptr) bool // never parks (TryRecv)
 }
 
 // NewChannel wraps c, which must be a connected SOCK_SEQPACKET Unix socket. The Channel owns c.
@@ -46,6 +57,9 @@ func NewChannel(c *net.UnixConn) (*Channel, error) {
 	}
 	ch := &Channel{c: c, raw: raw, rights: unix.UnixRights(0), roob: make([]byte, oobRecvSpace)}
 	ch.sendFn = ch.doSend
+	ch.sendWaitFn = func(fd uintptr) bool { ch.doSend(fd); return ch.sendErr != ErrWouldBlock }
+	ch.recvFn = func(fd uintptr) bool { return ch.doRecv(fd) != unix.EAGAIN }
+	ch.tryFn = func(fd uintptr) bool { ch.doRecv(fd); return true }
 	return ch, nil
 }
 
@@ -70,11 +84,20 @@ func (ch *Channel) Conn() *net.UnixConn { return ch.c }
 func (ch *Channel) Close() error { return ch.c.Close() }
 
 // Send writes one message, waiting (through the runtime poller) while the peer's queue is full.
+// It sends like TrySend (a raw, non-blocking sendmsg; see doSend) and parks only on a full
+// queue.
 func (ch *Channel) Send(msg []byte) error {
 	if len(msg) > MaxMessage {
 		return ErrTooBig
 	}
-	_, err := ch.c.Write(msg)
+	ch.smu.Lock()
+	ch.sendMsg, ch.sendOOB = msg, nil
+	err := ch.raw.Write(ch.sendWaitFn)
+	if err == nil {
+		err = ch.sendErr
+	}
+	ch.sendMsg, ch.sendErr = nil, nil
+	ch.smu.Unlock()
 	return err
 }
 
@@ -100,18 +123,34 @@ func (ch *Channel) TrySend(msg []byte, fd int) error {
 	return err
 }
 
+// doSend is one sendmsg(2), as a raw syscall: it never blocks (MSG_DONTWAIT), and an ordinary
+// syscall.Syscall would wake the Go runtime's sysmon thread whenever the process had been idle
+// (entersyscall), which at a few thousand handoffs a second costs batond more CPU than the
+// sendmsg itself.
 func (ch *Channel) doSend(fd uintptr) bool {
+	var iov unix.Iovec
+	if len(ch.sendMsg) > 0 {
+		iov.Base = unsafe.SliceData(ch.sendMsg)
+		iov.SetLen(len(ch.sendMsg))
+	}
+	var h unix.Msghdr
+	h.Iov = &iov
+	h.Iovlen = 1
+	if len(ch.sendOOB) > 0 {
+		h.Control = unsafe.SliceData(ch.sendOOB)
+		h.SetControllen(len(ch.sendOOB))
+	}
 	for {
-		_, err := unix.SendmsgN(int(fd), ch.sendMsg, ch.sendOOB, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
-		switch err {
-		case nil:
+		_, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&h)), unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+		switch errno {
+		case 0:
 			ch.sendErr = nil
 		case unix.EINTR:
 			continue
 		case unix.EAGAIN:
 			ch.sendErr = ErrWouldBlock
 		default:
-			ch.sendErr = os.NewSyscallError("sendmsg", err)
+			ch.sendErr = os.NewSyscallError("sendmsg", errno)
 		}
 		return true // never park: a full queue is the caller's decision
 	}
@@ -128,7 +167,60 @@ func rightsFD(b []byte, fd int) {
 // it carried (-1 if none). It enforces the fd rules: exactly one fd on CONN, none on anything
 // else. On every error it closes any fds that arrived. At end of stream it returns io.EOF.
 func (ch *Channel) Recv(buf []byte) (msg []byte, fd int, err error) {
-	n, oobn, flags, _, err := ch.c.ReadMsgUnix(buf, ch.roob)
+	return ch.recv(buf, ch.recvFn)
+}
+
+// TryRecv is Recv without waiting: it returns ErrWouldBlock when no message is queued. The
+// gateway uses it to collect its workers' ACKs and CLOSEDs while it is awake for accepting
+// anyway, instead of being woken for each of them.
+func (ch *Channel) TryRecv(buf []byte) (msg []byte, fd int, err error) {
+	return ch.recv(buf, ch.tryFn)
+}
+
+// doRecv is one recvmsg(2) on fd, without the allocations of net's ReadMsgUnix (which decodes
+// a sender address a connected socket does not need), as a raw syscall for the reason given at
+// doSend (MSG_DONTWAIT: it never blocks; the poller does the waiting). It returns the errno for
+// the poller decision and keeps the outcome in ch.
+func (ch *Channel) doRecv(fd uintptr) error {
+	var iov unix.Iovec
+	iov.Base = unsafe.SliceData(ch.rbuf)
+	iov.SetLen(len(ch.rbuf))
+	var h unix.Msghdr
+	h.Iov = &iov
+	h.Iovlen = 1
+	h.Control = unsafe.SliceData(ch.roob)
+	h.SetControllen(len(ch.roob))
+	for {
+		n, _, errno := unix.RawSyscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&h)), unix.MSG_CMSG_CLOEXEC|unix.MSG_DONTWAIT)
+		if errno == unix.EINTR {
+			continue
+		}
+		ch.rn, ch.roobn, ch.rflags, ch.rerr = int(n), int(h.Controllen), int(h.Flags), nil
+		if errno != 0 {
+			ch.rn, ch.roobn, ch.rflags, ch.rerr = 0, 0, 0, errno
+			return errno
+		}
+		return nil
+	}
+}
+
+func (ch *Channel) recv(buf []byte, fn func(uintptr) bool) (msg []byte, fd int, err error) {
+	if len(buf) == 0 {
+		return nil, -1, io.ErrShortBuffer
+	}
+	ch.rbuf = buf
+	err = ch.raw.Read(fn)
+	ch.rbuf = nil
+	n, oobn, flags := ch.rn, ch.roobn, ch.rflags
+	if err == nil && ch.rerr != nil {
+		err = ch.rerr
+		if err == unix.EAGAIN {
+			err = ErrWouldBlock
+		} else {
+			err = os.NewSyscallError("recvmsg", err)
+		}
+	}
+	ch.rn, ch.roobn, ch.rflags, ch.rerr = 0, 0, 0, nil
 	fds, perr := parseRights(ch.roob[:oobn])
 	fail := func(e error) ([]byte, int, error) {
 		for _, f := range fds {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -296,3 +297,51 @@ func BenchmarkGatewaySide(b *testing.B) {
 }
 
 func netipAP(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+// TryRecv never waits: nothing queued is ErrWouldBlock, a queued message (fd included) is
+// returned as Recv would, and a hang-up is io.EOF.
+func TestTryRecv(t *testing.T) {
+	a, b := pair(t)
+	buf := make([]byte, MaxMessage)
+	if _, _, err := b.TryRecv(buf); !errors.Is(err, ErrWouldBlock) {
+		t.Fatalf("empty channel: %v, want ErrWouldBlock", err)
+	}
+	fd := devnull(t)
+	defer unix.Close(fd)
+	if err := a.TrySend(AppendConn(nil, &ConnInfo{ID: 9, Listener: "l"}), fd); err != nil {
+		t.Fatal(err)
+	}
+	msg, got, err := b.TryRecv(buf)
+	if err != nil || got < 0 {
+		t.Fatalf("TryRecv: fd %d, %v", got, err)
+	}
+	unix.Close(got)
+	if typ, _, _ := Split(msg); typ != TypeConn {
+		t.Fatalf("got %v", typ)
+	}
+	if _, _, err := b.TryRecv(buf); !errors.Is(err, ErrWouldBlock) {
+		t.Fatalf("drained channel: %v, want ErrWouldBlock", err)
+	}
+	a.Close()
+	if _, _, err := b.TryRecv(buf); !errors.Is(err, io.EOF) {
+		t.Fatalf("after hang-up: %v, want io.EOF", err)
+	}
+}
+
+// WELCOME's flags were appended in 1.1: a WELCOME from an older gateway (without them) still
+// decodes, with no flags, and one with them round-trips.
+func TestWelcomeFlagsAppended(t *testing.T) {
+	w := Welcome{Version: 1, PingInterval: 2 * time.Second, Generation: 7, Flags: WelcomeNonblock}
+	msg := AppendWelcome(nil, &w)
+	_, body, err := Split(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ParseWelcome(body); err != nil || got != w {
+		t.Fatalf("round trip: %+v, %v", got, err)
+	}
+	old, err := ParseWelcome(body[:len(body)-4])
+	if err != nil || old.Flags != 0 || old.Generation != 7 {
+		t.Fatalf("WELCOME without flags: %+v, %v", old, err)
+	}
+}

@@ -78,6 +78,17 @@ type HelloFlags uint32
 const (
 	HelloReady    HelloFlags = 1 << 0 // already serving (re-registration after READY)
 	HelloDraining HelloFlags = 1 << 1 // told to drain before the channel dropped
+	HelloNonblock HelloFlags = 1 << 2 // asks for CONN fds in non-blocking mode
+)
+
+// WelcomeFlags are the flags of a WELCOME: what the gateway granted of what HELLO asked.
+type WelcomeFlags uint32
+
+// WELCOME flags.
+const (
+	// WelcomeNonblock: every CONN fd on this channel arrives with O_NONBLOCK set. Without it
+	// (an older gateway sends no flags at all) fds arrive blocking.
+	WelcomeNonblock WelcomeFlags = 1 << 0
 )
 
 // Hello is the worker's first message.
@@ -97,6 +108,7 @@ type Welcome struct {
 	Version      uint16
 	PingInterval time.Duration // encoded in whole milliseconds
 	Generation   uint64        // the gateway's current generation
+	Flags        WelcomeFlags  // appended in 1.1; absent (0) from older gateways
 }
 
 // ErrorCode is the machine-readable part of an ERROR.
@@ -220,6 +232,7 @@ func AppendWelcome(b []byte, w *Welcome) []byte {
 	b = le.AppendUint16(b, 0)
 	b = le.AppendUint32(b, uint32(w.PingInterval/time.Millisecond))
 	b = le.AppendUint64(b, w.Generation)
+	b = le.AppendUint32(b, uint32(w.Flags))
 	return finish(b, s)
 }
 
@@ -323,6 +336,16 @@ func (r *reader) u16(field string) uint16 {
 	return v
 }
 
+// optU32 reads a field appended by a later revision: absent (an older sender) reads as 0.
+func (r *reader) optU32() uint32 {
+	if r.err != nil || len(r.b) < 4 {
+		return 0
+	}
+	v := le.Uint32(r.b)
+	r.b = r.b[4:]
+	return v
+}
+
 func (r *reader) u32(field string) uint32 {
 	if len(r.b) < 4 {
 		r.short(field)
@@ -408,6 +431,7 @@ func ParseWelcome(body []byte) (Welcome, error) {
 	r.u16("reserved")
 	w.PingInterval = time.Duration(r.u32("ping_interval_ms")) * time.Millisecond
 	w.Generation = r.u64("generation")
+	w.Flags = WelcomeFlags(r.optU32())
 	return w, r.err
 }
 

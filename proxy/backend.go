@@ -29,6 +29,7 @@ type BackendInfo struct {
 	Ready      bool // HELLO carried the READY flag
 	Draining   bool // HELLO carried the DRAINING flag
 	Live       int  // connections it already holds (re-registration)
+	Nonblock   bool // wants its CONN fds non-blocking (HELLO NONBLOCK, granted in WELCOME)
 }
 
 // Backend is one registered worker as the gateway sees it: its channel, its counts, and the
@@ -42,6 +43,7 @@ type Backend struct {
 	capacity int
 	readyC   chan struct{}
 	doneC    chan struct{}
+	poll     chan struct{} // capacity 1: the accept loop's prod to collect ACKs and CLOSEDs
 	since    time.Time
 
 	// guarded by g.mu
@@ -83,6 +85,7 @@ func (g *Gateway) Add(info BackendInfo, ch *handoff.Channel, proc Process) *Back
 		capacity: info.Capacity,
 		readyC:   make(chan struct{}),
 		doneC:    make(chan struct{}),
+		poll:     make(chan struct{}, 1),
 		since:    now,
 		live:     info.Live,
 		pending:  make(map[uint64]*clientConn),
@@ -174,13 +177,38 @@ func (b *Backend) Drain(deadline time.Duration) error {
 // behind it exited or is being replaced).
 func (b *Backend) Kick(err error) { b.g.fail(b, err, 0) }
 
+// recv returns the worker's next message. While the gateway is accepting (busy), the reader
+// does not park on the channel: every ACK and CLOSED would then wake batond on its own, and at
+// a few thousand connections a second those wake-ups cost more than the handoffs. It collects
+// what has arrived whenever the accept loop prods it (at most every pollEvery) or busyWindow
+// has passed. Idle, it parks on the channel as usual, so an idle batond is never woken.
+func (b *Backend) recv(buf []byte, t *time.Timer) ([]byte, int, error) {
+	for {
+		if !b.g.busy() {
+			return b.ch.Recv(buf)
+		}
+		msg, fd, err := b.ch.TryRecv(buf)
+		if !errors.Is(err, handoff.ErrWouldBlock) {
+			return msg, fd, err
+		}
+		t.Reset(busyWindow)
+		select {
+		case <-b.poll:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
 // read is the backend's one reader: ACK, CLOSED, READY, PONG; anything else ends it.
 func (b *Backend) read() {
 	buf := make([]byte, handoff.MaxMessage)
 	ids := make([]uint64, 0, 64)
 	fds := make([]int, 0, 64)
+	t := time.NewTimer(busyWindow)
+	t.Stop()
 	for {
-		msg, fd, err := b.ch.Recv(buf)
+		msg, fd, err := b.recv(buf, t)
 		if fd >= 0 {
 			unix.Close(fd) // only CONN carries an fd, and workers never send CONN
 		}
@@ -233,6 +261,7 @@ func (b *Backend) read() {
 				} else {
 					clients++
 				}
+				b.g.freeConnLocked(c)
 			}
 			b.lastSeen, b.lastAck, b.full = now, now, false
 			// Counted under the lock with in-flight, so Stats is a consistent snapshot.
@@ -241,7 +270,7 @@ func (b *Backend) read() {
 			b.g.mu.Unlock()
 			// The worker owns these connections now; drop the gateway's copies.
 			for _, fd := range fds {
-				unix.Close(fd)
+				closeFD(fd)
 			}
 			if unknown != 0 {
 				b.g.fail(b, fmt.Errorf("%w: ACK for connection %#x never sent to it", ErrProtocol, unknown), handoff.CodeUnexpected)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,6 +68,7 @@ type clientConn struct {
 	sentAt   time.Time
 	attempts int
 	queued   bool // has waited in g.waiting
+	nonblock bool // O_NONBLOCK is set on fd (as accepted); dispatch matches it to the worker
 	// selfCheck is set on the gateway's own end-to-end probe (SelfCheck): closed on ACK, and
 	// the probe is kept out of the client counters.
 	selfCheck chan struct{}
@@ -79,9 +81,13 @@ type Gateway struct {
 	stats stats
 	epoch uint64
 	seq   atomic.Uint64
-	wake  chan struct{}
-	quit  chan struct{}
-	done  chan struct{}
+	start time.Time
+	// lastAccept is when (since start) a connection was last accepted: while that is recent,
+	// backend readers poll instead of parking (see Backend.recv).
+	lastAccept atomic.Int64
+	wake       chan struct{}
+	quit       chan struct{}
+	done       chan struct{}
 
 	mu        sync.Mutex
 	backends  []*Backend
@@ -92,6 +98,34 @@ type Gateway struct {
 	serving   sync.WaitGroup // Serve loops, so StopAccepting can wait for their last dispatch
 	inflight  int            // handed off, not yet acked (across all backends) + waiting
 	idle      chan struct{}
+	free      []*clientConn // recycled, so that a handoff allocates nothing (see newConnLocked)
+}
+
+// maxFree bounds the recycled clientConns: a burst of in-flight connections should not pin its
+// peak in memory for ever.
+const maxFree = 1024
+
+// newConnLocked returns a zeroed clientConn. Recycling them keeps the accept path free of heap
+// allocations: batond holds no state for a handed-off session, and the garbage of one
+// clientConn per connection was all that made its RSS grow with the connections it passed on.
+func (g *Gateway) newConnLocked() *clientConn {
+	if n := len(g.free); n > 0 {
+		c := g.free[n-1]
+		g.free[n-1] = nil
+		g.free = g.free[:n-1]
+		return c
+	}
+	return new(clientConn)
+}
+
+// freeConnLocked recycles c, which nothing references any more (acked, or closed). The
+// self-check's probe is left alone: SelfCheck still waits on it.
+func (g *Gateway) freeConnLocked(c *clientConn) {
+	if c.selfCheck != nil || len(g.free) >= maxFree {
+		return
+	}
+	*c = clientConn{}
+	g.free = append(g.free, c)
 }
 
 // New creates a Gateway and starts its housekeeping goroutine (timeouts, pings, the queue).
@@ -105,12 +139,37 @@ func New(cfg Config) *Gateway {
 		// Connection ids are epoch<<32|seq so that ids from a previous batond, which workers
 		// report as CLOSED after re-registering, can never collide with ours.
 		epoch: uint64(binary.LittleEndian.Uint32(e[:])) << 32,
+		start: time.Now(),
 		wake:  make(chan struct{}, 1),
 		quit:  make(chan struct{}),
 		done:  make(chan struct{}),
 	}
 	go g.housekeeping()
 	return g
+}
+
+// Polling cadence while accepting (see Backend.recv): ACKs and CLOSEDs are collected at least
+// every pollEvery while connections arrive, and within busyWindow otherwise; both are far below
+// the handoff timeout, which is what a late ACK could trip.
+const (
+	pollEvery  = time.Millisecond
+	busyWindow = 5 * time.Millisecond
+)
+
+func (g *Gateway) busy() bool {
+	return time.Duration(g.lastAccept.Load()) > time.Since(g.start)-busyWindow
+}
+
+// prodReaders asks every backend reader to collect what its worker sent.
+func (g *Gateway) prodReaders() {
+	g.mu.Lock()
+	for _, b := range g.backends {
+		select {
+		case b.poll <- struct{}{}:
+		default:
+		}
+	}
+	g.mu.Unlock()
 }
 
 func (g *Gateway) poke() {
@@ -135,6 +194,7 @@ func (g *Gateway) Serve(l *Listener) error {
 	a := newAcceptor(l)
 	scratch := make([]byte, 0, handoff.MaxMessage)
 	backoff := time.Duration(0)
+	var lastProd time.Time
 	for {
 		fd, client, local, err := a.accept()
 		if err != nil {
@@ -162,9 +222,12 @@ func (g *Gateway) Serve(l *Listener) error {
 			continue
 		}
 		backoff = 0
-		c := &clientConn{fd: fd, since: time.Now()}
-		c.info = handoff.ConnInfo{ID: g.epoch | g.seq.Add(1)&0xffffffff, Client: client, Local: local, Listener: l.name}
+		now := time.Now()
+		g.lastAccept.Store(int64(now.Sub(g.start)))
 		g.mu.Lock()
+		c := g.newConnLocked()
+		c.fd, c.since, c.nonblock = fd, now, true
+		c.info = handoff.ConnInfo{ID: g.epoch | g.seq.Add(1)&0xffffffff, Client: client, Local: local, Listener: l.name}
 		g.stats.accepted.Add(1)
 		g.inflight++
 		queued := len(g.waiting) > 0
@@ -175,9 +238,13 @@ func (g *Gateway) Serve(l *Listener) error {
 		g.mu.Unlock()
 		if queued {
 			g.poke()
-			continue
+		} else {
+			g.dispatch(c, &scratch)
 		}
-		g.dispatch(c, &scratch)
+		if now.Sub(lastProd) >= pollEvery {
+			lastProd = now
+			g.prodReaders()
+		}
 	}
 }
 
@@ -223,7 +290,22 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 		c.sentAt = time.Now()
 		c.attempts++
 		b.pending[c.info.ID] = c
+		want := b.info.Nonblock
 		g.mu.Unlock()
+
+		if c.nonblock != want {
+			if err := setNonblock(c.fd, want); err != nil {
+				g.mu.Lock()
+				if b.pending[c.info.ID] == c {
+					delete(b.pending, c.info.ID)
+				}
+				g.mu.Unlock()
+				g.log.Error("cannot set the socket's blocking mode; closing it", "client", c.info.Client, "error", err)
+				g.closeConn(c, ReasonSocket)
+				return
+			}
+			c.nonblock = want
+		}
 
 		*scratch = handoff.AppendConn((*scratch)[:0], &c.info)
 		err := b.ch.TrySend(*scratch, c.fd)
@@ -248,6 +330,20 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 	}
 }
 
+// setNonblock sets or clears O_NONBLOCK with one fcntl: a TCP socket has no other status flag
+// that F_SETFL could change.
+func setNonblock(fd int, on bool) error {
+	flags := 0
+	if on {
+		flags = unix.O_NONBLOCK
+	}
+	_, _, errno := unix.RawSyscall(unix.SYS_FCNTL, uintptr(fd), unix.F_SETFL, uintptr(flags))
+	if errno != 0 {
+		return os.NewSyscallError("fcntl F_SETFL", errno)
+	}
+	return nil
+}
+
 // closeConn closes a connection the gateway gives up on, counting the reason.
 func (g *Gateway) closeConn(c *clientConn, r CloseReason) {
 	unix.Close(c.fd)
@@ -256,6 +352,7 @@ func (g *Gateway) closeConn(c *clientConn, r CloseReason) {
 		g.stats.closed[r].Add(1)
 	}
 	g.doneInflightLocked(1)
+	g.freeConnLocked(c)
 	g.mu.Unlock()
 }
 

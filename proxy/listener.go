@@ -109,12 +109,16 @@ func newAcceptor(l *Listener) *acceptor {
 
 func (a *acceptor) try(s uintptr) bool {
 	for {
-		// No SOCK_NONBLOCK: the fd goes to a worker, whose runtime picks its own I/O mode; the
-		// gateway never does I/O on it. CLOEXEC so that no worker we spawn inherits it.
+		// Non-blocking, because the workers that care (Go's runtime) ask for it (HELLO
+		// NONBLOCK) and would otherwise spend two fcntls per connection setting it; dispatch
+		// clears it for a worker that wants blocking fds. The gateway itself never does I/O
+		// on it. CLOEXEC so that no worker we spawn inherits it.
 		// Raw accept4: x/sys's Accept4 turns the address into a Sockaddr with an allocation and,
 		// for AF_INET, a getsockopt(SO_PROTOCOL) syscall per connection.
+		// A raw syscall (it never blocks: the socket is non-blocking) so that accepting does
+		// not wake the runtime's sysmon thread (see handoff's Channel.doSend).
 		n := uint32(unix.SizeofSockaddrAny)
-		fd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, s, uintptr(unsafe.Pointer(&a.rsa)), uintptr(unsafe.Pointer(&n)), unix.SOCK_CLOEXEC, 0, 0)
+		fd, _, errno := unix.RawSyscall6(unix.SYS_ACCEPT4, s, uintptr(unsafe.Pointer(&a.rsa)), uintptr(unsafe.Pointer(&n)), unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0, 0)
 		a.fd, a.err = int(fd), nil
 		if errno != 0 {
 			a.fd, a.err = -1, errno
@@ -173,6 +177,13 @@ func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom16(v.Addr).Unmap(), uint16(v.Port))
 	}
 	return netip.AddrPort{}
+}
+
+// closeFD closes an fd batond accepted, as a raw syscall: once the worker holds the socket,
+// close only drops batond's reference and never blocks, and this keeps the per-connection path
+// free of the runtime's syscall bookkeeping (see acceptor.try).
+func closeFD(fd int) {
+	unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
 }
 
 // temporary reports whether an accept error is resource exhaustion (back off and retry) rather

@@ -12,10 +12,11 @@ const (
 	ReasonShutdown                      // batond stopped while the connection waited
 	ReasonRetries                       // handed to too many workers that failed before acking
 	ReasonWorkerLost                    // its worker failed and could not be confirmed dead
+	ReasonSocket                        // the socket could not be prepared for its worker (fcntl)
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost"}
+var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error"}
 
 func (r CloseReason) String() string { return reasonNames[r] }
 

@@ -157,8 +157,13 @@ func (s *Supervisor) admit(c *net.UnixConn) {
 	info := proxy.BackendInfo{
 		Slot: int(h.Slot), Generation: h.Generation, PID: int(cred.Pid), Capacity: int(h.Capacity),
 		Ready: h.Flags&handoff.HelloReady != 0, Draining: h.Flags&handoff.HelloDraining != 0, Live: int(h.Live),
+		Nonblock: h.Flags&handoff.HelloNonblock != 0,
 	}
-	welcome := handoff.AppendWelcome(nil, &handoff.Welcome{Version: version, PingInterval: s.gw.PingInterval(), Generation: s.cfg.Generation})
+	w := handoff.Welcome{Version: version, PingInterval: s.gw.PingInterval(), Generation: s.cfg.Generation}
+	if info.Nonblock {
+		w.Flags |= handoff.WelcomeNonblock
+	}
+	welcome := handoff.AppendWelcome(nil, &w)
 	if h.Generation == s.cfg.Generation {
 		s.admitOwn(ch, info, welcome)
 		return

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -58,20 +59,23 @@ func cleanupConn(st *connState) {
 // fdConn turns a received client fd into a net.Conn without net.FileConn's dup and its dozen
 // syscalls (fcntls, getsockopt, getsockname, getpeername, setsockopts): batond already sent the
 // addresses, and options set on its listener (TCP_NODELAY) are inherited by the socket. The
-// fd arrives blocking (PROTOCOL.md); it is made non-blocking and wrapped in an *os.File, which
-// puts it on the runtime poller. fdConn always consumes fd.
-func fdConn(fd int, info *handoff.ConnInfo) (net.Conn, error) {
+// fd arrives non-blocking if batond granted it (nonblock), else blocking (PROTOCOL.md) and is
+// made non-blocking here; then it is wrapped in an *os.File, which puts it on the runtime
+// poller. fdConn always consumes fd.
+func fdConn(fd int, info *handoff.ConnInfo, nonblock bool) (net.Conn, error) {
 	// One check that it is a stream socket at all (a broken gateway could send anything).
-	if typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil || typ != unix.SOCK_STREAM {
+	if typ, err := sockType(fd); err != nil || typ != unix.SOCK_STREAM {
 		unix.Close(fd)
 		if err == nil {
 			err = unix.EPROTOTYPE
 		}
 		return nil, os.NewSyscallError("getsockopt SO_TYPE", err)
 	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return nil, os.NewSyscallError("fcntl O_NONBLOCK", err)
+	if !nonblock {
+		if err := unix.SetNonblock(fd, true); err != nil {
+			unix.Close(fd)
+			return nil, os.NewSyscallError("fcntl O_NONBLOCK", err)
+		}
 	}
 	sc := &sockConn{f: os.NewFile(uintptr(fd), "tcp")}
 	if info.Client.IsValid() {
@@ -81,6 +85,21 @@ func fdConn(fd int, info *handoff.ConnInfo) (net.Conn, error) {
 		sc.local = net.TCPAddrFromAddrPort(info.Local)
 	}
 	return sc, nil
+}
+
+// sockType is getsockopt(SO_TYPE) as a raw syscall. It cannot block, and an ordinary syscall
+// here would be the first of this wake-up to go through the runtime's entersyscall, which wakes
+// its sysmon thread when the process was idle: a cost per connection that a worker accepting
+// directly does not pay before its first read.
+func sockType(fd int) (int, error) {
+	var v int32
+	n := uint32(unsafe.Sizeof(v))
+	_, _, errno := unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_TYPE,
+		uintptr(unsafe.Pointer(&v)), uintptr(unsafe.Pointer(&n)), 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(v), nil
 }
 
 // newConn wraps c. The addresses from CONN win over the socket's own: with the PROXY protocol

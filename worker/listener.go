@@ -379,8 +379,16 @@ func (l *Listener) release(id uint64, report bool) {
 	endLinger := zero && l.lingering
 	l.mu.Unlock()
 
-	if report && s != nil {
+	switch {
+	case !report || s == nil:
+	case zero:
+		// The last one: sent before Wait wakes (below), so a program that exits then does not
+		// lose it.
 		s.flushSoon()
+	default:
+		// The session's writer sends it. When many connections close together, it finds them
+		// all pending and sends one CLOSED for the lot instead of one sendmsg each.
+		s.wake()
 	}
 	if endLinger {
 		l.shutdown()

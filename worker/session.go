@@ -34,6 +34,8 @@ type session struct {
 	rbuf []byte    // Recv buffer; reader goroutine only
 	wbuf []byte    // ACK, PONG and ERROR encoding; reader goroutine only
 	one  [1]uint64 // the id of one ACK; reader goroutine only
+	// nonblock: batond sends CONN fds already non-blocking (WELCOME granted HELLO's NONBLOCK).
+	nonblock bool
 
 	kick       chan struct{} // capacity 1: the writer has something to flush
 	stop       chan struct{} // closed when the session ends
@@ -74,6 +76,9 @@ func (l *Listener) register() (*session, error) {
 		// follows right after WELCOME and is counted against this number (PROTOCOL.md §8).
 		Live:  uint32(l.open + len(l.pending)),
 		Token: l.env.token,
+		// Go's poller wants non-blocking sockets: batond can hand them over that way and save
+		// two fcntls per connection here (granted in WELCOME).
+		Flags: handoff.HelloNonblock,
 	}
 	if l.ready {
 		h.Flags |= handoff.HelloReady
@@ -141,6 +146,7 @@ func (l *Listener) handshake(ch *handoff.Channel, h *handoff.Hello) (*session, e
 				stop:       make(chan struct{}),
 				writerDone: make(chan struct{}),
 				readySent:  h.Flags&handoff.HelloReady != 0,
+				nonblock:   w.Flags&handoff.WelcomeNonblock != 0,
 			}, nil
 		case t == handoff.TypeError:
 			e, err := handoff.ParseError(body)
@@ -318,7 +324,7 @@ func (s *session) handleConn(body []byte, fd int) error {
 	// Even if the ACK failed (the channel dropped), keep the connection: the fd is ours now,
 	// the next HELLO counts it, and a gateway that is still alive will not hand it to anyone
 	// else before this process is gone.
-	nc, err := fdConn(fd, &info)
+	nc, err := fdConn(fd, &info, s.nonblock)
 	if err != nil {
 		// Acked, so counted by batond: report it closed at once so the count stays right.
 		s.l.log.Warn("handed-off fd is not a usable connection; reporting it closed", "id", info.ID, "err", err)

@@ -22,7 +22,7 @@ func TestHandshake(t *testing.T) {
 	l, c, h := startWorker(t, g, WithCapacity(42))
 	want := handoff.Hello{
 		MinVersion: 1, MaxVersion: 1, PID: uint32(os.Getpid()), Slot: 3, Generation: 7,
-		Capacity: 42, Flags: 0, Live: 0, Token: testToken,
+		Capacity: 42, Flags: handoff.HelloNonblock, Live: 0, Token: testToken,
 	}
 	if h != want {
 		t.Fatalf("HELLO %+v, want %+v", h, want)
@@ -359,7 +359,7 @@ func TestReregister(t *testing.T) {
 	c.ch.Close() // batond goes away
 	c2 := g.accept()
 	h := c2.hello()
-	if h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloDraining || h.Token != testToken {
+	if h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloDraining|handoff.HelloNonblock || h.Token != testToken {
 		t.Fatalf("re-registration HELLO %+v, want live 1, READY|DRAINING", h)
 	}
 	c2.welcome()
@@ -386,7 +386,7 @@ func TestClosedWhileDisconnected(t *testing.T) {
 	})
 	conn.Close()
 	c2 := g.accept()
-	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady {
+	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloNonblock {
 		t.Fatalf("HELLO live %d flags %d, want 1 and READY", h.Live, h.Flags)
 	}
 	c2.welcome()
@@ -409,7 +409,7 @@ func TestReregisterAfterRestart(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // a few failed attempts (connection refused)
 	g.restart()
 	c2 := g.accept()
-	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady {
+	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloNonblock {
 		t.Fatalf("HELLO live %d flags %d", h.Live, h.Flags)
 	}
 	c2.welcome()
@@ -457,7 +457,7 @@ func TestNonFatalErrorReregisters(t *testing.T) {
 	c.send(handoff.AppendError(nil, &handoff.Error{Code: handoff.CodeShutdown, Reason: "restarting"}))
 	c.expectEOF()
 	c2 := g.accept()
-	if h := c2.hello(); h.Flags != handoff.HelloReady {
+	if h := c2.hello(); h.Flags != handoff.HelloReady|handoff.HelloNonblock {
 		t.Fatalf("HELLO flags %d, want READY", h.Flags)
 	}
 	c2.welcome()

@@ -2,6 +2,7 @@ package conformance
 
 import (
 	"bufio"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/baton-gw/baton/handoff"
 )
@@ -83,6 +86,11 @@ type fakeGateway struct {
 	ch      *handoff.Channel
 	buf     []byte
 	tcp     net.Listener
+	hello   handoff.Hello // the last HELLO
+	// old plays a 1.0 gateway: its WELCOME has no flags field, so it grants nothing.
+	old bool
+	// nonblock: WELCOME granted NONBLOCK, so CONN fds go out non-blocking (PROTOCOL.md 1.1).
+	nonblock bool
 }
 
 func start(t *testing.T, impl implementation) *fakeGateway {
@@ -154,6 +162,7 @@ func (g *fakeGateway) accept() handoff.Hello {
 	if err != nil {
 		g.t.Fatal(err)
 	}
+	g.hello = h
 	return h
 }
 
@@ -217,8 +226,20 @@ func (g *fakeGateway) send(msg []byte) {
 	}
 }
 
+// welcome answers the last HELLO as batond does: NONBLOCK is granted when asked, except by a
+// 1.0 gateway (g.old), whose WELCOME ends before the flags field.
 func (g *fakeGateway) welcome() {
-	g.send(handoff.AppendWelcome(nil, &handoff.Welcome{Version: 1, PingInterval: time.Second, Generation: 7}))
+	w := handoff.Welcome{Version: 1, PingInterval: time.Second, Generation: 7}
+	g.nonblock = !g.old && g.hello.Flags&handoff.HelloNonblock != 0
+	if g.nonblock {
+		w.Flags |= handoff.WelcomeNonblock
+	}
+	msg := handoff.AppendWelcome(nil, &w)
+	if g.old {
+		msg = msg[:len(msg)-4]
+		binary.LittleEndian.PutUint16(msg[2:], uint16(len(msg)-4))
+	}
+	g.send(msg)
 }
 
 // handshake does a good handshake and waits for READY.
@@ -261,7 +282,13 @@ func (g *fakeGateway) handOff(id uint64) *peer {
 		Local: netip.MustParseAddrPort(g.tcp.Addr().String()), Listener: "public"}
 	raw, _ := f.SyscallConn()
 	var serr error
-	raw.Control(func(fd uintptr) { serr = g.ch.TrySend(handoff.AppendConn(nil, &info), int(fd)) })
+	raw.Control(func(fd uintptr) {
+		// File() made it blocking, as a 1.0 gateway sends it; batond sets O_NONBLOCK for a
+		// worker that asked for it.
+		if serr = unix.SetNonblock(int(fd), g.nonblock); serr == nil {
+			serr = g.ch.TrySend(handoff.AppendConn(nil, &info), int(fd))
+		}
+	})
 	if serr != nil {
 		g.t.Fatal(serr)
 	}
@@ -304,8 +331,10 @@ func TestConformance(t *testing.T) {
 				if int(h.PID) != g.cmd.Process.Pid || h.Slot != 3 || h.Generation != 7 || h.Token != token {
 					t.Errorf("HELLO %+v does not match pid %d, BATON_WORKER=3, BATON_GENERATION=7, BATON_TOKEN", h, g.cmd.Process.Pid)
 				}
-				if h.Flags != 0 || h.Live != 0 {
-					t.Errorf("first HELLO has flags %#x live %d, want 0 0", h.Flags, h.Live)
+				// NONBLOCK is a request a worker may make or not (PROTOCOL.md 1.1); READY and
+				// DRAINING must be clear on a first registration.
+				if h.Flags&^handoff.HelloNonblock != 0 || h.Live != 0 {
+					t.Errorf("first HELLO has flags %#x live %d, want no READY/DRAINING and 0", h.Flags, h.Live)
 				}
 				g.welcome()
 				g.expect(handoff.TypeReady)
@@ -334,6 +363,16 @@ func TestConformance(t *testing.T) {
 				g.expectIDs(handoff.TypeClosed, 0xABCD00000001)
 				closeClient(c2)
 				g.expectIDs(handoff.TypeClosed, 0xABCD00000002)
+			})
+			t.Run("gateway-1.0", func(t *testing.T) {
+				// A 1.0 gateway: WELCOME without flags, blocking fds, whatever HELLO asked.
+				g := start(t, impl)
+				g.old = true
+				g.handshake()
+				c := g.handOff(0xABCD00000003)
+				echo(t, c, "blocking fd from an older gateway")
+				closeClient(c)
+				g.expectIDs(handoff.TypeClosed, 0xABCD00000003)
 			})
 			t.Run("ping", func(t *testing.T) {
 				g := start(t, impl)
