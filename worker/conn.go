@@ -62,7 +62,7 @@ func cleanupConn(st *connState) {
 // fd arrives non-blocking if batond granted it (nonblock), else blocking (PROTOCOL.md) and is
 // made non-blocking here; then it is wrapped in an *os.File, which puts it on the runtime
 // poller. fdConn always consumes fd.
-func fdConn(fd int, info *handoff.ConnInfo, nonblock bool) (net.Conn, error) {
+func fdConn(fd int, info *handoff.ConnInfo, nonblock bool, pipes *pipePool) (net.Conn, error) {
 	// One check that it is a stream socket at all (a broken gateway could send anything).
 	if typ, err := sockType(fd); err != nil || typ != unix.SOCK_STREAM {
 		unix.Close(fd)
@@ -77,7 +77,7 @@ func fdConn(fd int, info *handoff.ConnInfo, nonblock bool) (net.Conn, error) {
 			return nil, os.NewSyscallError("fcntl O_NONBLOCK", err)
 		}
 	}
-	sc := &sockConn{f: os.NewFile(uintptr(fd), "tcp")}
+	sc := newSockConn(fd, pipes)
 	if info.Client.IsValid() {
 		sc.remote = net.TCPAddrFromAddrPort(info.Client)
 	}
@@ -207,6 +207,10 @@ func (c *Conn) CloseRead() error {
 	}
 	return &net.OpError{Op: "close", Net: c.network(), Source: c.local, Addr: c.remote, Err: syscall.ENOTSUP}
 }
+
+// spliceConn lets ReadFrom and WriteTo of another connection splice straight from or to this
+// one's socket (see splice.go): a Conn adds no buffering of its own.
+func (c *Conn) spliceConn() net.Conn { return c.c }
 
 // ReadFrom lets io.Copy into the connection use the socket's fast paths (sendfile, splice).
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {

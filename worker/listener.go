@@ -27,6 +27,8 @@ type Listener struct {
 	addr net.Addr
 	log  *slog.Logger
 	fb   net.Listener // non-nil in fallback mode: accept from here instead of batond
+	// pipes are the splice pipes of this Listener's connections (io.Copy between sockets).
+	pipes *pipePool
 
 	avail      chan struct{} // capacity 1: "the queue may be non-empty", for Accept
 	acceptDone chan struct{} // closed once Accept must not wait any more (closed, draining, fatal)
@@ -83,6 +85,7 @@ func Listen(opts ...Option) (*Listener, error) {
 		return nil, fmt.Errorf("worker: %w", err)
 	}
 	l := &Listener{
+		pipes:      newPipePool(),
 		opts:       o,
 		env:        e,
 		log:        o.log,

@@ -31,9 +31,12 @@ var errBusy = errors.New("flush in progress")
 type session struct {
 	l    *Listener
 	ch   *handoff.Channel
-	rbuf []byte    // Recv buffer; reader goroutine only
-	wbuf []byte    // ACK, PONG and ERROR encoding; reader goroutine only
-	one  [1]uint64 // the id of one ACK; reader goroutine only
+	rbuf []byte // Recv buffer; reader goroutine only
+	wbuf []byte // ACK, PONG and ERROR encoding; reader goroutine only
+	// CONNs read in one burst, acked together by ackBatch; reader goroutine only.
+	acks     []uint64
+	batch    []*Conn
+	unusable []uint64 // acked ids whose fd was no usable connection
 	// nonblock: batond sends CONN fds already non-blocking (WELCOME granted HELLO's NONBLOCK).
 	nonblock bool
 
@@ -250,22 +253,69 @@ func (l *Listener) serve(s *session) error {
 	return err
 }
 
+// readLoop reads batond's messages. CONNs that arrive together (batond hands over what it
+// accepted in one wake-up in one go) are acked with one ACK: after a CONN the loop reads on
+// without waiting, and sends the ACK as soon as nothing more is queued.
 func (s *session) readLoop() error {
 	for {
-		msg, fd, err := s.ch.Recv(s.rbuf)
-		if err != nil {
+		var (
+			msg []byte
+			fd  int
+			err error
+		)
+		if len(s.acks) == 0 {
+			msg, fd, err = s.ch.Recv(s.rbuf)
+		} else if len(s.acks) < handoff.MaxIDs {
+			msg, fd, err = s.ch.TryRecv(s.rbuf)
+		} else {
+			err = handoff.ErrWouldBlock
+		}
+		if errors.Is(err, handoff.ErrWouldBlock) {
+			if err := s.ackBatch(); err != nil {
+				return err
+			}
+			continue
+		}
+		if err == nil {
+			err = s.handle(msg, fd)
+		} else {
 			switch {
 			case errors.Is(err, handoff.ErrTruncated):
-				return protocolError(s.ch, handoff.CodeTooBig, err)
+				err = protocolError(s.ch, handoff.CodeTooBig, err)
 			case errors.Is(err, handoff.ErrFDs):
-				return protocolError(s.ch, handoff.CodeFDs, err)
+				err = protocolError(s.ch, handoff.CodeFDs, err)
 			}
-			return err
 		}
-		if err := s.handle(msg, fd); err != nil {
+		if err != nil {
+			// The connections read so far are ours (their fds are): try to ack them, serve
+			// them either way (PROTOCOL.md §8).
+			_ = s.ackBatch()
 			return err
 		}
 	}
+}
+
+// ackBatch sends one ACK for the CONNs read since the last one and only then delivers them to
+// Accept: nothing reads a client byte before batond has the ACK. Even if the ACK failed (the
+// channel dropped), the connections are kept: the fds are ours now, the next HELLO counts them,
+// and a gateway that is still alive will not hand them to anyone else before this process is
+// gone.
+func (s *session) ackBatch() error {
+	if len(s.acks) == 0 {
+		return nil
+	}
+	s.wbuf = handoff.AppendIDs(s.wbuf[:0], handoff.TypeAck, s.acks)
+	err := s.ch.Send(s.wbuf)
+	for i, c := range s.batch {
+		s.l.deliver(c)
+		s.batch[i] = nil
+	}
+	for _, id := range s.unusable {
+		// Acked, so counted by batond: report it closed so the count stays right.
+		s.l.reportUnusable(id)
+	}
+	s.acks, s.batch, s.unusable = s.acks[:0], s.batch[:0], s.unusable[:0]
+	return err
 }
 
 // handle acts on one message from batond. A non-nil error ends the session.
@@ -316,23 +366,17 @@ func (s *session) handleConn(body []byte, fd int) error {
 		closeFD(fd)
 		return protocolError(s.ch, handoff.CodeMalformed, err)
 	}
-	// ACK first, before anything can read from the client: until batond has the ACK it owns
-	// the connection, and a late ACK gets this process killed.
-	s.one[0] = info.ID
-	s.wbuf = handoff.AppendIDs(s.wbuf[:0], handoff.TypeAck, s.one[:])
-	ackErr := s.ch.Send(s.wbuf)
-	// Even if the ACK failed (the channel dropped), keep the connection: the fd is ours now,
-	// the next HELLO counts it, and a gateway that is still alive will not hand it to anyone
-	// else before this process is gone.
-	nc, err := fdConn(fd, &info, s.nonblock)
+	// Acked by ackBatch, before anything can read from the client: until batond has the ACK
+	// it owns the connection, and a late ACK gets this process killed.
+	s.acks = append(s.acks, info.ID)
+	nc, err := fdConn(fd, &info, s.nonblock, s.l.pipes)
 	if err != nil {
-		// Acked, so counted by batond: report it closed at once so the count stays right.
 		s.l.log.Warn("handed-off fd is not a usable connection; reporting it closed", "id", info.ID, "err", err)
-		s.l.reportUnusable(info.ID)
-	} else {
-		s.l.deliver(newConn(s.l, nc, &info, true))
+		s.unusable = append(s.unusable, info.ID)
+		return nil
 	}
-	return ackErr
+	s.batch = append(s.batch, newConn(s.l, nc, &info, true))
+	return nil
 }
 
 // drain records a DRAIN. A later DRAIN (batond restarted and drained us again) moves the

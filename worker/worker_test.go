@@ -731,3 +731,57 @@ func TestLeakedConnReported(t *testing.T) {
 		}
 	}
 }
+
+// CONNs that arrive together are acked together: one ACK for the lot, sent before any of them
+// is delivered to Accept, each id exactly once.
+func TestAckBatch(t *testing.T) {
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	const n = 50
+	clients := make(map[uint64]*net.TCPConn, n)
+	for i := 0; i < n; i++ {
+		client, err := net.DialTCP("tcp", nil, g.tcp.Addr().(*net.TCPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { client.Close() })
+		server, err := g.tcp.AcceptTCP()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := g.next.Add(1)
+		c.sendFD(server, &handoff.ConnInfo{ID: id, Client: fakeClient, Local: fakeLocal, Listener: "game"})
+		server.Close() // the worker has its own descriptor now (batond waits for the ACK; the fd is queued)
+		clients[id] = client
+	}
+	acked := map[uint64]int{}
+	messages := 0
+	for len(acked) < n {
+		typ, body := c.recv()
+		if typ != handoff.TypeAck {
+			t.Fatalf("worker sent %s, want ACK", typ)
+		}
+		ids, err := handoff.ParseIDs(nil, typ, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		messages++
+		for _, id := range ids {
+			acked[id]++
+		}
+	}
+	for id, k := range acked {
+		if k != 1 || clients[id] == nil {
+			t.Fatalf("id %d acked %d times (sent: %v)", id, k, clients[id] != nil)
+		}
+	}
+	// 50 CONNs queued before the worker could read the first few: it must not ack one by one.
+	if messages >= n {
+		t.Errorf("%d ACK messages for %d back-to-back CONNs: not batched", messages, n)
+	}
+	for i := 0; i < n; i++ {
+		conn := mustAccept(t, l)
+		roundTrip(t, clients[conn.ID()], conn, "batched\n")
+		conn.Close()
+	}
+}
