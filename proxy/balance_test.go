@@ -94,7 +94,7 @@ func TestRawAddrPort(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	a := newAcceptor(l)
+	a := newAcceptor(l, 0)
 	fd, client, local, err := a.accept()
 	if err != nil {
 		t.Fatal(err)

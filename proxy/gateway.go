@@ -36,7 +36,10 @@ type Config struct {
 	PingInterval    time.Duration // PING period; three missed = stalled [2s]
 	DefaultCapacity int           // for workers that declare 0 [1000]
 	MaxAttempts     int           // workers a connection may be handed to before giving up [3]
-	Logger          hclog.Logger
+	// AcceptCoalesce is the shortest interval between two wake-ups of an accept loop while
+	// connections keep arriving (see acceptor.accept); 0 wakes for each connection [0].
+	AcceptCoalesce time.Duration
+	Logger         hclog.Logger
 }
 
 func (c *Config) defaults() {
@@ -191,7 +194,7 @@ func (g *Gateway) Serve(l *Listener) error {
 	g.serving.Add(1)
 	g.mu.Unlock()
 	defer g.serving.Done()
-	a := newAcceptor(l)
+	a := newAcceptor(l, g.cfg.AcceptCoalesce)
 	scratch := make([]byte, 0, handoff.MaxMessage)
 	backoff := time.Duration(0)
 	var lastProd time.Time

@@ -47,10 +47,35 @@ func attach(t *testing.T, g *Gateway, slot int, nonblock bool) *fakeWorker {
 	return &fakeWorker{t: t, ch: wk, b: b, buf: make([]byte, handoff.MaxMessage)}
 }
 
-// serve answers CONNs until stop is closed: it checks each fd's blocking mode against what the
+// serve starts a Gateway accepting on a loopback listener; Serve's result arrives on the
+// channel. Cleanup stops it.
+func serve(t *testing.T, cfg Config) (*Gateway, *net.TCPListener, <-chan error) {
+	t.Helper()
+	g := New(cfg)
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		g.Close()
+		t.Fatal(err)
+	}
+	l, err := NewListener("game", ln)
+	if err != nil {
+		ln.Close()
+		g.Close()
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- g.Serve(l) }()
+	t.Cleanup(func() {
+		g.StopAccepting()
+		g.Close()
+	})
+	return g, ln, served
+}
+
+// answer answers CONNs until stop is closed: it checks each fd's blocking mode against what the
 // worker asked for, acks it, and reports every second one closed at once. It returns the number
 // of connections it got and of those it still holds.
-func (w *fakeWorker) serve(stop <-chan struct{}) (got, held int, err error) {
+func (w *fakeWorker) answer(stop <-chan struct{}) (got, held int, err error) {
 	for {
 		_ = w.ch.Conn().SetReadDeadline(time.Now().Add(20 * time.Millisecond))
 		msg, fd, rerr := w.ch.Recv(w.buf)
@@ -101,18 +126,7 @@ func (w *fakeWorker) serve(stop <-chan struct{}) (got, held int, err error) {
 // ACKs and CLOSEDs sent while the gateway is accepting are collected without waking it for
 // each (Backend.recv polls); the counts must come out exact all the same.
 func TestBlockingModePerWorkerAndPolledAcks(t *testing.T) {
-	g := New(Config{})
-	defer g.Close()
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := NewListener("game", ln)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go g.Serve(l)
-	defer g.StopAccepting()
+	g, ln, _ := serve(t, Config{})
 	workers := []*fakeWorker{attach(t, g, 0, true), attach(t, g, 1, false)}
 
 	stop := make(chan struct{})
@@ -123,7 +137,7 @@ func TestBlockingModePerWorkerAndPolledAcks(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			got, held, err := w.serve(stop)
+			got, held, err := w.answer(stop)
 			if err != nil {
 				t.Error(err)
 			}
@@ -162,5 +176,77 @@ func TestBlockingModePerWorkerAndPolledAcks(t *testing.T) {
 	}
 	if st := g.Stats(); st.Accepted != conns || st.Acked != conns || st.InFlight != 0 {
 		t.Errorf("stats %+v, want %d accepted and acked, none in flight", st, conns)
+	}
+}
+
+// With AcceptCoalesce, a loop that has just woken does not wake again for the next client: it
+// pauses for the rest of the interval and hands over everything that arrived meanwhile. The
+// lower bound on when the burst is handed over is what the pause guarantees; and closing the
+// listener ends a pause at once.
+func TestAcceptCoalesce(t *testing.T) {
+	const coalesce = 200 * time.Millisecond
+	g, ln, served := serve(t, Config{AcceptCoalesce: coalesce})
+	w := attach(t, g, 0, true)
+
+	recvConn := func() time.Time {
+		t.Helper()
+		_ = w.ch.Conn().SetReadDeadline(time.Now().Add(5 * time.Second))
+		for {
+			msg, fd, err := w.ch.Recv(w.buf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if typ, body, _ := handoff.Split(msg); typ == handoff.TypeConn {
+				var info handoff.ConnInfo
+				if err := handoff.ParseConn(body, &info); err != nil {
+					t.Fatal(err)
+				}
+				unix.Close(fd)
+				if err := w.ch.Send(handoff.AppendIDs(nil, handoff.TypeAck, []uint64{info.ID})); err != nil {
+					t.Fatal(err)
+				}
+				return time.Now()
+			}
+		}
+	}
+	dial := func() {
+		t.Helper()
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+
+	dial()
+	first := recvConn()
+	// Give the loop time to find the backlog empty: clients that arrive before that are part
+	// of the same wake-up and are rightly taken at once.
+	time.Sleep(coalesce / 10)
+	const burst = 5
+	for i := 0; i < burst; i++ {
+		dial()
+	}
+	for i := 0; i < burst; i++ {
+		if at := recvConn(); at.Sub(first) < coalesce/2 {
+			t.Fatalf("client %d of the burst handed over %v after the first; the loop should have paused ~%v", i, at.Sub(first), coalesce)
+		}
+	}
+	// The loop is pausing again now (it woke for the burst): closing must end it promptly.
+	start := time.Now()
+	g.StopAccepting()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after StopAccepting")
+	}
+	if d := time.Since(start); d > coalesce {
+		t.Errorf("StopAccepting took %v: a pause must end when the listener closes", d)
+	}
+	if st := g.Stats(); st.Accepted != burst+1 {
+		t.Errorf("accepted %d, want %d", st.Accepted, burst+1)
 	}
 }

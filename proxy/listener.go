@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -28,6 +29,8 @@ type Listener struct {
 	raw    syscall.RawConn
 	local  netip.AddrPort // the bound address; unspecified IP means ask the kernel per connection
 	closed atomic.Bool    // Close was called: an accept error then means "stop", not a failure
+	done   chan struct{}  // closed by Close: ends a coalescing pause at once
+	once   sync.Once
 }
 
 // NewListener wraps a TCP listener (from systemd, tableflip or net.Listen). Close closes both
@@ -55,13 +58,14 @@ func NewListener(name string, ln *net.TCPListener) (*Listener, error) {
 		return nil, fmt.Errorf("proxy: listener %s: %w", name, err)
 	}
 	local := ln.Addr().(*net.TCPAddr).AddrPort()
-	return &Listener{name: name, ln: ln, f: f, raw: raw, local: netip.AddrPortFrom(local.Addr().Unmap(), local.Port())}, nil
+	return &Listener{name: name, ln: ln, f: f, raw: raw, local: netip.AddrPortFrom(local.Addr().Unmap(), local.Port()), done: make(chan struct{})}, nil
 }
 
 // Close stops accepting on this listener in this process. Other processes holding the same
 // listening socket (the next batond, systemd) keep it open.
 func (l *Listener) Close() error {
 	l.closed.Store(true)
+	l.once.Do(func() { close(l.done) })
 	err := l.f.Close()
 	if cerr := l.ln.Close(); err == nil {
 		err = cerr
@@ -91,19 +95,29 @@ func SetNoDelay(ln *net.TCPListener) error {
 	return os.NewSyscallError("setsockopt TCP_NODELAY", serr)
 }
 
-// acceptor holds one accept loop's state, so that the RawConn callback is a method value made
+// acceptor holds one accept loop's state, so that the RawConn callbacks are method values made
 // once and accepting allocates nothing of its own.
 type acceptor struct {
-	l   *Listener
-	fn  func(uintptr) bool
-	fd  int
-	rsa unix.RawSockaddrAny
-	err error
+	l     *Listener
+	fn    func(uintptr) bool // accept4, parking on the poller while nothing is pending
+	tryFn func(uintptr) bool // accept4, never parking
+	fd    int
+	rsa   unix.RawSockaddrAny
+	err   error
+
+	// coalesce is the shortest time between two wake-ups of the loop (see accept); 0 wakes
+	// for every connection.
+	coalesce time.Duration
+	woke     time.Time // when the loop last woke
+	timer    *time.Timer
 }
 
-func newAcceptor(l *Listener) *acceptor {
-	a := &acceptor{l: l}
+func newAcceptor(l *Listener, coalesce time.Duration) *acceptor {
+	// Starting counts as a wake-up: a loop that finds clients already waiting takes them all
+	// before it pauses.
+	a := &acceptor{l: l, coalesce: coalesce, woke: time.Now()}
 	a.fn = a.try
+	a.tryFn = func(s uintptr) bool { a.try(s); return true }
 	return a
 }
 
@@ -131,12 +145,43 @@ func (a *acceptor) try(s uintptr) bool {
 }
 
 // accept returns one connected fd with its client and local addresses.
+//
+// Wake-ups, not handoffs, are what a connection costs an idle gateway: at a few thousand
+// connections a second, being woken (epoll, the scheduler, a VM's interrupt path) costs more
+// than accept4 and sendmsg together, and each wake-up of batond is followed by one of the
+// worker's. So once the backlog is empty, a loop that woke less than coalesce ago does not park
+// on the poller at once: it pauses for the rest of the interval and then takes everything that
+// arrived meanwhile in one go (and its worker gets them in one go). At rates below
+// 1/coalesce nothing changes; above, a connection waits at most coalesce longer for its handoff.
 func (a *acceptor) accept() (int, netip.AddrPort, netip.AddrPort, error) {
-	if err := a.l.raw.Read(a.fn); err != nil {
-		if a.l.closed.Load() {
-			err = net.ErrClosed
+	paused := false
+	for {
+		fn := a.fn
+		if a.coalesce > 0 && !paused {
+			fn = a.tryFn
 		}
-		return -1, netip.AddrPort{}, netip.AddrPort{}, err
+		if err := a.l.raw.Read(fn); err != nil {
+			if a.l.closed.Load() {
+				err = net.ErrClosed
+			}
+			return -1, netip.AddrPort{}, netip.AddrPort{}, err
+		}
+		if a.err == unix.EAGAIN {
+			// Only tryFn returns on EAGAIN: the backlog is empty.
+			if wait := a.coalesce - time.Since(a.woke); wait > 0 {
+				if !a.pause(wait) {
+					return -1, netip.AddrPort{}, netip.AddrPort{}, net.ErrClosed
+				}
+				a.woke = time.Now()
+			}
+			// After a pause, or long enough since the last wake-up: park until the next one.
+			paused = true
+			continue
+		}
+		if paused && a.coalesce > 0 {
+			a.woke = time.Now()
+		}
+		break
 	}
 	if a.err != nil {
 		return -1, netip.AddrPort{}, netip.AddrPort{}, os.NewSyscallError("accept4", a.err)
@@ -148,6 +193,22 @@ func (a *acceptor) accept() (int, netip.AddrPort, netip.AddrPort, error) {
 		}
 	}
 	return a.fd, rawAddrPort(&a.rsa), local, nil
+}
+
+// pause sleeps for d, or until the listener is closed (false).
+func (a *acceptor) pause(d time.Duration) bool {
+	if a.timer == nil {
+		a.timer = time.NewTimer(d)
+	} else {
+		a.timer.Reset(d)
+	}
+	select {
+	case <-a.timer.C:
+		return true
+	case <-a.l.done:
+		a.timer.Stop()
+		return false
+	}
 }
 
 // rawAddrPort decodes an AF_INET or AF_INET6 socket address.

@@ -431,7 +431,7 @@ func TestTrust(t *testing.T) {
 // Bad command lines get usage and exit 2.
 func TestUsageErrors(t *testing.T) {
 	build(t)
-	for _, args := range [][]string{{"-workers", "0"}, {"-bogus"}, {"-log-level", "loud"}, {"-handoff-timeout", "-1s"}} {
+	for _, args := range [][]string{{"-workers", "0"}, {"-bogus"}, {"-log-level", "loud"}, {"-handoff-timeout", "-1s"}, {"-accept-coalesce", "1s"}} {
 		cmd := exec.Command(bins.batond, args...)
 		out, err := cmd.CombinedOutput()
 		var ee *exec.ExitError

@@ -28,6 +28,7 @@ type fileConfig struct {
 	PIDFile        *string   `toml:"pidfile"`
 	Command        []string  `toml:"command"`
 	HandoffTimeout *duration `toml:"handoff_timeout"`
+	AcceptCoalesce *interval `toml:"accept_coalesce"`
 	QueueTimeout   *duration `toml:"queue_timeout"`
 	StartTimeout   *duration `toml:"start_timeout"`
 	ReadyTimeout   *duration `toml:"ready_timeout"`
@@ -47,6 +48,21 @@ func (d *duration) UnmarshalText(b []byte) error {
 	}
 	if v <= 0 {
 		return fmt.Errorf("%q: must be positive", b)
+	}
+	d.Duration = v
+	return nil
+}
+
+// interval is a duration that may be zero (a setting that 0 turns off).
+type interval struct{ time.Duration }
+
+func (d *interval) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("%q is not a duration (like \"1ms\" or \"0s\")", b)
+	}
+	if v < 0 {
+		return fmt.Errorf("%q: must not be negative", b)
 	}
 	d.Duration = v
 	return nil
@@ -94,6 +110,7 @@ func loadFile(path string, c *Config, set map[string]bool) error {
 	apply("key", f.Key != nil, func() { c.KeyFile = *f.Key })
 	apply("pidfile", f.PIDFile != nil, func() { c.PIDFile = *f.PIDFile })
 	apply("handoff-timeout", f.HandoffTimeout != nil, func() { c.HandoffTimeout = f.HandoffTimeout.Duration })
+	apply("accept-coalesce", f.AcceptCoalesce != nil, func() { c.AcceptCoalesce = f.AcceptCoalesce.Duration })
 	apply("queue-timeout", f.QueueTimeout != nil, func() { c.QueueTimeout = f.QueueTimeout.Duration })
 	apply("start-timeout", f.StartTimeout != nil, func() { c.StartTimeout = f.StartTimeout.Duration })
 	apply("ready-timeout", f.ReadyTimeout != nil, func() { c.ReadyTimeout = f.ReadyTimeout.Duration })
@@ -112,6 +129,7 @@ func loadFile(path string, c *Config, set map[string]bool) error {
 	}{
 		{"workers", f.Workers != nil && *f.Workers < 1, "must be at least 1"},
 		{"capacity", f.Capacity != nil && *f.Capacity < 1, "must be at least 1"},
+		{"accept_coalesce", f.AcceptCoalesce != nil && f.AcceptCoalesce.Duration > maxAcceptCoalesce, "must be at most " + maxAcceptCoalesce.String()},
 	} {
 		if k.bad {
 			return fmt.Errorf("%w: %s:%d: %s %s", ErrConfig, path, lineOf(text, k.key), k.key, k.msg)

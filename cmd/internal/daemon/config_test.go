@@ -26,6 +26,7 @@ listen = ["127.0.0.1:7100", "127.0.0.1:7101"]
 workers = 6
 command = ["python3", "game.py"]
 drain_timeout = "90s"
+accept_coalesce = "0s"
 `)
 	c, err := ParseFlags([]string{"-config", p, "-workers", "3"}, io.Discard)
 	if err != nil {
@@ -34,7 +35,7 @@ drain_timeout = "90s"
 	if c.Workers != 3 {
 		t.Errorf("workers %d: the flag must win over the file", c.Workers)
 	}
-	if len(c.Listen) != 2 || c.DrainTimeout != 90*time.Second || strings.Join(c.Command, " ") != "python3 game.py" {
+	if len(c.Listen) != 2 || c.DrainTimeout != 90*time.Second || strings.Join(c.Command, " ") != "python3 game.py" || c.AcceptCoalesce != 0 {
 		t.Errorf("config not applied: %+v", c)
 	}
 	c, err = ParseFlags([]string{"-config", p, "--", "./other"}, io.Discard)
@@ -50,6 +51,8 @@ func TestConfigErrorsNameFileAndLine(t *testing.T) {
 		"bad duration": {"workers = 2\ndrain_timeout = \"soon\"\n", ":2"},
 		"bad workers":  {"\n\nworkers = 0\n", ":3: workers must be at least 1"},
 		"wrong type":   {"workers = \"two\"\n", ":1"},
+		"coalesce":     {"workers = 2\naccept_coalesce = \"1s\"\n", ":2: accept_coalesce must be at most 100ms"},
+		"negative":     {"accept_coalesce = \"-1ms\"\n", ":1"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			p := writeConfig(t, c.text)

@@ -258,6 +258,7 @@ func (d *daemon) setup(act activated) error {
 	}
 	d.gw = proxy.New(proxy.Config{
 		HandoffTimeout:  cfg.HandoffTimeout,
+		AcceptCoalesce:  cfg.AcceptCoalesce,
 		QueueTimeout:    cfg.QueueTimeout,
 		DefaultCapacity: cfg.Capacity,
 		Logger:          d.log.Named("proxy"),

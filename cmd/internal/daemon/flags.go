@@ -26,6 +26,7 @@ type Config struct {
 	StateDir       string
 	PIDFile        string
 	HandoffTimeout time.Duration
+	AcceptCoalesce time.Duration
 	QueueTimeout   time.Duration
 	StartTimeout   time.Duration
 	ReadyTimeout   time.Duration
@@ -36,6 +37,10 @@ type Config struct {
 	LogJSON        bool
 	Command        []string // empty: built-in demo workers
 }
+
+// maxAcceptCoalesce bounds -accept-coalesce: it is added to a connection's handoff at high
+// rates, and past a few milliseconds the wake-ups it saves are not worth the wait.
+const maxAcceptCoalesce = 100 * time.Millisecond
 
 type listFlag struct{ v *[]string }
 
@@ -75,6 +80,7 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 	fs.StringVar(&c.StateDir, "state", "", "state `dir` (generation counter; default: the directory of -socket)")
 	fs.StringVar(&c.PIDFile, "pidfile", "", "write the serving batond's pid to this `file`")
 	fs.DurationVar(&c.HandoffTimeout, "handoff-timeout", 2*time.Second, "a worker must ACK a connection within this")
+	fs.DurationVar(&c.AcceptCoalesce, "accept-coalesce", time.Millisecond, "while clients keep arriving, wake to accept at most once per this interval and hand over what arrived in one go (0: wake for every client; at most 100ms)")
 	fs.DurationVar(&c.QueueTimeout, "queue-timeout", 5*time.Second, "a client waits this long for a free worker before it is closed")
 	fs.DurationVar(&c.StartTimeout, "start-timeout", 10*time.Second, "a worker must report READY within this after start")
 	fs.DurationVar(&c.ReadyTimeout, "ready-timeout", 30*time.Second, "batond must be serving within this after start or upgrade")
@@ -117,6 +123,8 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 		return nil, fmt.Errorf("%w: -capacity must be at least 1, not %d", ErrUsage, c.Capacity)
 	case c.HandoffTimeout <= 0 || c.QueueTimeout <= 0 || c.StartTimeout <= 0 || c.ReadyTimeout <= 0 || c.DrainTimeout <= 0 || c.StopTimeout <= 0:
 		return nil, fmt.Errorf("%w: timeouts must be positive", ErrUsage)
+	case c.AcceptCoalesce < 0 || c.AcceptCoalesce > maxAcceptCoalesce:
+		return nil, fmt.Errorf("%w: -accept-coalesce must be between 0 and %v, not %v", ErrUsage, maxAcceptCoalesce, c.AcceptCoalesce)
 	}
 	switch strings.ToLower(c.LogLevel) {
 	case "trace", "debug", "info", "warn", "error":
