@@ -40,6 +40,9 @@ const (
 	growAt = 32 << 10
 )
 
+// errNoPipe ends a copy that could not get a pipe again after waiting (out of fds, say).
+var errNoPipe = errors.New("worker: no pipe for splice (out of file descriptors?)")
+
 // spliceable is implemented by connection types that stand for a socket splice may use
 // directly: spliceConn returns a *sockConn or a *net.TCPConn, whose bytes are exactly the
 // value's bytes (no buffering or framing of its own in between). Anything else it returns
@@ -129,27 +132,46 @@ func (e spliceEnd) rawErr(err error) error {
 // splice copies from src to dst until src's EOF, remain bytes, or an error. handled is false
 // only when nothing was done and the generic copy should run instead: no pipe could be made,
 // or the kernel cannot splice from src (EINVAL on the first call consumes nothing).
+//
+// The pipe is held only while bytes move: waiting for src, the copy gives it back to the pool.
+// A game's sessions (and an echo's) spend their lives waiting, and a pipe is two fds: held for
+// the whole copy, it tripled a worker's fds per session and a worker at RLIMIT_NOFILE then
+// could not even receive its next connection.
 func splice(pipes *pipePool, dst, src spliceEnd, remain int64) (written int64, handled bool, err error) {
-	p := pipes.get()
-	if p == nil {
-		return 0, false, nil
+	if pipes != nil {
+		pipes.copies.Add(1)
 	}
-	defer pipes.put(p)
+	var p *pipe
+	defer func() {
+		if p != nil {
+			pipes.put(p)
+		}
+	}()
 
 	var (
 		chunk, inPipe int
 		drained       int // the last drain's bytes
 		serr          error
+		noPipe        bool
 	)
 	// Made once per copy, not per chunk: a closure passed to RawConn escapes.
 	drain := func(fd uintptr) bool {
+		if p == nil {
+			if p = pipes.get(); p == nil {
+				noPipe = true
+				return true
+			}
+		}
 		for {
 			n, err := rawSplice(int(fd), p.wfd, chunk)
 			switch err {
 			case unix.EINTR:
 				continue
 			case unix.EAGAIN:
-				// The pipe is empty on entry, so it is the socket that has nothing: wait for it.
+				// The pipe is empty on entry, so it is the socket that has nothing: give the
+				// pipe back and wait for it.
+				pipes.put(p)
+				p = nil
 				return false
 			}
 			inPipe, serr = n, err
@@ -185,6 +207,12 @@ func splice(pipes *pipePool, dst, src spliceEnd, remain int64) (written int64, h
 		chunk = int(min(remain, maxSpliceSize))
 		if err := src.raw.Read(drain); err != nil {
 			return written, true, src.rawErr(err)
+		}
+		if noPipe {
+			if !handled {
+				return 0, false, nil // out of fds, say: the generic copy needs none
+			}
+			return written, true, errNoPipe
 		}
 		if serr != nil {
 			if serr == unix.EINVAL && !handled {
@@ -256,8 +284,9 @@ func closePipeFDs(fds [2]int) {
 // it holds at garbage collection, so each pipe carries a cleanup that closes its fds then.
 type pipePool struct {
 	pool sync.Pool
-	// gets counts the pipes handed out; tests read it to tell the splice path from io.Copy's.
-	gets atomic.Uint64
+	// copies counts the splice copies that used the pool; tests read it to tell the splice
+	// path from io.Copy's.
+	copies atomic.Uint64
 }
 
 func newPipePool() *pipePool {
@@ -280,7 +309,6 @@ func (pp *pipePool) get() *pipe {
 		p, _ := newPipe()
 		return p
 	}
-	pp.gets.Add(1)
 	p, _ := pp.pool.Get().(*pipe)
 	return p
 }
