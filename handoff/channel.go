@@ -165,7 +165,8 @@ func rightsFD(b []byte, fd int) {
 
 // Recv reads one message into buf (which should be MaxMessage bytes) and returns it with the fd
 // it carried (-1 if none). It enforces the fd rules: exactly one fd on CONN, none on anything
-// else. On every error it closes any fds that arrived. At end of stream it returns io.EOF.
+// else. On every error it closes any fds that arrived. At end of stream it returns io.EOF. A
+// CONN whose fd this process could not receive is returned with ErrNoFD (and fd -1).
 func (ch *Channel) Recv(buf []byte) (msg []byte, fd int, err error) {
 	return ch.recv(buf, ch.recvFn)
 }
@@ -233,6 +234,11 @@ func (ch *Channel) recv(buf []byte, fn func(uintptr) bool) (msg []byte, fd int, 
 	}
 	if perr != nil {
 		return fail(perr)
+	}
+	if flags&unix.MSG_TRUNC == 0 && flags&unix.MSG_CTRUNC != 0 && len(fds) == 0 && n > 0 && Type(buf[0]) == TypeConn {
+		// The message is whole; only its fd could not be installed here. Not a protocol
+		// error: the receiver is out of descriptors, and says so (REFUSE) instead of acking.
+		return buf[:n], -1, fmt.Errorf("%w (flags 0x%x)", ErrNoFD, flags)
 	}
 	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
 		return fail(fmt.Errorf("%w (flags 0x%x, %d bytes)", ErrTruncated, flags, n))

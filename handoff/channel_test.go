@@ -345,3 +345,44 @@ func TestWelcomeFlagsAppended(t *testing.T) {
 		t.Fatalf("WELCOME without flags: %+v, %v", old, err)
 	}
 }
+
+// A receiver out of descriptors gets the CONN without its fd (MSG_CTRUNC, no fd): Recv returns
+// the whole message with ErrNoFD, so the worker can REFUSE it by id, not a truncation error
+// that would end the channel.
+func TestRecvNoFD(t *testing.T) {
+	a, b := pair(t)
+	fd := devnull(t)
+	defer unix.Close(fd)
+	if err := a.TrySend(AppendConn(nil, &ConnInfo{ID: 77, Listener: "l"}), fd); err != nil {
+		t.Fatal(err)
+	}
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	// No room for one more descriptor: the limit is on fd numbers, so it is set to the
+	// lowest free one.
+	free, err := unix.Dup(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(free)
+	tight := old
+	tight.Cur = uint64(free)
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &tight); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, MaxMessage)
+	msg, got, err := b.Recv(buf)
+	if rerr := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); rerr != nil {
+		t.Fatal(rerr)
+	}
+	if !errors.Is(err, ErrNoFD) || got != -1 {
+		t.Fatalf("Recv out of fds: fd %d, %v; want ErrNoFD", got, err)
+	}
+	typ, body, _ := Split(msg)
+	var c ConnInfo
+	if typ != TypeConn || ParseConn(body, &c) != nil || c.ID != 77 {
+		t.Fatalf("message with ErrNoFD: %v %+v", typ, c)
+	}
+}

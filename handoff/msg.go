@@ -39,6 +39,7 @@ const (
 	TypePong    Type = 0x08
 	TypeConn    Type = 0x09
 	TypeDrain   Type = 0x0A
+	TypeRefuse  Type = 0x0B // 1.1: only to a gateway whose WELCOME has WelcomeRefuse
 
 	// TypeOptional is the first optional type: receivers ignore unknown types at or above it.
 	TypeOptional Type = 0x80
@@ -47,7 +48,7 @@ const (
 var typeNames = [...]string{
 	TypeHello: "HELLO", TypeWelcome: "WELCOME", TypeError: "ERROR", TypeReady: "READY",
 	TypeAck: "ACK", TypeClosed: "CLOSED", TypePing: "PING", TypePong: "PONG",
-	TypeConn: "CONN", TypeDrain: "DRAIN",
+	TypeConn: "CONN", TypeDrain: "DRAIN", TypeRefuse: "REFUSE",
 }
 
 func (t Type) String() string {
@@ -67,8 +68,11 @@ func (t Type) Optional() bool { return t >= TypeOptional }
 var (
 	ErrMalformed = errors.New("handoff: malformed message")
 	ErrTruncated = errors.New("handoff: message or its fds truncated")
-	ErrFDs       = errors.New("handoff: wrong number of fds for message")
-	ErrTooBig    = errors.New("handoff: message exceeds MaxMessage")
+	// ErrNoFD: a CONN arrived whole but the kernel could not give its fd to this process (out
+	// of descriptors: recvmsg reported MSG_CTRUNC with no fd). Recv returns the message with it.
+	ErrNoFD   = errors.New("handoff: CONN arrived without its fd (out of file descriptors?)")
+	ErrFDs    = errors.New("handoff: wrong number of fds for message")
+	ErrTooBig = errors.New("handoff: message exceeds MaxMessage")
 )
 
 // HelloFlags are the flags of a HELLO.
@@ -89,6 +93,10 @@ const (
 	// WelcomeNonblock: every CONN fd on this channel arrives with O_NONBLOCK set. Without it
 	// (an older gateway sends no flags at all) fds arrive blocking.
 	WelcomeNonblock WelcomeFlags = 1 << 0
+	// WelcomeRefuse: the gateway understands REFUSE (a CONN whose fd the worker could not
+	// receive goes to another worker). Without it a worker acks such a CONN and reports it
+	// CLOSED at once.
+	WelcomeRefuse WelcomeFlags = 1 << 1
 )
 
 // Hello is the worker's first message.
@@ -442,7 +450,7 @@ func ParseError(body []byte) (*Error, error) {
 	return e, r.err
 }
 
-// ParseIDs decodes an ACK or CLOSED body, appending its ids to dst (pass a reused slice to
+// ParseIDs decodes an ACK, CLOSED or REFUSE body, appending its ids to dst (pass a reused slice to
 // decode without allocating).
 func ParseIDs(dst []uint64, t Type, body []byte) ([]uint64, error) {
 	r := reader{b: body, msg: t}

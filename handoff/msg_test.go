@@ -137,7 +137,7 @@ func TestTrailingFieldsIgnored(t *testing.T) {
 }
 
 func TestTypeClasses(t *testing.T) {
-	if !TypeConn.Known() || Type(0x0B).Known() || Type(0x0B).Optional() || !Type(0x80).Optional() {
+	if !TypeConn.Known() || Type(0x0C).Known() || Type(0x0C).Optional() || !TypeRefuse.Known() || !Type(0x80).Optional() {
 		t.Fatal("type classes wrong")
 	}
 	if v, ok := ChooseVersion(1, 5); !ok || v != 1 {

@@ -48,13 +48,16 @@ type Backend struct {
 
 	// guarded by g.mu
 	ready, draining, gone, full bool
-	live                        int // acked − closed (+ reported at registration)
-	acked, closed               uint64
-	pending                     map[uint64]*clientConn
-	lastSeen, lastPing          time.Time
-	lastAck                     time.Time // last ACK (or registration)
-	err                         error
-	drainDeadline               time.Time
+	// refusing: the worker REFUSEd a connection (out of descriptors); it gets none until it
+	// reports a CLOSED.
+	refusing           bool
+	live               int // acked − closed (+ reported at registration)
+	acked, closed      uint64
+	pending            map[uint64]*clientConn
+	lastSeen, lastPing time.Time
+	lastAck            time.Time // last ACK (or registration)
+	err                error
+	drainDeadline      time.Time
 }
 
 // BackendStatus is a snapshot of a Backend.
@@ -148,7 +151,7 @@ func (b *Backend) statusLocked() BackendStatus {
 }
 
 func (b *Backend) available() bool {
-	return b.ready && !b.draining && !b.gone && !b.full && b.load() < b.capacity
+	return b.ready && !b.draining && !b.gone && !b.full && !b.refusing && b.load() < b.capacity
 }
 
 func (b *Backend) load() int { return b.live + len(b.pending) }
@@ -282,7 +285,7 @@ func (b *Backend) read() {
 				return
 			}
 			b.g.mu.Lock()
-			b.lastSeen, b.full = now, false
+			b.lastSeen, b.full, b.refusing = now, false, false
 			over := len(ids) > b.live
 			if !over {
 				b.live -= len(ids)
@@ -298,6 +301,15 @@ func (b *Backend) read() {
 			}
 			if queued {
 				b.g.poke()
+			}
+		case handoff.TypeRefuse:
+			if ids, err = handoff.ParseIDs(ids[:0], typ, body); err != nil {
+				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
+				return
+			}
+			if err := b.refused(ids, now); err != nil {
+				b.g.fail(b, err, handoff.CodeUnexpected)
+				return
 			}
 		case handoff.TypeReady:
 			b.g.mu.Lock()
@@ -336,6 +348,38 @@ func (b *Backend) read() {
 			return
 		}
 	}
+}
+
+// refused takes back connections the worker could not receive (REFUSE: its fd never reached
+// it, so nobody but the gateway holds the socket) and gives them to other workers, as after a
+// failed send. The worker gets no more until it reports a CLOSED.
+func (b *Backend) refused(ids []uint64, now time.Time) error {
+	b.g.mu.Lock()
+	for _, id := range ids {
+		if b.pending[id] == nil {
+			// All or nothing: fail() then deals with what is still pending.
+			b.g.mu.Unlock()
+			return fmt.Errorf("%w: REFUSE for connection %#x never sent to it (or acked)", ErrProtocol, id)
+		}
+	}
+	back := make([]*clientConn, 0, len(ids))
+	for _, id := range ids {
+		back = append(back, b.pending[id])
+		delete(b.pending, id)
+	}
+	b.lastSeen, b.refusing = now, true
+	b.g.mu.Unlock()
+	b.log.Warn("worker could not receive connections (out of file descriptors?); handing them to others", "count", len(back))
+	scratch := make([]byte, 0, handoff.MaxMessage)
+	for _, c := range back {
+		if c.attempts >= b.g.cfg.MaxAttempts {
+			b.g.closeConn(c, ReasonRetries)
+			continue
+		}
+		b.g.stats.redispatched.Add(1)
+		b.g.dispatch(c, &scratch)
+	}
+	return nil
 }
 
 // fail removes b. A protocol error (code != 0) is reported to the worker before the channel

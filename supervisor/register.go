@@ -159,7 +159,7 @@ func (s *Supervisor) admit(c *net.UnixConn) {
 		Ready: h.Flags&handoff.HelloReady != 0, Draining: h.Flags&handoff.HelloDraining != 0, Live: int(h.Live),
 		Nonblock: h.Flags&handoff.HelloNonblock != 0,
 	}
-	w := handoff.Welcome{Version: version, PingInterval: s.gw.PingInterval(), Generation: s.cfg.Generation}
+	w := handoff.Welcome{Version: version, PingInterval: s.gw.PingInterval(), Generation: s.cfg.Generation, Flags: handoff.WelcomeRefuse}
 	if info.Nonblock {
 		w.Flags |= handoff.WelcomeNonblock
 	}

@@ -37,6 +37,8 @@ type session struct {
 	acks     []uint64
 	batch    []*Conn
 	unusable []uint64 // acked ids whose fd was no usable connection
+	refused  []uint64 // ids whose fd never arrived, to REFUSE (refuse: batond understands it)
+	refuse   bool
 	// nonblock: batond sends CONN fds already non-blocking (WELCOME granted HELLO's NONBLOCK).
 	nonblock bool
 
@@ -150,6 +152,7 @@ func (l *Listener) handshake(ch *handoff.Channel, h *handoff.Hello) (*session, e
 				writerDone: make(chan struct{}),
 				readySent:  h.Flags&handoff.HelloReady != 0,
 				nonblock:   w.Flags&handoff.WelcomeNonblock != 0,
+				refuse:     w.Flags&handoff.WelcomeRefuse != 0,
 			}, nil
 		case t == handoff.TypeError:
 			e, err := handoff.ParseError(body)
@@ -263,9 +266,9 @@ func (s *session) readLoop() error {
 			fd  int
 			err error
 		)
-		if len(s.acks) == 0 {
+		if len(s.acks)+len(s.refused) == 0 {
 			msg, fd, err = s.ch.Recv(s.rbuf)
-		} else if len(s.acks) < handoff.MaxIDs {
+		} else if len(s.acks) < handoff.MaxIDs && len(s.refused) < handoff.MaxIDs {
 			msg, fd, err = s.ch.TryRecv(s.rbuf)
 		} else {
 			err = handoff.ErrWouldBlock
@@ -276,7 +279,9 @@ func (s *session) readLoop() error {
 			}
 			continue
 		}
-		if err == nil {
+		if errors.Is(err, handoff.ErrNoFD) {
+			err = s.handleNoFD(msg)
+		} else if err == nil {
 			err = s.handle(msg, fd)
 		} else {
 			switch {
@@ -295,12 +300,43 @@ func (s *session) readLoop() error {
 	}
 }
 
+// handleNoFD deals with a CONN whose fd the kernel could not give this process (out of
+// descriptors). Where batond understands REFUSE, the connection goes back to it for another
+// worker; else it is acked and reported closed at once, so batond closes it (the client is
+// lost, and logged here, rather than this worker's channel and every session with it).
+func (s *session) handleNoFD(msg []byte) error {
+	_, body, err := handoff.Split(msg)
+	var info handoff.ConnInfo
+	if err == nil {
+		err = handoff.ParseConn(body, &info)
+	}
+	if err != nil {
+		return protocolError(s.ch, handoff.CodeMalformed, err)
+	}
+	if s.refuse {
+		s.l.log.Warn("could not receive a connection's descriptor (out of file descriptors?); batond gives it to another worker", "id", info.ID)
+		s.refused = append(s.refused, info.ID)
+		return nil
+	}
+	s.l.log.Error("could not receive a connection's descriptor (out of file descriptors?); the client is closed", "id", info.ID)
+	s.acks = append(s.acks, info.ID)
+	s.unusable = append(s.unusable, info.ID)
+	return nil
+}
+
 // ackBatch sends one ACK for the CONNs read since the last one and only then delivers them to
 // Accept: nothing reads a client byte before batond has the ACK. Even if the ACK failed (the
 // channel dropped), the connections are kept: the fds are ours now, the next HELLO counts them,
 // and a gateway that is still alive will not hand them to anyone else before this process is
 // gone.
 func (s *session) ackBatch() error {
+	if len(s.refused) > 0 {
+		s.wbuf = handoff.AppendIDs(s.wbuf[:0], handoff.TypeRefuse, s.refused)
+		s.refused = s.refused[:0]
+		if err := s.ch.Send(s.wbuf); err != nil && len(s.acks) == 0 {
+			return err
+		}
+	}
 	if len(s.acks) == 0 {
 		return nil
 	}

@@ -154,3 +154,54 @@ exec %[2]s -listen 127.0.0.1:0 -workers 1 -socket %[3]s/w.sock -admin %[3]s/a.so
 		t.Fatalf("exit %v, want 1 with the pid file and ENOSPC named:\n%s", err, out)
 	}
 }
+
+// A worker out of file descriptors cannot receive the next client's fd. It says so (REFUSE)
+// instead of failing its channel: batond gives the client to another worker, sends the full one
+// nothing until it reports a close, and nobody is killed or dropped.
+func TestWorkerOutOfFDs(t *testing.T) {
+	g := startGateway(t, opts{workers: 2})
+	st := g.status()
+	full := st.Workers[0].PID
+	other := st.Workers[1].PID
+	// Room for about two more descriptors (the limit is on fd numbers, and there may be a
+	// hole or two below it): a few clients, then the kernel cannot install the next fd.
+	lim := &unix.Rlimit{Cur: uint64(countFDs(t, full) + 2), Max: uint64(countFDs(t, full) + 2)}
+	if err := unix.Prlimit(full, unix.RLIMIT_NOFILE, lim, nil); err != nil {
+		t.Fatal(err)
+	}
+	const n = 30
+	var clients []*client
+	defer func() {
+		for _, c := range clients {
+			c.c.Close()
+		}
+	}()
+	served := map[int]int{}
+	for i := 0; i < n; i++ {
+		c, err := dial(g.addr)
+		if err != nil {
+			t.Fatalf("client %d: %v (log: %s)", i, err, g.log.String())
+		}
+		clients = append(clients, c)
+		if err := c.echo(fmt.Sprintf("client %d", i)); err != nil {
+			t.Fatalf("client %d: %v", i, err)
+		}
+		_, pid := c.worker()
+		served[pid]++
+	}
+	if served[full] > 6 || served[full]+served[other] != n {
+		t.Errorf("served by pid: %v; the full worker (%d) has room for a few", served, full)
+	}
+	st = checkInvariant(t, g)
+	for i, w := range st.Workers {
+		if w.PID != []int{full, other}[i] {
+			t.Errorf("worker %d is now pid %d: it was restarted (log: %s)", i, w.PID, g.log.String())
+		}
+	}
+	if st.Gateway.Redispatched == 0 || st.Gateway.ClosedTotal() != 0 || st.Gateway.Acked != n {
+		t.Errorf("gateway: %+v; want re-dispatches, no client closed, all %d acked", st.Gateway, n)
+	}
+	if !strings.Contains(g.log.String(), "could not receive") {
+		t.Errorf("no log line says why: %s", g.log.String())
+	}
+}
