@@ -103,6 +103,10 @@ func TestReport(t *testing.T) {
 			t.Errorf("goal %q: %+v", w, g)
 		}
 	}
+	// Round by round: D's rates 9801..9803 over A's 10001..10003.
+	if m := goals["storm conn/s (saturated)"].Measured; !strings.Contains(m, "(round by round: 0.98, 0.98, 0.98)") {
+		t.Errorf("storm goal lacks the per-round ratios: %s", m)
+	}
 	md := r.Markdown(true)
 	for _, want := range []string{"| metric | unit | A direct | C haproxy | D baton | D8 baton 8w | D÷A | D÷C |", "**met**", "9,802", "| 0.98 |", "server side pinned to CPU 0"} {
 		if !strings.Contains(md, want) {
