@@ -1,5 +1,5 @@
 // Package handoff owns the wire protocol between batond and its workers: the message
-// encodings of PROTOCOL.md (version 1) and Channel, one SOCK_SEQPACKET connection that carries
+// encodings of PROTOCOL.md (version 1, revision 1.1) and Channel, one SOCK_SEQPACKET connection that carries
 // those messages and, on CONN, exactly one client fd as SCM_RIGHTS.
 //
 // It knows nothing of processes, balancing or policy; the gateway (proxy, supervisor) and the

@@ -25,6 +25,14 @@
 // address is configured (WithFallback or BATON_FALLBACK_LISTEN), in which case the Listener
 // listens on that TCP address itself, for local development.
 //
+// A handed-off connection is not a *net.TCPConn (Conn.TCPConn makes one on demand): it is the
+// received socket itself on the runtime poller, read and written with non-blocking raw syscalls
+// (an ordinary syscall wakes the runtime's sysmon thread whenever the process was idle, a fifth
+// of a worker's CPU at a few thousand connections a second), and io.Copy between it and another
+// TCP socket splices through a pipe the copy holds only while bytes move. CONNs that arrive
+// together are acked with one ACK; a CONN whose fd could not be received (the process is out of
+// descriptors) is REFUSEd, so batond gives it to another worker.
+//
 // The package uses only the standard library, golang.org/x/sys and baton's handoff package,
 // because game servers import it.
 package worker

@@ -2,9 +2,12 @@
 
 ``batond`` accepts TCP connections and hands each connected socket to one of its worker
 processes over a ``SOCK_SEQPACKET`` Unix socket (``SCM_RIGHTS``). This module is the worker side
-of that protocol (``handoff/PROTOCOL.md``, version 1): it registers with ``batond``, receives client
-sockets, acknowledges them at once, reports when they end, answers pings, honours ``DRAIN`` and
-re-registers by itself when the channel to ``batond`` drops, keeping every client session.
+of that protocol (``handoff/PROTOCOL.md``, version 1, revision 1.1): it registers with ``batond``,
+receives client sockets, acknowledges them at once, reports when they end, answers pings, honours
+``DRAIN`` and re-registers by itself when the channel to ``batond`` drops, keeping every client
+session. A ``CONN`` whose fd cannot be received (the process is out of file descriptors) costs
+that one client at most, never the channel: it is refused (``REFUSE``: ``batond`` gives the client
+to another worker) or, with a 1.0 gateway, acked and reported closed at once.
 
 Blocking API (one background thread owns the channel; ``accept`` is thread-safe)::
 
@@ -86,6 +89,9 @@ __all__ = [
     "MAX_IDS",
     "FLAG_READY",
     "FLAG_DRAINING",
+    "FLAG_NONBLOCK",
+    "WELCOME_NONBLOCK",
+    "WELCOME_REFUSE",
     "MsgType",
     "ErrorCode",
     "Hello",
@@ -97,6 +103,7 @@ __all__ = [
     "NotUnderBaton",
     "ConfigError",
     "RegistrationError",
+    "NoFDError",
     "Draining",
     "WorkerClosed",
     "split",
@@ -107,6 +114,7 @@ __all__ = [
     "encode_ids",
     "encode_ack",
     "encode_closed",
+    "encode_refuse",
     "encode_ping",
     "encode_pong",
     "encode_conn",
@@ -132,7 +140,8 @@ log = logging.getLogger("baton_worker")
 # Protocol constants (PROTOCOL.md)
 # --------------------------------------------------------------------------------------------
 
-#: The protocol version this module speaks.
+#: The protocol version this module speaks (of it, revision 1.1: compatible revisions append
+#: fields and messages without changing the version, PROTOCOL.md "Versioning").
 VERSION = 1
 #: Largest message, header included.
 MAX_MESSAGE = 4096
@@ -149,6 +158,17 @@ OPTIONAL_TYPE = 0x80
 FLAG_READY = 1 << 0
 #: HELLO flag bit 1: the worker has been told to drain.
 FLAG_DRAINING = 1 << 1
+#: HELLO flag bit 2 (1.1): send CONN fds in non-blocking mode. This module never asks for it: the
+#: blocking API hands out blocking sockets, and asyncio sets the mode itself.
+FLAG_NONBLOCK = 1 << 2
+
+#: WELCOME flag bit 0 (1.1): every CONN fd on this channel arrives with ``O_NONBLOCK`` set (only
+#: granted to a worker whose HELLO has :data:`FLAG_NONBLOCK`).
+WELCOME_NONBLOCK = 1 << 0
+#: WELCOME flag bit 1 (1.1): the gateway understands ``REFUSE``: a ``CONN`` whose fd this process
+#: could not receive is refused and goes to another worker. Without it (a 1.0 gateway) such a
+#: ``CONN`` is acked and reported ``CLOSED`` at once, and its client is disconnected.
+WELCOME_REFUSE = 1 << 1
 
 #: Backoff between re-registration attempts: first delay and cap, in seconds.
 BACKOFF_MIN = 0.1
@@ -168,6 +188,7 @@ class MsgType(enum.IntEnum):
     PONG = 0x08
     CONN = 0x09
     DRAIN = 0x0A
+    REFUSE = 0x0B  # 1.1: only to a gateway whose WELCOME has WELCOME_REFUSE
 
 
 class ErrorCode(enum.IntEnum):
@@ -275,6 +296,21 @@ class WorkerClosed(BatonException):
     """The worker was closed with :meth:`Worker.close`."""
 
 
+class NoFDError(BatonException):
+    """A ``CONN`` arrived whole but without its fd: the kernel could not install the fd in this
+    process (out of file descriptors: ``recvmsg`` reported ``MSG_CTRUNC`` and no fd came).
+
+    Raised by :func:`recv_message`. Not a protocol error (PROTOCOL.md, "A CONN without its fd"):
+    the receiver answers ``REFUSE`` with the id (if ``WELCOME`` has :data:`WELCOME_REFUSE`), else
+    ``ACK`` then ``CLOSED``, and keeps the channel. ``message`` is the whole, undecoded ``CONN``.
+    """
+
+    def __init__(self, message: bytes, flags: int) -> None:
+        self.message = message
+        self.flags = flags
+        super().__init__("CONN arrived without its fd (out of file descriptors?) (recvmsg flags 0x%x)" % flags)
+
+
 # --------------------------------------------------------------------------------------------
 # Messages and their encoding
 # --------------------------------------------------------------------------------------------
@@ -283,7 +319,7 @@ Address = Optional[Tuple[str, int]]
 
 _HDR = struct.Struct("<BBH")
 _HELLO = struct.Struct("<HHIIQIII")
-_WELCOME = struct.Struct("<HHIQ")
+_WELCOME = struct.Struct("<HHIQI")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -309,11 +345,13 @@ class Hello:
 @dataclass
 class Welcome:
     """A ``WELCOME`` (gateway -> worker): the chosen version, the ping interval in
-    milliseconds and the gateway's current generation."""
+    milliseconds, the gateway's current generation and (1.1) its flags
+    (:data:`WELCOME_NONBLOCK`, :data:`WELCOME_REFUSE`; 0 from a 1.0 gateway, which sends none)."""
 
     version: int = VERSION
     ping_interval_ms: int = 0
     generation: int = 0
+    flags: int = 0
 
 
 @dataclass
@@ -371,8 +409,9 @@ def encode_hello(h: Hello) -> bytes:
 
 
 def encode_welcome(w: Welcome) -> bytes:
-    """Encode a ``WELCOME`` (gateway side; for tests and tools)."""
-    return _frame(MsgType.WELCOME, _WELCOME.pack(w.version, 0, w.ping_interval_ms, w.generation))
+    """Encode a ``WELCOME`` as of 1.1, ``flags`` included (gateway side; for tests and tools).
+    A 1.0 gateway's WELCOME is the same without its last 4 body bytes."""
+    return _frame(MsgType.WELCOME, _WELCOME.pack(w.version, 0, w.ping_interval_ms, w.generation, w.flags))
 
 
 def encode_error(code: int, reason: str) -> bytes:
@@ -386,7 +425,7 @@ def encode_ready() -> bytes:
 
 
 def encode_ids(t: int, ids: Sequence[int]) -> bytes:
-    """Encode an ``ACK`` or ``CLOSED`` with 1..511 ids (callers batch longer lists)."""
+    """Encode an ``ACK``, ``CLOSED`` or ``REFUSE`` with 1..511 ids (callers batch longer lists)."""
     if not 1 <= len(ids) <= MAX_IDS:
         raise ValueError("%s carries 1..%d ids, not %d" % (_type_name(t), MAX_IDS, len(ids)))
     return _frame(t, _U16.pack(len(ids)) + struct.pack("<%dQ" % len(ids), *ids))
@@ -400,6 +439,12 @@ def encode_ack(ids: Sequence[int]) -> bytes:
 def encode_closed(ids: Sequence[int]) -> bytes:
     """Encode a ``CLOSED`` for ``ids``."""
     return encode_ids(MsgType.CLOSED, ids)
+
+
+def encode_refuse(ids: Sequence[int]) -> bytes:
+    """Encode a ``REFUSE`` for ``ids`` (1.1; only to a gateway whose WELCOME has
+    :data:`WELCOME_REFUSE`)."""
+    return encode_ids(MsgType.REFUSE, ids)
 
 
 def encode_ping(nonce: int) -> bytes:
@@ -475,6 +520,12 @@ class _Reader:
     def u64(self, field: str) -> int:
         return _U64.unpack_from(self.b, self._take(8, field))[0]
 
+    def opt_u32(self) -> int:
+        """A field appended by a later revision: absent (an older sender) reads as 0."""
+        if len(self.b) - self.pos < 4:
+            return 0
+        return self.u32("")
+
     def raw(self, n: int, field: str) -> bytes:
         p = self._take(n, field)
         return self.b[p : p + n]
@@ -525,11 +576,16 @@ def parse_hello(body: bytes) -> Hello:
 
 
 def parse_welcome(body: bytes) -> Welcome:
-    """Decode a ``WELCOME`` body."""
+    """Decode a ``WELCOME`` body: 1.0 (ending after ``generation``; ``flags`` reads as 0) or 1.1."""
     r = _Reader(body, MsgType.WELCOME)
     version = r.u16("version")
     r.u16("reserved")
-    return Welcome(version=version, ping_interval_ms=r.u32("ping_interval_ms"), generation=r.u64("generation"))
+    return Welcome(
+        version=version,
+        ping_interval_ms=r.u32("ping_interval_ms"),
+        generation=r.u64("generation"),
+        flags=r.opt_u32(),
+    )
 
 
 def parse_error(body: bytes) -> BatonError:
@@ -540,7 +596,7 @@ def parse_error(body: bytes) -> BatonError:
 
 
 def parse_ids(t: int, body: bytes) -> List[int]:
-    """Decode an ``ACK`` or ``CLOSED`` body: 1..511 ids."""
+    """Decode an ``ACK``, ``CLOSED`` or ``REFUSE`` body: 1..511 ids."""
     r = _Reader(body, t)
     n = r.u16("count")
     if not 1 <= n <= MAX_IDS:
@@ -592,8 +648,10 @@ def recv_message(sock: socket.socket) -> Optional[Tuple[bytes, Optional[int]]]:
     message), or ``None`` at end of stream. It enforces the transport rules: ``MSG_TRUNC`` or
     ``MSG_CTRUNC`` raise :class:`ProtocolError` ``TOO_BIG``; not exactly one fd on ``CONN``, or
     any fd on another message, raise ``FDS``. Every fd received with a rejected message is closed.
-    The message itself is not decoded (see :func:`split`). ``BlockingIOError`` and other
-    ``OSError`` propagate.
+    One case is not an error of the peer: a whole ``CONN`` (no ``MSG_TRUNC``) with ``MSG_CTRUNC``
+    and no fd at all, which is what this process gets when it is out of file descriptors, raises
+    :class:`NoFDError` carrying the message. The message itself is not decoded (see
+    :func:`split`). ``BlockingIOError`` and other ``OSError`` propagate.
     """
     data, anc, flags, _addr = sock.recvmsg(MAX_MESSAGE, _ANC_SPACE, _RECV_FLAGS)
     fds: List[int] = []
@@ -602,6 +660,16 @@ def recv_message(sock: socket.socket) -> Optional[Tuple[bytes, Optional[int]]]:
             a = array.array("i")
             a.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
             fds.extend(a)
+    if (
+        not flags & socket.MSG_TRUNC
+        and flags & socket.MSG_CTRUNC
+        and not fds
+        and data
+        and data[0] == MsgType.CONN
+    ):
+        # Whole, but its fd could not be installed here (EMFILE): PROTOCOL.md, "A CONN without
+        # its fd". The receiver refuses (or acks and closes) this one client, not the channel.
+        raise NoFDError(data, flags)
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise ProtocolError(
@@ -850,8 +918,11 @@ class Worker:
         # Owned by the driver (the channel thread, or the event loop).
         self._mode: Optional[str] = None
         self._chan: Optional[socket.socket] = None
-        # (message, connections it ACKs, connection ids it reports CLOSED)
-        self._outq: Deque[Tuple[bytes, Optional[List[_Conn]], Optional[List[int]]]] = collections.deque()
+        # (message, connections it ACKs, connection ids it reports CLOSED, ids it ACKs whose fd
+        # never arrived: to report CLOSED once it is written)
+        self._outq: Deque[
+            Tuple[bytes, Optional[List[_Conn]], Optional[List[int]], Optional[List[int]]]
+        ] = collections.deque()
         # Ended connections whose CLOSED is not sent yet (the channel was down): counted in the
         # next HELLO's live and reported after its WELCOME (PROTOCOL.md, Re-registration).
         self._unreported: List[int] = []
@@ -1262,7 +1333,9 @@ class Worker:
     def _read_welcome(self, sock: socket.socket) -> Welcome:
         """Driver: read the answer to HELLO. BlockingIOError if it has not arrived yet."""
         try:
-            got = recv_message(sock)
+            got: Optional[Tuple[bytes, Optional[int]]] = recv_message(sock)
+        except NoFDError as e:
+            got = (e.message, None)  # a CONN before WELCOME: UNEXPECTED below, fd or not
         except ProtocolError as e:
             _send_error(sock, e)
             raise
@@ -1300,7 +1373,7 @@ class Worker:
         self._reconnect_due = None
         self._ready_sent = bool(self._hello_flags & FLAG_READY)
         log.info(
-            "registered with batond at %s: pid %d, slot %s, generation %s, %d live%s%s (protocol v%d, gateway generation %d, ping every %d ms)",
+            "registered with batond at %s: pid %d, slot %s, generation %s, %d live%s%s (protocol v%d, gateway generation %d, ping every %d ms, flags 0x%x)",
             self._path,
             self.pid,
             self.slot,
@@ -1311,6 +1384,7 @@ class Worker:
             w.version,
             w.generation,
             w.ping_interval_ms,
+            w.flags,
         )
         if self._mode == _MODE_ASYNCIO:
             assert self._loop is not None
@@ -1319,11 +1393,17 @@ class Worker:
         self._notify()
 
     def _send(
-        self, data: bytes, conns: Optional[List[_Conn]] = None, cids: Optional[List[int]] = None
+        self,
+        data: bytes,
+        conns: Optional[List[_Conn]] = None,
+        cids: Optional[List[int]] = None,
+        unusable: Optional[List[int]] = None,
     ) -> None:
         """Driver: send one message. ``conns`` are handed to the program once it is written
         (it is their ACK); if it cannot be, they are closed unreported. ``cids`` are the ids a
-        CLOSED reports; if it cannot be sent, they wait for the next registration."""
+        CLOSED reports; if it cannot be sent, they wait for the next registration. ``unusable``
+        are ids this ACK acknowledges whose fd never arrived: once it is written they are
+        reported CLOSED; if it cannot be, they are forgotten (batond still owns them)."""
         chan = self._chan
         if chan is None:
             self._discard(conns)
@@ -1331,12 +1411,12 @@ class Worker:
                 self._unreported.extend(cids)
             return
         if self._outq:
-            self._outq.append((data, conns, cids))
+            self._outq.append((data, conns, cids, unusable))
             return
         try:
             chan.send(data, _SEND_FLAGS)
         except (BlockingIOError, InterruptedError):
-            self._outq.append((data, conns, cids))
+            self._outq.append((data, conns, cids, unusable))
             self._want_write(True)
             return
         except OSError as e:
@@ -1345,14 +1425,21 @@ class Worker:
                 self._unreported.extend(cids)
             self._lost(e)
             return
+        self._sent(conns, unusable)
+
+    def _sent(self, conns: Optional[List[_Conn]], unusable: Optional[List[int]]) -> None:
+        """Driver: an ACK is written: its connections go to the program, and the ids among it
+        whose fd never arrived are reported CLOSED at once (batond counts them from the ACK)."""
         if conns:
             self._publish(conns)
+        if unusable:
+            self._send(encode_closed(unusable), cids=unusable)
 
     def _on_writable(self) -> None:
         """Driver: the channel can take more: send what waits."""
         chan = self._chan
-        while chan is not None and self._outq:
-            data, conns, _ = self._outq[0]
+        while chan is not None and self._chan is chan and self._outq:
+            data, conns, _, unusable = self._outq[0]
             try:
                 chan.send(data, _SEND_FLAGS)
             except (BlockingIOError, InterruptedError):
@@ -1361,8 +1448,7 @@ class Worker:
                 self._lost(e)
                 return
             self._outq.popleft()
-            if conns:
-                self._publish(conns)
+            self._sent(conns, unusable)
         self._want_write(False)
 
     def _on_readable(self) -> None:
@@ -1371,12 +1457,17 @@ class Worker:
         if chan is None:
             return
         conns: List[_Conn] = []
+        refused: List[int] = []  # CONNs whose fd never arrived, to REFUSE (batond knows it)
+        unusable: List[int] = []  # the same without REFUSE: ACK, then CLOSED at once
         try:
             for _ in range(64):
                 try:
                     got = recv_message(chan)
                 except (BlockingIOError, InterruptedError):
                     break
+                except NoFDError as e:
+                    self._no_fd(e.message, refused, unusable)
+                    continue
                 if got is None:
                     raise ConnectionResetError(errno.ECONNRESET, "batond closed the channel")
                 data, fd = got
@@ -1434,13 +1525,44 @@ class Worker:
         except BaseException:
             self._discard(conns)
             raise
-        if conns:
+        for i in range(0, len(refused), MAX_IDS):
+            self._send(encode_refuse(refused[i : i + MAX_IDS]))
+        if conns or unusable:
             if log.isEnabledFor(logging.DEBUG):
                 for _, info in conns:
                     log.debug("CONN %#x from %s on %r", info.id, info.client, info.listener)
-            for i in range(0, len(conns), MAX_IDS):
+            # One ACK per batch: the received connections' ids, then those whose fd never came.
+            ids = [c[1].id for c in conns] + unusable
+            for i in range(0, len(ids), MAX_IDS):
                 part = conns[i : i + MAX_IDS]
-                self._send(encode_ack([c[1].id for c in part]), part)
+                ack = ids[i : i + MAX_IDS]
+                self._send(encode_ack(ack), part or None, unusable=ack[len(part) :] or None)
+
+    def _no_fd(self, msg: bytes, refused: List[int], unusable: List[int]) -> None:
+        """Driver: a CONN arrived without its fd (this process is out of file descriptors).
+        Not a protocol error: where batond understands REFUSE the client goes back to it for
+        another worker; else it is acked and reported CLOSED at once, so batond closes it (one
+        client lost, and logged, rather than the channel and every session with it)."""
+        _t, body = split(msg)
+        info = parse_conn(body)
+        w = self.welcome
+        if w is not None and w.flags & WELCOME_REFUSE:
+            log.warning(
+                "CONN %#x from %s arrived without its fd (out of file descriptors? raise the open "
+                "files limit or lower capacity); refused: batond gives the client to another worker",
+                info.id,
+                info.client,
+            )
+            refused.append(info.id)
+        else:
+            log.error(
+                "CONN %#x from %s arrived without its fd (out of file descriptors? raise the open "
+                "files limit or lower capacity); batond does not know REFUSE (protocol 1.0): acked "
+                "and reported closed, the client is disconnected",
+                info.id,
+                info.client,
+            )
+            unusable.append(info.id)
 
     def _on_drain(self, deadline_ms: int) -> None:
         with self._cond:
@@ -1522,7 +1644,7 @@ class Worker:
             chan.close()
         pending = list(self._outq)
         self._outq.clear()
-        for _, conns, cids in pending:
+        for _, conns, cids, _unusable in pending:  # an unsent ACK: batond still owns them all
             self._discard(conns)
             if cids:
                 self._unreported.extend(cids)

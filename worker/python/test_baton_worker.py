@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import gc
 import itertools
 import logging
 import os
+import resource
 import socket
 import struct
 import sys
@@ -60,6 +62,33 @@ def fd_copies(fd: int) -> int:
         except OSError:
             pass
     return n
+
+
+@contextlib.contextmanager
+def out_of_fds():
+    """Inside, this process can open no fd: RLIMIT_NOFILE's soft limit is the lowest free fd
+    number (the limit is on fd numbers). A CONN's fd then cannot be received: recvmsg reports
+    MSG_CTRUNC and delivers none. Garbage collection is off inside so that no finalizer frees a
+    lower number meanwhile. Keep the inside short and free of anything that opens fds."""
+    gc.collect()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    free = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    os.close(free)
+    gc.disable()
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        gc.enable()
+
+
+def welcome_1_0(w: bw.Welcome) -> bytes:
+    """A 1.0 gateway's WELCOME: no flags field (and so the body ends after generation)."""
+    msg = bw.encode_welcome(w)[:-4]
+    return msg[:2] + struct.pack("<H", len(msg) - 4) + msg[4:]
 
 
 def wait_until(pred, timeout: float = 5.0, what: str = "condition") -> None:
@@ -141,8 +170,10 @@ class Chan:
         self.hello = bw.parse_hello(body)
         return self.hello
 
-    def welcome(self, generation: int = 7, ping_ms: int = 1000) -> None:
-        self.send(bw.encode_welcome(bw.Welcome(version=1, ping_interval_ms=ping_ms, generation=generation)))
+    def welcome(self, generation: int = 7, ping_ms: int = 1000, flags: int = 0, old: bool = False) -> None:
+        """Answer HELLO: a 1.1 WELCOME with ``flags``, or with ``old`` a 1.0 one (no flags field)."""
+        w = bw.Welcome(version=1, ping_interval_ms=ping_ms, generation=generation, flags=flags)
+        self.send(welcome_1_0(w) if old else bw.encode_welcome(w))
 
     def hand_off(
         self,
@@ -198,10 +229,10 @@ class FakeGateway:
         self.chans.append(ch)
         return ch
 
-    def handshake(self, timeout: float = 5.0, generation: int = 7) -> Chan:
+    def handshake(self, timeout: float = 5.0, generation: int = 7, flags: int = 0, old: bool = False) -> Chan:
         ch = self.accept(timeout)
         ch.read_hello()
-        ch.welcome(generation=generation)
+        ch.welcome(generation=generation, flags=flags, old=old)
         return ch
 
     def tcp_pair(self) -> Tuple[socket.socket, socket.socket]:
@@ -314,7 +345,7 @@ class CodecTest(unittest.TestCase):
 
     def test_welcome_error_ping_pong_drain(self):
         w = bw.encode_welcome(bw.Welcome(1, 2500, 9))
-        self.assertEqual(w, h("02 00 10 00  01 00 00 00  c4 09 00 00  09 00 00 00 00 00 00 00"))
+        self.assertEqual(w, h("02 00 14 00  01 00 00 00  c4 09 00 00  09 00 00 00 00 00 00 00  00 00 00 00"))
         self.assertEqual(bw.parse_welcome(bw.split(w)[1]), bw.Welcome(1, 2500, 9))
         e = bw.encode_error(C.TOKEN, "no")
         self.assertEqual(e, h("03 00 06 00  02 00  02 00 6e 6f"))
@@ -349,11 +380,42 @@ class CodecTest(unittest.TestCase):
         self.assertEqual(bw.parse_drain(b"\x01\x00\x00\x00\xff"), 1)
         self.assertEqual(bw.parse_nonce(T.PING, b"\x01" + b"\x00" * 8), 1)
 
+    def test_welcome_1_0_and_1_1(self):
+        # 1.0: the body ends after generation; flags read as 0 (nothing granted).
+        old = h("02 00 10 00  01 00 00 00  c4 09 00 00  09 00 00 00 00 00 00 00")
+        self.assertEqual(welcome_1_0(bw.Welcome(1, 2500, 9)), old)
+        self.assertEqual(bw.parse_welcome(bw.split(old)[1]), bw.Welcome(1, 2500, 9, flags=0))
+        # 1.1: u32 flags appended.
+        new = h("02 00 14 00  01 00 00 00  c4 09 00 00  09 00 00 00 00 00 00 00  03 00 00 00")
+        w = bw.Welcome(1, 2500, 9, flags=bw.WELCOME_NONBLOCK | bw.WELCOME_REFUSE)
+        self.assertEqual(bw.encode_welcome(w), new)
+        self.assertEqual(bw.parse_welcome(bw.split(new)[1]), w)
+        self.assertEqual((bw.WELCOME_NONBLOCK, bw.WELCOME_REFUSE, bw.FLAG_NONBLOCK), (1, 2, 4))
+        # Later revisions append more: ignored.
+        self.assertEqual(bw.parse_welcome(new[4:] + b"\x01\x02\x03\x04\x05"), w)
+        # 1 to 3 bytes after generation are no flags field (as Go's reader): 0.
+        for n in (1, 2, 3):
+            self.assertEqual(bw.parse_welcome(old[4:] + b"\xff" * n).flags, 0)
+        self.assertEqual(bw.parse_welcome(bw.split(bw.encode_welcome(bw.Welcome(flags=0xFFFFFFFF)))[1]).flags, 0xFFFFFFFF)
+
+    def test_refuse(self):
+        self.assertEqual(T.REFUSE, 0x0B)
+        self.assertEqual(T(0x0B).name, "REFUSE")
+        ack = h("05 00 12 00  02 00  07 00 00 00 00 00 00 00  09 00 00 00 00 00 00 00")
+        refuse = bw.encode_refuse([7, 9])
+        self.assertEqual(refuse, b"\x0b" + ack[1:])  # the body of an ACK, type 0x0B
+        t, body = bw.split(refuse)
+        self.assertEqual((t, bw.parse_ids(t, body)), (T.REFUSE, [7, 9]))
+        self.assertEqual(len(bw.encode_refuse(list(range(511)))), 4 + 2 + 511 * 8)
+        for ids in ([], list(range(512))):
+            with self.assertRaises(ValueError):
+                bw.encode_refuse(ids)
+
     def test_truncated_bodies_are_malformed(self):
         cases = [
             (bw.parse_conn, self.CONN_EXAMPLE[4:]),
             (bw.parse_hello, bw.encode_hello(bw.Hello(token=TOKEN))[4:]),
-            (bw.parse_welcome, bw.encode_welcome(bw.Welcome())[4:]),
+            (bw.parse_welcome, welcome_1_0(bw.Welcome())[4:]),  # flags are optional (1.1)
             (bw.parse_error, bw.encode_error(5, "why")[4:]),
             (bw.parse_drain, bw.encode_drain(1)[4:]),
             (lambda b: bw.parse_nonce(T.PING, b), bw.encode_ping(1)[4:]),
@@ -440,6 +502,33 @@ class RecvMessageTest(unittest.TestCase):
         self.rejects(bw.encode_ready(), 1, C.FDS)
         self.rejects(conn, 6, C.TOO_BIG)  # more fds than the receive buffer has room for
         self.rejects(b"\x81\x00" + struct.pack("<H", 5000) + b"\x00" * 5000, 0, C.TOO_BIG)
+
+    def test_conn_out_of_fds(self):
+        # Only a whole CONN whose fd could not be installed (MSG_CTRUNC, no fd) is special:
+        # NoFDError carrying the message. Anything else truncated stays TOO_BIG.
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        conn = bw.encode_conn(bw.ConnInfo(77, None, None, "l"))
+        socket.send_fds(self.a, [conn], [r])
+        socket.send_fds(self.a, [bw.encode_ready()], [r])
+        gc.collect()  # earlier tests' garbage closes its fds now, not inside
+        before = open_fds()
+        with out_of_fds():
+            with self.assertRaises(bw.NoFDError) as cm:
+                bw.recv_message(self.b)
+            with self.assertRaises(bw.ProtocolError) as cm2:
+                bw.recv_message(self.b)
+        self.assertEqual(cm.exception.message, conn)
+        self.assertTrue(cm.exception.flags & socket.MSG_CTRUNC)
+        self.assertNotIsInstance(cm.exception, bw.ProtocolError)
+        self.assertEqual(cm2.exception.code, C.TOO_BIG)
+        self.assertEqual(open_fds(), before)
+        # With the limit back, the same CONN arrives with its fd.
+        socket.send_fds(self.a, [conn], [r])
+        data, fd = bw.recv_message(self.b)
+        self.assertEqual(data, conn)
+        os.close(fd)
 
     def test_good_and_eof(self):
         r, w = os.pipe()
@@ -575,10 +664,11 @@ class BlockingTest(unittest.TestCase):
         self.gw = FakeGateway()
         self.addCleanup(self.gw.close)
 
-    def start(self, **kw) -> Tuple[bw.Worker, Chan]:
-        """Start a Worker (its constructor blocks until WELCOME) against the fake gateway."""
+    def start(self, welcome: Optional[dict] = None, **kw) -> Tuple[bw.Worker, Chan]:
+        """Start a Worker (its constructor blocks until WELCOME) against the fake gateway;
+        ``welcome`` are keyword arguments for its WELCOME (FakeGateway.handshake)."""
         box = {}
-        t = threading.Thread(target=lambda: box.setdefault("ch", self.gw.handshake()))
+        t = threading.Thread(target=lambda: box.setdefault("ch", self.gw.handshake(**(welcome or {}))))
         t.start()
         w = bw.Worker(env=self.gw.env(), **kw)
         t.join(5)
@@ -801,6 +891,39 @@ class BlockingTest(unittest.TestCase):
         self.assertEqual(ch2.expect_ids(T.CLOSED), [500])
         c.close()
 
+    def test_out_of_fds_ack_queued(self):
+        # 1.0 gateway: the ACK of a CONN without fd waits behind PONGs; its CLOSED goes only
+        # once the ACK is written. If the channel drops first, the id is forgotten: batond
+        # still owns that client, so the next HELLO does not count it.
+        w, ch = self.start(welcome={"old": True})
+        w.ready()
+        ch.expect(T.READY)
+
+        def queued(cid: int) -> bool:
+            return any(e[3] == [cid] for e in list(w._outq))
+
+        for cid in (60, 61):
+            self.fill_worker_send_queue(w, ch)
+            c, s = self.gw.tcp_pair()
+            with self.assertLogs("baton_worker", logging.ERROR):
+                with out_of_fds():
+                    ch.hand_off(s, cid)
+                    wait_until(lambda: queued(cid), what="ACK queued")
+            s.close()
+            c.close()
+            if cid == 60:
+                self.assertEqual(self.drain_until(ch, T.ACK), [60])
+                self.assertEqual(self.drain_until(ch, T.CLOSED), [60])
+        ch.close()
+        ch2 = self.gw.accept(timeout=5)
+        self.assertEqual(ch2.read_hello().live, 0)
+        ch2.welcome()
+        self.assertTrue(ch2.silent(0.2), "CLOSED for an id never acked")
+        cid, _ = self.gw.hand_off(ch2)
+        sock, _ = w.accept(timeout=5)
+        sock.close()
+        self.assertEqual(ch2.expect_ids(T.CLOSED), [cid])
+
     def test_reregistration_backoff(self):
         w, ch = self.start()
         times = []
@@ -916,6 +1039,62 @@ class BlockingTest(unittest.TestCase):
     def test_too_big(self):
         self.check_protocol_error(b"\x81\x00" + struct.pack("<H", 6000) + b"\x00" * 6000, (), C.TOO_BIG)
 
+    def check_out_of_fds(self, refuse: bool) -> None:
+        """A CONN arrives while the worker is out of fds: REFUSE (1.1 gateway with the REFUSE
+        flag) or ACK + CLOSED (1.0 gateway); the channel and the other sessions live on."""
+        welcome = {"flags": bw.WELCOME_REFUSE} if refuse else {"old": True}
+        w, ch = self.start(welcome=welcome)
+        self.assertEqual(w.welcome.flags, bw.WELCOME_REFUSE if refuse else 0)
+        self.assertEqual(ch.hello.flags & bw.FLAG_NONBLOCK, 0)  # blocking fds, always
+        w.ready()
+        ch.expect(T.READY)
+        cid1, c1 = self.gw.hand_off(ch)  # a session held across the shortage
+        s1, _ = w.accept(timeout=5)
+        c, s = self.gw.tcp_pair()
+        with self.assertLogs("baton_worker", logging.WARNING) as logs:
+            with out_of_fds():
+                ch.hand_off(s, 50)
+                t, body, fds = ch.recv()
+        self.assertEqual(fds, [])
+        if refuse:
+            self.assertEqual((bw._type_name(t), bw.parse_ids(t, body)), ("REFUSE", [50]))
+            self.assertTrue(ch.silent(0.2), "more than REFUSE (an ACK?) for a CONN without fd")
+        else:
+            self.assertEqual((bw._type_name(t), bw.parse_ids(t, body)), ("ACK", [50]))
+            self.assertEqual(ch.expect_ids(T.CLOSED), [50])
+            self.assertTrue(ch.silent(0.2))
+        self.assertEqual(len(logs.records), 1, logs.output)
+        self.assertEqual(logs.records[0].levelno, logging.WARNING if refuse else logging.ERROR)
+        self.assertIn("CONN 0x32", logs.output[0])
+        self.assertIn("out of file descriptors", logs.output[0])
+        self.assertEqual(fd_copies(s.fileno()), 1)  # the worker got no copy of the client
+        s.close()  # batond's copy: it gives it to another worker, or closes it
+        c.close()
+        # Same channel, no ERROR, no re-registration; the session held before goes on.
+        self.assertTrue(w.registered)
+        self.assertIsNone(w._fatal)
+        self.assertEqual(len(self.gw.chans), 1)
+        self.assertEqual(w.live, 1)
+        c1.sendall(b"before")
+        self.assertEqual(s1.recv(100), b"before")
+        # A later CONN (fds to spare again) is served normally on the same channel.
+        cid2, c2 = self.gw.hand_off(ch)
+        s2, _ = w.accept(timeout=5)
+        self.assertEqual(s2.conn_info.id, cid2)
+        c2.sendall(b"after")
+        self.assertEqual(s2.recv(100), b"after")
+        s2.close()
+        self.assertEqual(ch.expect_ids(T.CLOSED), [cid2])
+        s1.close()
+        self.assertEqual(ch.expect_ids(T.CLOSED), [cid1])
+        self.assertTrue(w.wait_idle(1))
+
+    def test_out_of_fds_refuse(self):
+        self.check_out_of_fds(refuse=True)
+
+    def test_out_of_fds_gateway_1_0(self):
+        self.check_out_of_fds(refuse=False)
+
     def test_no_fd_leak_over_many_handoffs(self):
         w, ch = self.start()
         w.ready()
@@ -1013,9 +1192,9 @@ class AsyncioTest(unittest.IsolatedAsyncioTestCase):
         self.gw = FakeGateway()
         self.addCleanup(self.gw.close)
 
-    async def start(self, handler, **kw) -> Tuple[bw.Server, Chan]:
+    async def start(self, handler, welcome: Optional[dict] = None, **kw) -> Tuple[bw.Server, Chan]:
         task = asyncio.ensure_future(bw.start_server(handler, env=self.gw.env(), **kw))
-        ch = await asyncio.to_thread(self.gw.handshake)
+        ch = await asyncio.to_thread(self.gw.handshake, **(welcome or {}))
         server = await asyncio.wait_for(task, 5)
         self.addCleanup(server.close)
         return server, ch
@@ -1154,6 +1333,52 @@ class AsyncioTest(unittest.IsolatedAsyncioTestCase):
         cid3, c3 = await self.hand_off(ch2)
         c3.close()
         self.assertEqual(await self.expect_ids(ch2, T.CLOSED), [cid3])
+
+    async def check_out_of_fds(self, refuse: bool) -> None:
+        """As BlockingTest.check_out_of_fds, with the channel read by the event loop."""
+        welcome = {"flags": bw.WELCOME_REFUSE} if refuse else {"old": True}
+        server, ch = await self.start(echo, welcome=welcome)
+        await self.expect(ch, T.READY)
+        cid1, c1 = await self.hand_off(ch)
+        c, s = self.gw.tcp_pair()
+        with self.assertLogs("baton_worker", logging.WARNING) as logs:
+            with out_of_fds():
+                ch.hand_off(s, 50)
+                t, body, fds = await asyncio.to_thread(ch.recv)
+        self.assertEqual(fds, [])
+        if refuse:
+            self.assertEqual((bw._type_name(t), bw.parse_ids(t, body)), ("REFUSE", [50]))
+            self.assertTrue(await asyncio.to_thread(ch.silent, 0.2), "more than REFUSE")
+        else:
+            self.assertEqual((bw._type_name(t), bw.parse_ids(t, body)), ("ACK", [50]))
+            self.assertEqual(await self.expect_ids(ch, T.CLOSED), [50])
+            self.assertTrue(await asyncio.to_thread(ch.silent, 0.2))
+        self.assertEqual(len(logs.records), 1, logs.output)
+        self.assertEqual(logs.records[0].levelno, logging.WARNING if refuse else logging.ERROR)
+        self.assertIn("CONN 0x32", logs.output[0])
+        self.assertEqual(fd_copies(s.fileno()), 1)
+        s.close()
+        c.close()
+        self.assertTrue(server.worker.registered)
+        self.assertTrue(server.is_serving())
+        self.assertEqual(len(self.gw.chans), 1)
+        self.assertEqual(server.live, 1)
+        await asyncio.to_thread(c1.sendall, b"before")
+        self.assertEqual(await asyncio.to_thread(c1.recv, 100), b"before")
+        cid2, c2 = await self.hand_off(ch)
+        await asyncio.to_thread(c2.sendall, b"after")
+        self.assertEqual(await asyncio.to_thread(c2.recv, 100), b"after")
+        c2.close()
+        self.assertEqual(await self.expect_ids(ch, T.CLOSED), [cid2])
+        c1.close()
+        self.assertEqual(await self.expect_ids(ch, T.CLOSED), [cid1])
+        await asyncio.wait_for(server.wait_idle(), 5)
+
+    async def test_out_of_fds_refuse(self):
+        await self.check_out_of_fds(refuse=True)
+
+    async def test_out_of_fds_gateway_1_0(self):
+        await self.check_out_of_fds(refuse=False)
 
     async def test_fatal_error_ends_serve_forever(self):
         server, ch = await self.start(echo)
