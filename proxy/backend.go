@@ -267,14 +267,18 @@ func (b *Backend) read() {
 				b.g.freeConnLocked(c)
 			}
 			b.lastSeen, b.lastAck, b.full = now, now, false
+			b.g.mu.Unlock()
+			// The worker owns these connections now; drop the gateway's copies, and only then
+			// count them out of flight: "nothing in flight" (WaitIdle, status) means batond
+			// holds none of them any more.
+			for _, fd := range fds {
+				closeFD(fd)
+			}
+			b.g.mu.Lock()
 			// Counted under the lock with in-flight, so Stats is a consistent snapshot.
 			b.g.stats.acked.Add(uint64(clients))
 			b.g.doneInflightLocked(len(fds))
 			b.g.mu.Unlock()
-			// The worker owns these connections now; drop the gateway's copies.
-			for _, fd := range fds {
-				closeFD(fd)
-			}
 			if unknown != 0 {
 				b.g.fail(b, fmt.Errorf("%w: ACK for connection %#x never sent to it", ErrProtocol, unknown), handoff.CodeUnexpected)
 				return
