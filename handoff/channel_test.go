@@ -378,6 +378,9 @@ func TestRecvNoFD(t *testing.T) {
 		t.Fatal(rerr)
 	}
 	if !errors.Is(err, ErrNoFD) || got != -1 {
+		if got >= 0 {
+			unix.Close(got)
+		}
 		t.Fatalf("Recv out of fds: fd %d, %v; want ErrNoFD", got, err)
 	}
 	typ, body, _ := Split(msg)

@@ -68,6 +68,7 @@ type BackendStatus struct {
 	Capacity      int       `json:"capacity"`
 	Ready         bool      `json:"ready"`
 	Draining      bool      `json:"draining"`
+	Refusing      bool      `json:"refusing,omitempty"` // REFUSEd a connection (out of fds) lately
 	Live          int       `json:"clients"`
 	Pending       int       `json:"pending"`
 	Acked         uint64    `json:"acked"`
@@ -145,7 +146,7 @@ func (b *Backend) Status() BackendStatus {
 func (b *Backend) statusLocked() BackendStatus {
 	return BackendStatus{
 		Slot: b.info.Slot, Generation: b.info.Generation, PID: b.info.PID, Capacity: b.capacity,
-		Ready: b.ready, Draining: b.draining, Live: b.live, Pending: len(b.pending),
+		Ready: b.ready, Draining: b.draining, Refusing: b.refusing, Live: b.live, Pending: len(b.pending),
 		Acked: b.acked, Closed: b.closed, Registered: b.since, DrainDeadline: b.drainDeadline,
 	}
 }
@@ -330,7 +331,9 @@ func (b *Backend) read() {
 				return
 			}
 			b.g.mu.Lock()
-			b.lastSeen, b.full = now, false
+			// A worker that refused may have freed descriptors without closing a client (or
+			// hold none to close): it gets another chance each ping interval, not never.
+			b.lastSeen, b.full, b.refusing = now, false, false
 			b.g.mu.Unlock()
 		case handoff.TypeError:
 			e, perr := handoff.ParseError(body)

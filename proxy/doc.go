@@ -10,7 +10,7 @@
 // it to: accepted = acked + closed by the gateway (by reason) + in flight.
 //
 // What a connection costs an idle gateway is wake-ups more than syscalls, so the hot path
-// avoids them: accept4, sendmsg, recvmsg and close are raw syscalls (no runtime sysmon wake-up),
+// avoids them: accept4, sendmsg and recvmsg are raw syscalls (no runtime sysmon wake-up),
 // nothing is allocated per connection, workers' ACKs and CLOSEDs are collected while the accept
 // loop is awake anyway instead of each waking it (Backend.recv), and with AcceptCoalesce a busy
 // accept loop wakes at most once per interval and hands over what arrived meanwhile in one go.

@@ -290,18 +290,10 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 			g.mu.Unlock()
 			return
 		}
-		c.sentAt = time.Now()
-		c.attempts++
-		b.pending[c.info.ID] = c
-		want := b.info.Nonblock
-		g.mu.Unlock()
-
-		if c.nonblock != want {
+		// Everything about c is settled and copied before c is published in pending: from
+		// then on another goroutine (fail, refused, an ACK that recycles it) may own it.
+		if want := b.info.Nonblock; c.nonblock != want {
 			if err := setNonblock(c.fd, want); err != nil {
-				g.mu.Lock()
-				if b.pending[c.info.ID] == c {
-					delete(b.pending, c.info.ID)
-				}
 				g.mu.Unlock()
 				g.log.Error("cannot set the socket's blocking mode; closing it", "client", c.info.Client, "error", err)
 				g.closeConn(c, ReasonSocket)
@@ -309,19 +301,24 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 			}
 			c.nonblock = want
 		}
-
+		c.sentAt = time.Now()
+		c.attempts++
+		id, fd := c.info.ID, c.fd
 		*scratch = handoff.AppendConn((*scratch)[:0], &c.info)
-		err := b.ch.TrySend(*scratch, c.fd)
+		b.pending[id] = c
+		g.mu.Unlock()
+
+		err := b.ch.TrySend(*scratch, fd)
 		if err == nil {
 			return
 		}
 		g.mu.Lock()
-		if b.pending[c.info.ID] != c {
+		if b.pending[id] != c {
 			// The backend failed meanwhile and took c with it; its failure path re-dispatches.
 			g.mu.Unlock()
 			return
 		}
-		delete(b.pending, c.info.ID)
+		delete(b.pending, id)
 		c.attempts--
 		if errors.Is(err, handoff.ErrWouldBlock) {
 			b.full = true // not reading; skip it until it sends something

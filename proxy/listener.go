@@ -109,6 +109,7 @@ type acceptor struct {
 	// for every connection.
 	coalesce time.Duration
 	woke     time.Time // when the loop last woke
+	quiet    bool      // clients come one at a time: park at once, no pause
 	timer    *time.Timer
 }
 
@@ -151,14 +152,15 @@ func (a *acceptor) try(s uintptr) bool {
 // than accept4 and sendmsg together, and each wake-up of batond is followed by one of the
 // worker's. So once the backlog is empty, a loop that woke less than coalesce ago does not park
 // on the poller at once: it pauses for the rest of the interval and then takes everything that
-// arrived meanwhile in one go (and its worker gets them in one go). At rates below
-// 1/coalesce nothing changes; above, a connection waits at most coalesce longer for its handoff.
+// arrived meanwhile in one go (and its worker gets them in one go). When a pause finds nobody,
+// the loop goes quiet (parks at once) until two wake-ups come less than coalesce apart, so at
+// rates below 1/coalesce nothing changes; above, a connection waits at most coalesce longer.
 func (a *acceptor) accept() (int, netip.AddrPort, netip.AddrPort, error) {
-	paused := false
+	park, paused := false, false
 	for {
-		fn := a.fn
-		if a.coalesce > 0 && !paused {
-			fn = a.tryFn
+		fn := a.tryFn
+		if a.coalesce == 0 || park {
+			fn = a.fn
 		}
 		if err := a.l.raw.Read(fn); err != nil {
 			if a.l.closed.Load() {
@@ -168,18 +170,27 @@ func (a *acceptor) accept() (int, netip.AddrPort, netip.AddrPort, error) {
 		}
 		if a.err == unix.EAGAIN {
 			// Only tryFn returns on EAGAIN: the backlog is empty.
-			if wait := a.coalesce - time.Since(a.woke); wait > 0 {
+			if wait := a.coalesce - time.Since(a.woke); wait > 0 && !a.quiet && !paused {
 				if !a.pause(wait) {
 					return -1, netip.AddrPort{}, netip.AddrPort{}, net.ErrClosed
 				}
-				a.woke = time.Now()
+				a.woke, paused = time.Now(), true
+				continue
 			}
-			// After a pause, or long enough since the last wake-up: park until the next one.
-			paused = true
+			if paused {
+				// The pause found nobody: clients come one at a time. Park without pausing
+				// until they come faster again (quiet), so that a lone client costs no timer
+				// wake-up on top of its own.
+				a.quiet = true
+			}
+			park = true
 			continue
 		}
-		if paused && a.coalesce > 0 {
-			a.woke = time.Now()
+		if park {
+			// Woken by the poller: clients come quickly if the last wake-up was recent.
+			now := time.Now()
+			a.quiet = now.Sub(a.woke) >= a.coalesce
+			a.woke = now
 		}
 		break
 	}
@@ -240,11 +251,12 @@ func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// closeFD closes an fd batond accepted, as a raw syscall: once the worker holds the socket,
-// close only drops batond's reference and never blocks, and this keeps the per-connection path
-// free of the runtime's syscall bookkeeping (see acceptor.try).
+// closeFD closes batond's copy of a handed-off socket. An ordinary close, not a raw one: if the
+// worker already closed its copy with SO_LINGER set, this is the last reference and close may
+// block for the linger time, which a raw syscall would spend holding the runtime's P. With
+// accepts coalesced, the sysmon wake-up it may cause comes at most once per wake-up of batond.
 func closeFD(fd int) {
-	unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
+	unix.Close(fd)
 }
 
 // temporary reports whether an accept error is resource exhaustion (back off and retry) rather

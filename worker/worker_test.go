@@ -739,6 +739,7 @@ func TestAckBatch(t *testing.T) {
 	l, c := startReady(t, g)
 	const n = 50
 	clients := make(map[uint64]*net.TCPConn, n)
+	servers := make(map[uint64]*net.TCPConn, n)
 	for i := 0; i < n; i++ {
 		client, err := net.DialTCP("tcp", nil, g.tcp.Addr().(*net.TCPAddr))
 		if err != nil {
@@ -750,9 +751,15 @@ func TestAckBatch(t *testing.T) {
 			t.Fatal(err)
 		}
 		id := g.next.Add(1)
+		clients[id], servers[id] = client, server
+	}
+	// All 50 back to back, as batond sends what one wake-up accepted: the worker finds them
+	// queued together however fast it reads.
+	for id, server := range servers {
 		c.sendFD(server, &handoff.ConnInfo{ID: id, Client: fakeClient, Local: fakeLocal, Listener: "game"})
-		server.Close() // the worker has its own descriptor now (batond waits for the ACK; the fd is queued)
-		clients[id] = client
+	}
+	for _, server := range servers {
+		server.Close() // the fds in flight are the kernel's now; the worker gets its own
 	}
 	acked := map[uint64]int{}
 	messages := 0

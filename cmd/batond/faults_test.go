@@ -165,7 +165,8 @@ func TestWorkerOutOfFDs(t *testing.T) {
 	other := st.Workers[1].PID
 	// Room for about two more descriptors (the limit is on fd numbers, and there may be a
 	// hole or two below it): a few clients, then the kernel cannot install the next fd.
-	lim := &unix.Rlimit{Cur: uint64(countFDs(t, full) + 2), Max: uint64(countFDs(t, full) + 2)}
+	n0 := uint64(countFDs(t, full) + 2)
+	lim := &unix.Rlimit{Cur: n0, Max: n0}
 	if err := unix.Prlimit(full, unix.RLIMIT_NOFILE, lim, nil); err != nil {
 		t.Fatal(err)
 	}
