@@ -377,16 +377,22 @@ func (b *Backend) refused(ids []uint64, now time.Time) error {
 	b.lastSeen, b.refusing = now, true
 	b.g.mu.Unlock()
 	b.log.Warn("worker could not receive connections (out of file descriptors?); handing them to others", "count", len(back))
+	b.g.redispatch(back)
+	return nil
+}
+
+// redispatch gives connections taken back from a worker (failed, or refusing them) to other
+// workers, or closes those that have been handed out MaxAttempts times already.
+func (g *Gateway) redispatch(cs []*clientConn) {
 	scratch := make([]byte, 0, handoff.MaxMessage)
-	for _, c := range back {
-		if c.attempts >= b.g.cfg.MaxAttempts {
-			b.g.closeConn(c, ReasonRetries)
+	for _, c := range cs {
+		if c.attempts >= g.cfg.MaxAttempts {
+			g.closeConn(c, ReasonRetries)
 			continue
 		}
-		b.g.stats.redispatched.Add(1)
-		b.g.dispatch(c, &scratch)
+		g.stats.redispatched.Add(1)
+		g.dispatch(c, &scratch)
 	}
-	return nil
 }
 
 // fail removes b. A protocol error (code != 0) is reported to the worker before the channel
@@ -439,17 +445,12 @@ func (g *Gateway) fail(b *Backend, err error, code handoff.ErrorCode) {
 				confirmed = true
 			}
 		}
-		scratch := make([]byte, 0, handoff.MaxMessage)
-		for _, c := range pend {
-			switch {
-			case !confirmed:
+		if !confirmed {
+			for _, c := range pend {
 				g.closeConn(c, ReasonWorkerLost)
-			case c.attempts >= g.cfg.MaxAttempts:
-				g.closeConn(c, ReasonRetries)
-			default:
-				g.stats.redispatched.Add(1)
-				g.dispatch(c, &scratch)
 			}
+			return
 		}
+		g.redispatch(pend)
 	}()
 }

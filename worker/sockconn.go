@@ -80,37 +80,23 @@ const maxRW = 1 << 20
 func newSockConn(fd int, pipes *pipePool) *sockConn {
 	s := &sockConn{f: os.NewFile(uintptr(fd), "tcp"), pipes: pipes}
 	s.raw, _ = s.f.SyscallConn() // fails only for a nil or closed file
-	s.rd.fn = s.doRead
-	s.wr.fn = s.doWrite
+	s.rd.fn = func(fd uintptr) bool { return rawIO(fd, &s.rd, unix.SYS_RECVFROM, unix.MSG_DONTWAIT) }
+	s.wr.fn = func(fd uintptr) bool { return rawIO(fd, &s.wr, unix.SYS_SENDTO, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL) }
 	return s
 }
 
-func (s *sockConn) doRead(fd uintptr) bool {
+// rawIO is one recvfrom or sendto (trap) of op.buf on fd, for op.fn: EAGAIN hands the wait to
+// the poller, EINTR retries.
+func rawIO(fd uintptr, op *rawOp, trap, flags uintptr) bool {
 	for {
-		r, _, errno := unix.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(unsafe.SliceData(s.rd.buf))),
-			uintptr(len(s.rd.buf)), unix.MSG_DONTWAIT, 0, 0)
+		r, _, errno := unix.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(unsafe.SliceData(op.buf))), uintptr(len(op.buf)), flags, 0, 0)
 		switch errno {
 		case unix.EINTR:
 			continue
 		case unix.EAGAIN:
 			return false
 		}
-		s.rd.n, s.rd.errno = int(r), errno
-		return true
-	}
-}
-
-func (s *sockConn) doWrite(fd uintptr) bool {
-	for {
-		r, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(unsafe.SliceData(s.wr.buf))),
-			uintptr(len(s.wr.buf)), unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL, 0, 0)
-		switch errno {
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			return false
-		}
-		s.wr.n, s.wr.errno = int(r), errno
+		op.n, op.errno = int(r), errno
 		return true
 	}
 }
