@@ -20,9 +20,9 @@ import (
 // queued.
 var ErrWouldBlock = errors.New("handoff: peer is not reading (send would block)")
 
-// oobRecvSpace leaves room for a few fds so that a peer sending two or three is reported as
-// ErrFDs (and the extra fds closed) rather than silently truncated by the kernel.
-var oobRecvSpace = unix.CmsgSpace(4 * 4)
+// oobRecvSpace is room for a whole CONNS's fds and a few more, so that a peer sending too many
+// is reported as ErrFDs (and the extra fds closed) rather than silently truncated by the kernel.
+var oobRecvSpace = unix.CmsgSpace((MaxConns + 4) * 4)
 
 // Channel is one SOCK_SEQPACKET connection between the gateway and a worker. Sends are safe for
 // concurrent use; Recv and TryRecv must be called from one goroutine at a time.
@@ -37,7 +37,7 @@ type Channel struct {
 	sendFn  func(uintptr) bool // method value made once, so sends do not allocate
 	// sendWaitFn is sendFn for Send: on a full queue it asks the poller to wait for room.
 	sendWaitFn func(uintptr) bool
-	rights     []byte // a ready SCM_RIGHTS header for one fd
+	rights     []byte // room for an SCM_RIGHTS control message of up to MaxConns fds
 
 	roob   []byte
 	rbuf   []byte // the buffer of the Recv or TryRecv in progress
@@ -45,6 +45,7 @@ type Channel struct {
 	roobn  int
 	rflags int
 	rerr   error
+	rfds   []int              // fds of the last message, for Recv and TryRecv
 	recvFn func(uintptr) bool // parks on the poller while nothing is queued (Recv)
 	tryFn  func(uintptr) bool // never parks (TryRecv)
 }
@@ -55,7 +56,8 @@ func NewChannel(c *net.UnixConn) (*Channel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("handoff: raw conn: %w", err)
 	}
-	ch := &Channel{c: c, raw: raw, rights: unix.UnixRights(0), roob: make([]byte, oobRecvSpace)}
+	ch := &Channel{c: c, raw: raw, rights: make([]byte, unix.CmsgSpace(MaxConns*4)),
+		roob: make([]byte, oobRecvSpace), rfds: make([]int, 0, MaxConns+4)}
 	ch.sendFn = ch.doSend
 	ch.sendWaitFn = func(fd uintptr) bool { ch.doSend(fd); return ch.sendErr != ErrWouldBlock }
 	ch.recvFn = func(fd uintptr) bool { return ch.doRecv(fd) != unix.EAGAIN }
@@ -104,15 +106,26 @@ func (ch *Channel) Send(msg []byte) error {
 // TrySend writes one message without waiting, with fd (if fd >= 0) attached as SCM_RIGHTS. The
 // caller keeps ownership of fd. It returns ErrWouldBlock if the peer's queue is full.
 func (ch *Channel) TrySend(msg []byte, fd int) error {
+	if fd < 0 {
+		return ch.TrySendFDs(msg, nil)
+	}
+	one := [1]int{fd}
+	return ch.TrySendFDs(msg, one[:])
+}
+
+// TrySendFDs is TrySend with up to MaxConns fds attached (a CONNS), in order.
+func (ch *Channel) TrySendFDs(msg []byte, fds []int) error {
 	if len(msg) > MaxMessage {
 		return ErrTooBig
+	}
+	if len(fds) > MaxConns {
+		return fmt.Errorf("%w: %d fds on one message, at most %d", ErrFDs, len(fds), MaxConns)
 	}
 	ch.smu.Lock()
 	ch.sendMsg = msg
 	ch.sendOOB = nil
-	if fd >= 0 {
-		rightsFD(ch.rights, fd)
-		ch.sendOOB = ch.rights
+	if len(fds) > 0 {
+		ch.sendOOB = putRights(ch.rights, fds)
 	}
 	err := ch.raw.Write(ch.sendFn)
 	if err == nil {
@@ -156,26 +169,67 @@ func (ch *Channel) doSend(fd uintptr) bool {
 	}
 }
 
-// rightsFD writes fd into a one-fd SCM_RIGHTS control message made by unix.UnixRights.
-func rightsFD(b []byte, fd int) {
-	// The fd is the last 4 bytes of the data part (CmsgLen(4) from the start).
-	off := unix.CmsgLen(4) - 4
-	binary.NativeEndian.PutUint32(b[off:], uint32(int32(fd)))
+// putRights writes an SCM_RIGHTS control message carrying fds into b (which has room for
+// MaxConns) and returns it, without the allocation of unix.UnixRights.
+func putRights(b []byte, fds []int) []byte {
+	b = b[:unix.CmsgSpace(4*len(fds))]
+	clear(b)
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
+	h.Level = unix.SOL_SOCKET
+	h.Type = unix.SCM_RIGHTS
+	h.SetLen(unix.CmsgLen(4 * len(fds)))
+	data := b[unix.CmsgLen(0):]
+	for i, fd := range fds {
+		binary.NativeEndian.PutUint32(data[4*i:], uint32(int32(fd)))
+	}
+	return b
 }
 
 // Recv reads one message into buf (which should be MaxMessage bytes) and returns it with the fd
 // it carried (-1 if none). It enforces the fd rules: exactly one fd on CONN, none on anything
-// else. On every error it closes any fds that arrived. At end of stream it returns io.EOF. A
-// CONN whose fd this process could not receive is returned with ErrNoFD (and fd -1).
+// else; a CONNS (whose fds it cannot return) is ErrFDs here, see RecvFDs. On every error it
+// closes any fds that arrived. At end of stream it returns io.EOF. A CONN whose fd this process
+// could not receive is returned with ErrNoFD (and fd -1).
 func (ch *Channel) Recv(buf []byte) (msg []byte, fd int, err error) {
-	return ch.recv(buf, ch.recvFn)
+	return ch.recvOne(buf, ch.recvFn)
 }
 
 // TryRecv is Recv without waiting: it returns ErrWouldBlock when no message is queued. The
 // gateway uses it to collect its workers' ACKs and CLOSEDs while it is awake for accepting
 // anyway, instead of being woken for each of them.
 func (ch *Channel) TryRecv(buf []byte) (msg []byte, fd int, err error) {
-	return ch.recv(buf, ch.tryFn)
+	return ch.recvOne(buf, ch.tryFn)
+}
+
+// RecvFDs is Recv for a receiver that takes CONNS too: the message's fds are appended to fds
+// (pass a reused slice with room for MaxConns), in order. A CONN or CONNS that arrived whole
+// but with fewer fds than it carries (this process is out of descriptors) is returned with the
+// fds that did arrive, the first ones, and ErrNoFD; the caller owns those.
+func (ch *Channel) RecvFDs(buf []byte, fds []int) ([]byte, []int, error) {
+	return ch.recv(buf, fds, ch.recvFn)
+}
+
+// TryRecvFDs is RecvFDs without waiting (ErrWouldBlock when no message is queued).
+func (ch *Channel) TryRecvFDs(buf []byte, fds []int) ([]byte, []int, error) {
+	return ch.recv(buf, fds, ch.tryFn)
+}
+
+func (ch *Channel) recvOne(buf []byte, fn func(uintptr) bool) ([]byte, int, error) {
+	msg, fds, err := ch.recv(buf, ch.rfds[:0], fn)
+	if err == nil && Type(msg[0]) == TypeConns {
+		closeAll(fds)
+		return nil, -1, fmt.Errorf("%w: CONNS to a receiver that takes one fd at a time", ErrFDs)
+	}
+	if len(fds) == 0 {
+		return msg, -1, err
+	}
+	return msg, fds[0], err
+}
+
+func closeAll(fds []int) {
+	for _, f := range fds {
+		unix.Close(f)
+	}
 }
 
 // doRecv is one recvmsg(2) on fd, without the allocations of net's ReadMsgUnix (which decodes
@@ -205,9 +259,9 @@ func (ch *Channel) doRecv(fd uintptr) error {
 	}
 }
 
-func (ch *Channel) recv(buf []byte, fn func(uintptr) bool) (msg []byte, fd int, err error) {
+func (ch *Channel) recv(buf []byte, fds []int, fn func(uintptr) bool) (msg []byte, _ []int, err error) {
 	if len(buf) == 0 {
-		return nil, -1, io.ErrShortBuffer
+		return nil, fds[:0], io.ErrShortBuffer
 	}
 	ch.rbuf = buf
 	err = ch.raw.Read(fn)
@@ -222,12 +276,10 @@ func (ch *Channel) recv(buf []byte, fn func(uintptr) bool) (msg []byte, fd int, 
 		}
 	}
 	ch.rn, ch.roobn, ch.rflags, ch.rerr = 0, 0, 0, nil
-	fds, perr := parseRights(ch.roob[:oobn])
-	fail := func(e error) ([]byte, int, error) {
-		for _, f := range fds {
-			unix.Close(f)
-		}
-		return nil, -1, e
+	fds, perr := parseRights(fds[:0], ch.roob[:oobn])
+	fail := func(e error) ([]byte, []int, error) {
+		closeAll(fds)
+		return nil, fds[:0], e
 	}
 	if err != nil {
 		return fail(err)
@@ -235,55 +287,61 @@ func (ch *Channel) recv(buf []byte, fn func(uintptr) bool) (msg []byte, fd int, 
 	if perr != nil {
 		return fail(perr)
 	}
-	if flags&unix.MSG_TRUNC == 0 && flags&unix.MSG_CTRUNC != 0 && len(fds) == 0 && n > 0 && Type(buf[0]) == TypeConn {
-		// The message is whole; only its fd could not be installed here. Not a protocol
-		// error: the receiver is out of descriptors, and says so (REFUSE) instead of acking.
-		return buf[:n], -1, fmt.Errorf("%w (flags 0x%x)", ErrNoFD, flags)
-	}
-	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
-		return fail(fmt.Errorf("%w (flags 0x%x, %d bytes)", ErrTruncated, flags, n))
-	}
 	if n == 0 {
+		if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
+			return fail(fmt.Errorf("%w (flags 0x%x, %d bytes)", ErrTruncated, flags, n))
+		}
 		return fail(io.EOF)
 	}
 	msg = buf[:n]
 	t := Type(msg[0])
-	switch {
-	case t == TypeConn && len(fds) != 1:
-		return fail(fmt.Errorf("%w: CONN with %d fds", ErrFDs, len(fds)))
-	case t != TypeConn && len(fds) != 0:
+	want := 0
+	switch t {
+	case TypeConn:
+		want = 1
+	case TypeConns:
+		want = ConnsCount(msg) // 0 if too short to say: the decoder reports it malformed
+	}
+	if flags&unix.MSG_TRUNC == 0 && flags&unix.MSG_CTRUNC != 0 && want > 0 && len(fds) < want {
+		// The message is whole; only (some of) its fds could not be installed here: the
+		// kernel installs them in order and stops at the first that does not fit. Not a
+		// protocol error: the receiver is out of descriptors, and says so (REFUSE) instead
+		// of acking what it did not get.
+		return msg, fds, fmt.Errorf("%w (%d of %d arrived; flags 0x%x)", ErrNoFD, len(fds), want, flags)
+	}
+	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
+		return fail(fmt.Errorf("%w (flags 0x%x, %d bytes)", ErrTruncated, flags, n))
+	}
+	if len(fds) != want {
 		return fail(fmt.Errorf("%w: %s with %d fds", ErrFDs, t, len(fds)))
 	}
-	if len(fds) == 1 {
-		return msg, fds[0], nil
-	}
-	return msg, -1, nil
+	return msg, fds, nil
 }
 
-// parseRights extracts SCM_RIGHTS fds without allocating when there are none.
-func parseRights(oob []byte) ([]int, error) {
-	if len(oob) == 0 {
-		return nil, nil
-	}
-	cmsgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return nil, fmt.Errorf("%w: control message: %v", ErrTruncated, err)
-	}
-	var fds []int
-	for i := range cmsgs {
-		if cmsgs[i].Header.Level != unix.SOL_SOCKET || cmsgs[i].Header.Type != unix.SCM_RIGHTS {
-			continue
+// parseRights appends the SCM_RIGHTS fds in oob to dst without allocating. Other control
+// messages are skipped. A malformed control buffer is ErrTruncated (and whatever fds were
+// found are appended, for the caller to close).
+func parseRights(dst []int, oob []byte) ([]int, error) {
+	hl := unix.CmsgLen(0)
+	for len(oob) >= hl {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+		l := int(h.Len)
+		if l < hl || l > len(oob) {
+			return dst, fmt.Errorf("%w: control message of %d bytes in %d", ErrTruncated, l, len(oob))
 		}
-		got, err := unix.ParseUnixRights(&cmsgs[i])
-		if err != nil {
-			for _, f := range fds {
-				unix.Close(f)
+		if h.Level == unix.SOL_SOCKET && h.Type == unix.SCM_RIGHTS {
+			data := oob[hl:l]
+			for i := 0; i+4 <= len(data); i += 4 {
+				dst = append(dst, int(int32(binary.NativeEndian.Uint32(data[i:]))))
 			}
-			return nil, fmt.Errorf("%w: rights: %v", ErrTruncated, err)
 		}
-		fds = append(fds, got...)
+		next := unix.CmsgSpace(l - hl)
+		if next >= len(oob) {
+			break
+		}
+		oob = oob[next:]
 	}
-	return fds, nil
+	return dst, nil
 }
 
 // PeerCred returns the peer's credentials as the kernel recorded them at connect time.

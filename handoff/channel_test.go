@@ -1,12 +1,14 @@
 package handoff
 
 import (
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 	"unsafe"
@@ -110,7 +112,7 @@ func TestRecvRejectsAndCloses(t *testing.T) {
 		{"ack with an fd", func() { x := devnull(t); rawSend(t, a, AppendIDs(nil, TypeAck, []uint64{1}), x); unix.Close(x) }, ErrFDs},
 		{"too many fds", func() {
 			var xs []int
-			for i := 0; i < 8; i++ {
+			for i := 0; i < MaxConns+8; i++ {
 				xs = append(xs, devnull(t))
 			}
 			rawSend(t, a, conn, xs...)
@@ -356,27 +358,10 @@ func TestRecvNoFD(t *testing.T) {
 	if err := a.TrySend(AppendConn(nil, &ConnInfo{ID: 77, Listener: "l"}), fd); err != nil {
 		t.Fatal(err)
 	}
-	var old unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
-		t.Fatal(err)
-	}
-	// No room for one more descriptor: the limit is on fd numbers, so it is set to the
-	// lowest free one.
-	free, err := unix.Dup(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	unix.Close(free)
-	tight := old
-	tight.Cur = uint64(free)
-	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &tight); err != nil {
-		t.Fatal(err)
-	}
+	restore := roomForFDs(t, 0)
 	buf := make([]byte, MaxMessage)
 	msg, got, err := b.Recv(buf)
-	if rerr := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); rerr != nil {
-		t.Fatal(rerr)
-	}
+	restore()
 	if !errors.Is(err, ErrNoFD) || got != -1 {
 		if got >= 0 {
 			unix.Close(got)
@@ -387,5 +372,172 @@ func TestRecvNoFD(t *testing.T) {
 	var c ConnInfo
 	if typ != TypeConn || ParseConn(body, &c) != nil || c.ID != 77 {
 		t.Fatalf("message with ErrNoFD: %v %+v", typ, c)
+	}
+}
+
+// CONNS carries several connections and their fds, in order, in one message; RecvFDs returns
+// them all, and the fd rules hold for it as for CONN.
+func TestConnsCarryTheirFDs(t *testing.T) {
+	a, b := pair(t)
+	infos := []ConnInfo{
+		{ID: 1, Client: netip.MustParseAddrPort("10.0.0.1:1000"), Local: netip.MustParseAddrPort("[::1]:7000"), Listener: "public"},
+		{ID: 2, Listener: "admin"},
+		{ID: 3, Client: netip.MustParseAddrPort("[2001:db8::3]:3"), Listener: strings.Repeat("x", 40)},
+	}
+	// Three different files, so the test can tell which fd arrived where.
+	var sent []int
+	var want []uint64
+	for range infos {
+		p := make([]int, 2)
+		if err := unix.Pipe2(p, unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Close(p[0]); unix.Close(p[1]) })
+		sent = append(sent, p[0])
+		var st unix.Stat_t
+		unix.Fstat(p[0], &st)
+		want = append(want, st.Ino)
+	}
+	msg := AppendConns(nil, len(infos), func(i int) *ConnInfo { return &infos[i] })
+	if len(msg) != ConnsOverhead+ConnEntryLen(&infos[0])+ConnEntryLen(&infos[1])+ConnEntryLen(&infos[2]) {
+		t.Errorf("CONNS of %d bytes; ConnEntryLen says otherwise", len(msg))
+	}
+	if err := a.TrySendFDs(msg, sent); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, MaxMessage)
+	got, fds, err := b.RecvFDs(buf, make([]int, 0, MaxConns))
+	if err != nil || len(fds) != 3 {
+		t.Fatalf("RecvFDs: %d fds, %v", len(fds), err)
+	}
+	for i, fd := range fds {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil || st.Ino != want[i] {
+			t.Errorf("fd %d of the CONNS is not the %d-th file sent", i, i)
+		}
+		if flags, _ := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); flags&unix.FD_CLOEXEC == 0 {
+			t.Errorf("received fd %d without CLOEXEC", fd)
+		}
+		unix.Close(fd)
+	}
+	typ, body, err := Split(got)
+	if err != nil || typ != TypeConns {
+		t.Fatalf("%v %v", typ, err)
+	}
+	parsed, err := ParseConns(nil, body)
+	if err != nil || len(parsed) != 3 {
+		t.Fatalf("ParseConns: %v %v", parsed, err)
+	}
+	for i := range infos {
+		if parsed[i] != infos[i] {
+			t.Errorf("entry %d: %+v, want %+v", i, parsed[i], infos[i])
+		}
+	}
+
+	// Recv, which hands out one fd, refuses a CONNS and closes its fds.
+	if err := a.TrySendFDs(msg, sent); err != nil {
+		t.Fatal(err)
+	}
+	if _, fd, err := b.Recv(buf); !errors.Is(err, ErrFDs) || fd != -1 {
+		t.Errorf("Recv of a CONNS: fd %d, %v; want ErrFDs", fd, err)
+	}
+	// A count that does not match the fds is ErrFDs, whichever way.
+	for _, n := range []int{2, 4} {
+		if err := a.TrySendFDs(msg, append(append([]int{}, sent...), sent...)[:n]); err != nil {
+			t.Fatal(err)
+		}
+		if _, fds, err := b.RecvFDs(buf, nil); !errors.Is(err, ErrFDs) || len(fds) != 0 {
+			t.Errorf("CONNS of 3 with %d fds: %d fds, %v; want ErrFDs", n, len(fds), err)
+		}
+	}
+	if err := a.TrySendFDs(msg, make([]int, MaxConns+1)); !errors.Is(err, ErrFDs) {
+		t.Errorf("TrySendFDs with %d fds: %v", MaxConns+1, err)
+	}
+	assertDrained(t, b)
+}
+
+// assertDrained checks that nothing is left queued: every message sent was received and
+// accounted for above.
+func assertDrained(t *testing.T, b *Channel) {
+	t.Helper()
+	if _, _, err := b.TryRecv(make([]byte, MaxMessage)); !errors.Is(err, ErrWouldBlock) {
+		t.Errorf("left in the channel: %v", err)
+	}
+}
+
+func TestParseConnsRejects(t *testing.T) {
+	one := ConnInfo{ID: 9, Listener: "p"}
+	ok := AppendConns(nil, 1, func(int) *ConnInfo { return &one })
+	_, body, _ := Split(ok)
+	if cs, err := ParseConns(nil, body); err != nil || len(cs) != 1 || cs[0] != one {
+		t.Fatalf("%v %v", cs, err)
+	}
+	zero := []byte{0, 0}
+	tooMany := binary.LittleEndian.AppendUint16(nil, MaxConns+1)
+	short := append([]byte{2, 0}, body[2:]...) // says 2, has 1
+	cut := body[:len(body)-1]
+	for name, b := range map[string][]byte{"count 0": zero, "count > MaxConns": tooMany, "fewer entries": short, "entry cut": cut, "empty": nil} {
+		if _, err := ParseConns(nil, b); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: %v, want ErrMalformed", name, err)
+		}
+	}
+	// An entry with bytes after its fields (a later revision's) and bytes after the last entry
+	// are ignored.
+	longer := append([]byte{}, body...)
+	longer[2] += 3 // entry length
+	longer = append(longer, 1, 2, 3, 0xEE)
+	if cs, err := ParseConns(nil, longer); err != nil || len(cs) != 1 || cs[0] != one {
+		t.Errorf("room for new fields: %v %v", cs, err)
+	}
+}
+
+// A CONNS whose fds do not all fit (the receiver is at RLIMIT_NOFILE) arrives with the first
+// ones and ErrNoFD: the receiver refuses the rest.
+func TestRecvFDsPartial(t *testing.T) {
+	a, b := pair(t)
+	infos := []ConnInfo{{ID: 1}, {ID: 2}, {ID: 3}}
+	fd := devnull(t)
+	defer unix.Close(fd)
+	msg := AppendConns(nil, 3, func(i int) *ConnInfo { return &infos[i] })
+	if err := a.TrySendFDs(msg, []int{fd, fd, fd}); err != nil {
+		t.Fatal(err)
+	}
+	restore := roomForFDs(t, 1)
+	got, fds, err := b.RecvFDs(make([]byte, MaxMessage), nil)
+	restore()
+	defer closeAll(fds)
+	if !errors.Is(err, ErrNoFD) || len(fds) != 1 || ConnsCount(got) != 3 {
+		t.Fatalf("RecvFDs out of fds: %d fds, count %d, %v; want 1 fd and ErrNoFD", len(fds), ConnsCount(got), err)
+	}
+}
+
+// roomForFDs lowers RLIMIT_NOFILE so that exactly n more descriptors can be opened (the limit is
+// on fd numbers: it is set just above the n lowest free ones) and returns what restores it.
+// Nothing else in the test process may open fds until then.
+func roomForFDs(t *testing.T, n int) (restore func()) {
+	t.Helper()
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	var held []int
+	for range n + 1 {
+		fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, fd)
+	}
+	closeAll(held)
+	limit := held[len(held)-1] // the (n+1)-th lowest free fd: n fit below it
+	tight := old
+	tight.Cur = uint64(limit)
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &tight); err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

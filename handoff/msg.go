@@ -40,6 +40,7 @@ const (
 	TypeConn    Type = 0x09
 	TypeDrain   Type = 0x0A
 	TypeRefuse  Type = 0x0B // 1.1: only to a gateway whose WELCOME has WelcomeRefuse
+	TypeConns   Type = 0x0C // 1.2: only to a worker whose WELCOME has WelcomeBatch
 
 	// TypeOptional is the first optional type: receivers ignore unknown types at or above it.
 	TypeOptional Type = 0x80
@@ -48,7 +49,7 @@ const (
 var typeNames = [...]string{
 	TypeHello: "HELLO", TypeWelcome: "WELCOME", TypeError: "ERROR", TypeReady: "READY",
 	TypeAck: "ACK", TypeClosed: "CLOSED", TypePing: "PING", TypePong: "PONG",
-	TypeConn: "CONN", TypeDrain: "DRAIN", TypeRefuse: "REFUSE",
+	TypeConn: "CONN", TypeDrain: "DRAIN", TypeRefuse: "REFUSE", TypeConns: "CONNS",
 }
 
 func (t Type) String() string {
@@ -83,6 +84,7 @@ const (
 	HelloReady    HelloFlags = 1 << 0 // already serving (re-registration after READY)
 	HelloDraining HelloFlags = 1 << 1 // told to drain before the channel dropped
 	HelloNonblock HelloFlags = 1 << 2 // asks for CONN fds in non-blocking mode
+	HelloBatch    HelloFlags = 1 << 3 // takes CONNS: several connections, and fds, in one message
 )
 
 // WelcomeFlags are the flags of a WELCOME: what the gateway granted of what HELLO asked.
@@ -97,7 +99,13 @@ const (
 	// receive goes to another worker). Without it a worker acks such a CONN and reports it
 	// CLOSED at once.
 	WelcomeRefuse WelcomeFlags = 1 << 1
+	// WelcomeBatch: the gateway may send CONNS (granted to a HELLO with HelloBatch).
+	WelcomeBatch WelcomeFlags = 1 << 2
 )
+
+// MaxConns is the most connections (and so fds) one CONNS carries. Past 16 fds a message,
+// sendmsg's and recvmsg's fixed cost per message is already small next to the per-fd cost.
+const MaxConns = 16
 
 // Hello is the worker's first message.
 type Hello struct {
@@ -286,6 +294,80 @@ func AppendConn(b []byte, c *ConnInfo) []byte {
 	b = appendAddr(b, c.Local)
 	b = appendStr(b, c.Listener)
 	return finish(b, s)
+}
+
+// ConnEntryLen is the room c takes in a CONNS body, its length prefix included: a sender keeps
+// HeaderLen + 2 + the entries' sum within MaxMessage.
+func ConnEntryLen(c *ConnInfo) int {
+	return 2 + 8 + addrLen(c.Client) + addrLen(c.Local) + 2 + min(len(c.Listener), MaxString)
+}
+
+// ConnsOverhead is the room a CONNS takes besides its entries (header and count).
+const ConnsOverhead = HeaderLen + 2
+
+func addrLen(a netip.AddrPort) int {
+	ip := a.Addr()
+	switch {
+	case ip.Is4(), ip.Is4In6():
+		return 1 + 2 + 4
+	case ip.Is6():
+		return 1 + 2 + 16
+	}
+	return 1
+}
+
+// AppendConns appends a CONNS carrying n connections (1..MaxConns), info(i) being the i-th;
+// their fds travel separately, in the same order (see Channel.TrySendFDs). The caller keeps
+// the message within MaxMessage (ConnsOverhead plus each ConnEntryLen).
+func AppendConns(b []byte, n int, info func(i int) *ConnInfo) []byte {
+	b, s := begin(b, TypeConns)
+	b = le.AppendUint16(b, uint16(n))
+	for i := 0; i < n; i++ {
+		c := info(i)
+		at := len(b)
+		b = append(b, 0, 0)
+		b = le.AppendUint64(b, c.ID)
+		b = appendAddr(b, c.Client)
+		b = appendAddr(b, c.Local)
+		b = appendStr(b, c.Listener)
+		le.PutUint16(b[at:], uint16(len(b)-at-2))
+	}
+	return finish(b, s)
+}
+
+// ConnsCount returns the count of a CONNS message (header included), or 0 if msg is too short
+// to say: the number of fds it must carry.
+func ConnsCount(msg []byte) int {
+	if len(msg) < ConnsOverhead || Type(msg[0]) != TypeConns {
+		return 0
+	}
+	return int(le.Uint16(msg[HeaderLen:]))
+}
+
+// ParseConns decodes a CONNS body, appending its connections to dst (pass a reused slice).
+// Each entry is a CONN body behind a u16 length; bytes after the fields an entry's decoder
+// knows, and after the last entry, are ignored (room for new fields).
+func ParseConns(dst []ConnInfo, body []byte) ([]ConnInfo, error) {
+	r := reader{b: body, msg: TypeConns}
+	n := int(r.u16("count"))
+	if r.err != nil {
+		return dst, r.err
+	}
+	if n == 0 || n > MaxConns {
+		return dst, fmt.Errorf("%w: CONNS count %d not in 1..%d", ErrMalformed, n, MaxConns)
+	}
+	for i := 0; i < n; i++ {
+		l := int(r.u16("entry length"))
+		e := r.bytes(l, "entry")
+		if r.err != nil {
+			return dst, fmt.Errorf("%w (entry %d of %d)", r.err, i+1, n)
+		}
+		dst = append(dst, ConnInfo{})
+		if err := ParseConn(e, &dst[len(dst)-1]); err != nil {
+			return dst[:len(dst)-1], fmt.Errorf("%w (entry %d of %d)", err, i+1, n)
+		}
+	}
+	return dst, nil
 }
 
 // AppendDrain appends a DRAIN.

@@ -81,6 +81,17 @@ func TestProtocolExampleBytes(t *testing.T) {
 	if got := AppendConn(nil, &c); !bytes.Equal(got, want) {
 		t.Errorf("CONN\n got % x\nwant % x", got, want)
 	}
+	// CONNS of that CONN and the same with id 2 from port 40001: each entry is the CONN body
+	// behind its length.
+	c2 := c
+	c2.ID, c2.Client = 2, netip.MustParseAddrPort("127.0.0.1:40001")
+	conns := []byte{0x0c, 0, 0x3c, 0, 2, 0,
+		0x1b, 0, 1, 0, 0, 0, 0, 0, 0, 0, 4, 0x40, 0x9c, 127, 0, 0, 1, 4, 0x58, 0x1b, 127, 0, 0, 1, 3, 0, 't', 'c', 'p',
+		0x1b, 0, 2, 0, 0, 0, 0, 0, 0, 0, 4, 0x41, 0x9c, 127, 0, 0, 1, 4, 0x58, 0x1b, 127, 0, 0, 1, 3, 0, 't', 'c', 'p'}
+	pair := []ConnInfo{c, c2}
+	if got := AppendConns(nil, 2, func(i int) *ConnInfo { return &pair[i] }); !bytes.Equal(got, conns) {
+		t.Errorf("CONNS\n got % x\nwant % x", got, conns)
+	}
 	if got := AppendEmpty(nil, TypeReady); !bytes.Equal(got, []byte{4, 0, 0, 0}) {
 		t.Errorf("READY % x", got)
 	}
@@ -137,7 +148,7 @@ func TestTrailingFieldsIgnored(t *testing.T) {
 }
 
 func TestTypeClasses(t *testing.T) {
-	if !TypeConn.Known() || Type(0x0C).Known() || Type(0x0C).Optional() || !TypeRefuse.Known() || !Type(0x80).Optional() {
+	if !TypeConn.Known() || Type(0x0D).Known() || Type(0x0D).Optional() || !TypeConns.Known() || !TypeRefuse.Known() || !Type(0x80).Optional() {
 		t.Fatal("type classes wrong")
 	}
 	if v, ok := ChooseVersion(1, 5); !ok || v != 1 {

@@ -30,6 +30,7 @@ type BackendInfo struct {
 	Draining   bool // HELLO carried the DRAINING flag
 	Live       int  // connections it already holds (re-registration)
 	Nonblock   bool // wants its CONN fds non-blocking (HELLO NONBLOCK, granted in WELCOME)
+	Batch      bool // takes CONNS, several connections in one message (HELLO BATCH, granted)
 }
 
 // Backend is one registered worker as the gateway sees it: its channel, its counts, and the

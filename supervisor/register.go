@@ -157,11 +157,14 @@ func (s *Supervisor) admit(c *net.UnixConn) {
 	info := proxy.BackendInfo{
 		Slot: int(h.Slot), Generation: h.Generation, PID: int(cred.Pid), Capacity: int(h.Capacity),
 		Ready: h.Flags&handoff.HelloReady != 0, Draining: h.Flags&handoff.HelloDraining != 0, Live: int(h.Live),
-		Nonblock: h.Flags&handoff.HelloNonblock != 0,
+		Nonblock: h.Flags&handoff.HelloNonblock != 0, Batch: h.Flags&handoff.HelloBatch != 0,
 	}
 	w := handoff.Welcome{Version: version, PingInterval: s.gw.PingInterval(), Generation: s.cfg.Generation, Flags: handoff.WelcomeRefuse}
 	if info.Nonblock {
 		w.Flags |= handoff.WelcomeNonblock
+	}
+	if info.Batch {
+		w.Flags |= handoff.WelcomeBatch
 	}
 	welcome := handoff.AppendWelcome(nil, &w)
 	if h.Generation == s.cfg.Generation {

@@ -29,9 +29,11 @@
 // received socket itself on the runtime poller, read and written with non-blocking raw syscalls
 // (an ordinary syscall wakes the runtime's sysmon thread whenever the process was idle, a fifth
 // of a worker's CPU at a few thousand connections a second), and io.Copy between it and another
-// TCP socket splices through a pipe the copy holds only while bytes move. CONNs that arrive
-// together are acked with one ACK; a CONN whose fd could not be received (the process is out of
-// descriptors) is REFUSEd, so batond gives it to another worker.
+// TCP socket splices through a pipe the copy holds only while bytes move. The Listener asks for
+// BATCH (PROTOCOL.md 1.2): batond then hands over a burst of clients in one CONNS, up to 16
+// connections and their fds in one message. Connections that arrive together are acked with one
+// ACK; one whose fd could not be received (the process is out of descriptors) is REFUSEd, so
+// batond gives it to another worker.
 //
 // The package uses only the standard library, golang.org/x/sys and baton's handoff package,
 // because game servers import it.

@@ -238,20 +238,28 @@ func (c *gwChan) barrier() {
 // the ACK before closing the gateway's copy, as batond does. It returns the client side.
 func (g *fakeGateway) handOff(c *gwChan) (client *net.TCPConn, id uint64) {
 	g.t.Helper()
-	client, err := net.DialTCP("tcp", nil, g.tcp.Addr().(*net.TCPAddr))
-	if err != nil {
-		g.t.Fatal(err)
-	}
-	g.t.Cleanup(func() { client.Close() })
-	server, err := g.tcp.AcceptTCP()
-	if err != nil {
-		g.t.Fatal(err)
-	}
+	client, server := g.connect()
 	defer server.Close()
 	id = g.next.Add(1)
 	c.sendFD(server, &handoff.ConnInfo{ID: id, Client: fakeClient, Local: fakeLocal, Listener: "game"})
 	c.awaitAck(id)
 	return client, id
+}
+
+// connect makes a real TCP connection to the gateway's listener and returns both ends (the
+// client's closed at cleanup).
+func (g *fakeGateway) connect() (client, server *net.TCPConn) {
+	g.t.Helper()
+	client, err := net.DialTCP("tcp", nil, g.tcp.Addr().(*net.TCPAddr))
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	g.t.Cleanup(func() { client.Close() })
+	server, err = g.tcp.AcceptTCP()
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	return client, server
 }
 
 // sendFD sends a CONN carrying the socket behind sc. The fd is reached through the raw conn

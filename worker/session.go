@@ -29,16 +29,20 @@ var errBusy = errors.New("flush in progress")
 // flush, from whichever goroutine caused them or, when that would block, from the session's
 // writer goroutine.
 type session struct {
-	l    *Listener
-	ch   *handoff.Channel
-	rbuf []byte // Recv buffer; reader goroutine only
-	wbuf []byte // ACK, PONG and ERROR encoding; reader goroutine only
+	l     *Listener
+	ch    *handoff.Channel
+	rbuf  []byte             // Recv buffer; reader goroutine only
+	fds   []int              // the fds of the message read last; reader goroutine only
+	infos []handoff.ConnInfo // a CONNS's connections; reader goroutine only
+	wbuf  []byte             // ACK, PONG and ERROR encoding; reader goroutine only
 	// CONNs read in one burst, acked together by ackBatch; reader goroutine only.
 	acks     []uint64
 	batch    []*Conn
 	unusable []uint64 // acked ids whose fd was no usable connection
 	refused  []uint64 // ids whose fd never arrived, to REFUSE (refuse: batond understands it)
 	refuse   bool
+	// batch: batond may send CONNS (WELCOME granted HELLO's BATCH).
+	connsOK bool
 	// nonblock: batond sends CONN fds already non-blocking (WELCOME granted HELLO's NONBLOCK).
 	nonblock bool
 
@@ -83,7 +87,9 @@ func (l *Listener) register() (*session, error) {
 		Token: l.env.token,
 		// Go's poller wants non-blocking sockets: batond can hand them over that way and save
 		// two fcntls per connection here (granted in WELCOME).
-		Flags: handoff.HelloNonblock,
+		// BATCH: batond may hand over what it accepted in one wake-up in one CONNS (one
+		// recvmsg here for up to 16 connections).
+		Flags: handoff.HelloNonblock | handoff.HelloBatch,
 	}
 	if l.ready {
 		h.Flags |= handoff.HelloReady
@@ -147,12 +153,14 @@ func (l *Listener) handshake(ch *handoff.Channel, h *handoff.Hello) (*session, e
 				l:          l,
 				ch:         ch,
 				rbuf:       buf,
+				fds:        make([]int, 0, handoff.MaxConns+4),
 				kick:       make(chan struct{}, 1),
 				stop:       make(chan struct{}),
 				writerDone: make(chan struct{}),
 				readySent:  h.Flags&handoff.HelloReady != 0,
 				nonblock:   w.Flags&handoff.WelcomeNonblock != 0,
 				refuse:     w.Flags&handoff.WelcomeRefuse != 0,
+				connsOK:    w.Flags&handoff.WelcomeBatch != 0,
 			}, nil
 		case t == handoff.TypeError:
 			e, err := handoff.ParseError(body)
@@ -263,13 +271,12 @@ func (s *session) readLoop() error {
 	for {
 		var (
 			msg []byte
-			fd  int
 			err error
 		)
 		if len(s.acks)+len(s.refused) == 0 {
-			msg, fd, err = s.ch.Recv(s.rbuf)
-		} else if len(s.acks) < handoff.MaxIDs && len(s.refused) < handoff.MaxIDs {
-			msg, fd, err = s.ch.TryRecv(s.rbuf)
+			msg, s.fds, err = s.ch.RecvFDs(s.rbuf, s.fds[:0])
+		} else if len(s.acks)+handoff.MaxConns <= handoff.MaxIDs && len(s.refused)+handoff.MaxConns <= handoff.MaxIDs {
+			msg, s.fds, err = s.ch.TryRecvFDs(s.rbuf, s.fds[:0])
 		} else {
 			err = handoff.ErrWouldBlock
 		}
@@ -279,10 +286,10 @@ func (s *session) readLoop() error {
 			}
 			continue
 		}
-		if errors.Is(err, handoff.ErrNoFD) {
-			err = s.handleNoFD(msg)
-		} else if err == nil {
-			err = s.handle(msg, fd)
+		if err == nil || errors.Is(err, handoff.ErrNoFD) {
+			// ErrNoFD: (some of) the fds of a CONN or CONNS could not be installed here; the
+			// connections without one are refused (see handleConns).
+			err = s.handle(msg, s.fds)
 		} else {
 			switch {
 			case errors.Is(err, handoff.ErrTruncated):
@@ -300,28 +307,19 @@ func (s *session) readLoop() error {
 	}
 }
 
-// handleNoFD deals with a CONN whose fd the kernel could not give this process (out of
+// noFD deals with a connection whose fd the kernel could not give this process (out of
 // descriptors). Where batond understands REFUSE, the connection goes back to it for another
 // worker; else it is acked and reported closed at once, so batond closes it (the client is
 // lost, and logged here, rather than this worker's channel and every session with it).
-func (s *session) handleNoFD(msg []byte) error {
-	_, body, err := handoff.Split(msg)
-	var info handoff.ConnInfo
-	if err == nil {
-		err = handoff.ParseConn(body, &info)
-	}
-	if err != nil {
-		return protocolError(s.ch, handoff.CodeMalformed, err)
-	}
+func (s *session) noFD(id uint64) {
 	if s.refuse {
-		s.l.log.Warn("could not receive a connection's descriptor (out of file descriptors?); batond gives it to another worker", "id", info.ID)
-		s.refused = append(s.refused, info.ID)
-		return nil
+		s.l.log.Warn("could not receive a connection's descriptor (out of file descriptors?); batond gives it to another worker", "id", id)
+		s.refused = append(s.refused, id)
+		return
 	}
-	s.l.log.Error("could not receive a connection's descriptor (out of file descriptors?); the client is closed", "id", info.ID)
-	s.acks = append(s.acks, info.ID)
-	s.unusable = append(s.unusable, info.ID)
-	return nil
+	s.l.log.Error("could not receive a connection's descriptor (out of file descriptors?); the client is closed", "id", id)
+	s.acks = append(s.acks, id)
+	s.unusable = append(s.unusable, id)
 }
 
 // ackBatch sends one ACK for the CONNs read since the last one and only then delivers them to
@@ -354,16 +352,39 @@ func (s *session) ackBatch() error {
 	return err
 }
 
-// handle acts on one message from batond. A non-nil error ends the session.
-func (s *session) handle(msg []byte, fd int) error {
+// handle acts on one message from batond and the fds that came with it (those of a CONN or
+// CONNS; fewer than it carries if this process ran out of descriptors). A non-nil error ends the
+// session; every fd is this function's to keep or close.
+func (s *session) handle(msg []byte, fds []int) error {
 	t, body, err := handoff.Split(msg)
 	if err != nil {
-		closeFD(fd)
+		closeFDs(fds)
 		return protocolError(s.ch, handoff.CodeMalformed, err)
 	}
 	switch t {
 	case handoff.TypeConn:
-		return s.handleConn(body, fd)
+		var info handoff.ConnInfo
+		if err := handoff.ParseConn(body, &info); err != nil {
+			closeFDs(fds)
+			return protocolError(s.ch, handoff.CodeMalformed, err)
+		}
+		s.take(&info, fds)
+		return nil
+	case handoff.TypeConns:
+		if !s.connsOK {
+			closeFDs(fds)
+			return protocolError(s.ch, handoff.CodeUnexpected, errors.New("CONNS on a channel whose WELCOME did not grant BATCH"))
+		}
+		s.infos, err = handoff.ParseConns(s.infos[:0], body)
+		if err != nil {
+			closeFDs(fds)
+			return protocolError(s.ch, handoff.CodeMalformed, err)
+		}
+		for i := range s.infos {
+			s.take(&s.infos[i], fds[min(i, len(fds)):])
+		}
+		clear(s.infos) // the listener names
+		return nil
 	case handoff.TypePing:
 		nonce, err := handoff.ParseNonce(t, body)
 		if err != nil {
@@ -395,24 +416,23 @@ func (s *session) handle(msg []byte, fd int) error {
 	}
 }
 
-// handleConn takes ownership of a handed-off client fd.
-func (s *session) handleConn(body []byte, fd int) error {
-	var info handoff.ConnInfo
-	if err := handoff.ParseConn(body, &info); err != nil {
-		closeFD(fd)
-		return protocolError(s.ch, handoff.CodeMalformed, err)
+// take takes ownership of the client fd fds[0] of the connection info, or refuses it if no
+// fd came (fds is empty).
+func (s *session) take(info *handoff.ConnInfo, fds []int) {
+	if len(fds) == 0 {
+		s.noFD(info.ID)
+		return
 	}
 	// Acked by ackBatch, before anything can read from the client: until batond has the ACK
 	// it owns the connection, and a late ACK gets this process killed.
 	s.acks = append(s.acks, info.ID)
-	nc, err := fdConn(fd, &info, s.nonblock, s.l.pipes)
+	nc, err := fdConn(fds[0], info, s.nonblock, s.l.pipes)
 	if err != nil {
 		s.l.log.Warn("handed-off fd is not a usable connection; reporting it closed", "id", info.ID, "err", err)
 		s.unusable = append(s.unusable, info.ID)
-		return nil
+		return
 	}
-	s.batch = append(s.batch, newConn(s.l, nc, &info, true))
-	return nil
+	s.batch = append(s.batch, newConn(s.l, nc, info, true))
 }
 
 // drain records a DRAIN. A later DRAIN (batond restarted and drained us again) moves the
@@ -527,5 +547,11 @@ func sendError(ch *handoff.Channel, code handoff.ErrorCode, reason string) {
 func closeFD(fd int) {
 	if fd >= 0 {
 		unix.Close(fd)
+	}
+}
+
+func closeFDs(fds []int) {
+	for _, fd := range fds {
+		closeFD(fd)
 	}
 }

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/baton-gw/baton/handoff"
 )
 
@@ -22,7 +24,7 @@ func TestHandshake(t *testing.T) {
 	l, c, h := startWorker(t, g, WithCapacity(42))
 	want := handoff.Hello{
 		MinVersion: 1, MaxVersion: 1, PID: uint32(os.Getpid()), Slot: 3, Generation: 7,
-		Capacity: 42, Flags: handoff.HelloNonblock, Live: 0, Token: testToken,
+		Capacity: 42, Flags: handoff.HelloNonblock | handoff.HelloBatch, Live: 0, Token: testToken,
 	}
 	if h != want {
 		t.Fatalf("HELLO %+v, want %+v", h, want)
@@ -359,7 +361,7 @@ func TestReregister(t *testing.T) {
 	c.ch.Close() // batond goes away
 	c2 := g.accept()
 	h := c2.hello()
-	if h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloDraining|handoff.HelloNonblock || h.Token != testToken {
+	if h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloDraining|handoff.HelloNonblock|handoff.HelloBatch || h.Token != testToken {
 		t.Fatalf("re-registration HELLO %+v, want live 1, READY|DRAINING", h)
 	}
 	c2.welcome()
@@ -386,7 +388,7 @@ func TestClosedWhileDisconnected(t *testing.T) {
 	})
 	conn.Close()
 	c2 := g.accept()
-	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloNonblock {
+	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloNonblock|handoff.HelloBatch {
 		t.Fatalf("HELLO live %d flags %d, want 1 and READY", h.Live, h.Flags)
 	}
 	c2.welcome()
@@ -409,7 +411,7 @@ func TestReregisterAfterRestart(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // a few failed attempts (connection refused)
 	g.restart()
 	c2 := g.accept()
-	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloNonblock {
+	if h := c2.hello(); h.Live != 1 || h.Flags != handoff.HelloReady|handoff.HelloNonblock|handoff.HelloBatch {
 		t.Fatalf("HELLO live %d flags %d", h.Live, h.Flags)
 	}
 	c2.welcome()
@@ -457,7 +459,7 @@ func TestNonFatalErrorReregisters(t *testing.T) {
 	c.send(handoff.AppendError(nil, &handoff.Error{Code: handoff.CodeShutdown, Reason: "restarting"}))
 	c.expectEOF()
 	c2 := g.accept()
-	if h := c2.hello(); h.Flags != handoff.HelloReady|handoff.HelloNonblock {
+	if h := c2.hello(); h.Flags != handoff.HelloReady|handoff.HelloNonblock|handoff.HelloBatch {
 		t.Fatalf("HELLO flags %d, want READY", h.Flags)
 	}
 	c2.welcome()
@@ -741,15 +743,7 @@ func TestAckBatch(t *testing.T) {
 	clients := make(map[uint64]*net.TCPConn, n)
 	servers := make(map[uint64]*net.TCPConn, n)
 	for i := 0; i < n; i++ {
-		client, err := net.DialTCP("tcp", nil, g.tcp.Addr().(*net.TCPAddr))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { client.Close() })
-		server, err := g.tcp.AcceptTCP()
-		if err != nil {
-			t.Fatal(err)
-		}
+		client, server := g.connect()
 		id := g.next.Add(1)
 		clients[id], servers[id] = client, server
 	}
@@ -790,5 +784,149 @@ func TestAckBatch(t *testing.T) {
 		conn := mustAccept(t, l)
 		roundTrip(t, clients[conn.ID()], conn, "batched\n")
 		conn.Close()
+	}
+}
+
+// A CONNS (what batond accepted in one wake-up) whose fds do not all fit in this process (at
+// RLIMIT_NOFILE): the connections whose fds arrived are acked and served, the others REFUSEd
+// for batond to give to another worker; the channel and the worker live on.
+func TestConnsPartlyRefused(t *testing.T) {
+	g := newGateway(t)
+	type result struct {
+		l   *Listener
+		err error
+	}
+	done := make(chan result, 1)
+	go func() { l, err := Listen(); done <- result{l, err} }()
+	c := g.accept()
+	if h := c.hello(); h.Flags&handoff.HelloBatch == 0 {
+		t.Fatalf("HELLO flags %#x: the Go worker asks for BATCH", h.Flags)
+	}
+	c.send(handoff.AppendWelcome(nil, &handoff.Welcome{Version: 1, PingInterval: time.Second, Generation: 7,
+		Flags: handoff.WelcomeNonblock | handoff.WelcomeRefuse | handoff.WelcomeBatch}))
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	l := r.l
+	t.Cleanup(func() { l.Close() })
+	accepted := make(chan *Conn, 4)
+	go func() {
+		for {
+			conn, err := l.AcceptConn()
+			if err != nil {
+				close(accepted)
+				return
+			}
+			accepted <- conn
+		}
+	}()
+	c.expect(handoff.TypeReady)
+
+	const n = 4
+	clients := map[uint64]*net.TCPConn{}
+	infos := make([]handoff.ConnInfo, n)
+	fds := make([]int, n)
+	for i := range n {
+		client, server := g.connect()
+		f, err := server.File() // a private dup, to send while server's own fd stays shared
+		server.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		fds[i] = int(f.Fd())
+		infos[i] = handoff.ConnInfo{ID: g.next.Add(1), Client: fakeClient, Local: fakeLocal, Listener: "game"}
+		clients[infos[i].ID] = client
+	}
+	// Room for exactly two more descriptors: the two lowest free fd numbers.
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	d1, _ := unix.Dup(fds[0])
+	d2, _ := unix.Dup(fds[0])
+	unix.Close(d1)
+	unix.Close(d2)
+	tight := old
+	tight.Cur = uint64(max(d1, d2)) + 1
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &tight); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.ch.TrySendFDs(handoff.AppendConns(nil, n, func(i int) *handoff.ConnInfo { return &infos[i] }), fds); err != nil {
+		unix.Setrlimit(unix.RLIMIT_NOFILE, &old)
+		t.Fatal(err)
+	}
+	acked, refused := map[uint64]bool{}, map[uint64]bool{}
+	for len(acked)+len(refused) < n {
+		typ, body, err := c.recvErr()
+		if err != nil {
+			unix.Setrlimit(unix.RLIMIT_NOFILE, &old)
+			t.Fatal(err)
+		}
+		ids, perr := handoff.ParseIDs(nil, typ, body)
+		switch {
+		case typ == handoff.TypeClosed:
+			continue
+		case perr != nil:
+			unix.Setrlimit(unix.RLIMIT_NOFILE, &old)
+			t.Fatalf("worker sent %s (%v), want ACK or REFUSE", typ, perr)
+		}
+		for _, id := range ids {
+			if typ == handoff.TypeAck {
+				acked[id] = true
+			} else {
+				refused[id] = true
+			}
+		}
+	}
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	// The kernel installs fds in order: the first two arrived, the last two did not.
+	if !acked[infos[0].ID] || !acked[infos[1].ID] || !refused[infos[2].ID] || !refused[infos[3].ID] {
+		t.Fatalf("acked %v, refused %v; want the first two acked, the last two refused", acked, refused)
+	}
+	for range 2 {
+		select {
+		case conn := <-accepted:
+			if !acked[conn.ID()] {
+				t.Fatalf("Accept returned refused connection %d", conn.ID())
+			}
+			roundTrip(t, clients[conn.ID()], conn, "served from a CONNS\n")
+			conn.Close()
+		case <-time.After(5 * time.Second):
+			t.Fatal("an acked connection never reached Accept")
+		}
+	}
+	c.barrier() // the channel is alive and in order
+}
+
+// A CONNS on a channel whose WELCOME did not grant BATCH is a protocol error (UNEXPECTED), and
+// its fds are closed, not leaked.
+func TestConnsNotGranted(t *testing.T) {
+	g := newGateway(t)
+	_, c := startReady(t, g) // WELCOME without flags
+	client, server := g.connect()
+	f, err := server.File()
+	server.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	infos := []handoff.ConnInfo{{ID: 1}, {ID: 2}}
+	fd := int(f.Fd())
+	if err := c.ch.TrySendFDs(handoff.AppendConns(nil, 2, func(i int) *handoff.ConnInfo { return &infos[i] }), []int{fd, fd}); err != nil {
+		t.Fatal(err)
+	}
+	f.Close() // the worker's copies are now the only ones
+	e, perr := handoff.ParseError(c.expect(handoff.TypeError))
+	if perr != nil || e.Code != handoff.CodeUnexpected {
+		t.Fatalf("worker sent ERROR %v (%v), want UNEXPECTED", e, perr)
+	}
+	// Both copies closed by the worker: the client sees the connection end.
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := client.Read(make([]byte, 1)); err == nil {
+		t.Fatal("client read data; want EOF once the worker closed the fds it could not take")
 	}
 }

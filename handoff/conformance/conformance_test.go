@@ -91,6 +91,8 @@ type fakeGateway struct {
 	old bool
 	// nonblock: WELCOME granted NONBLOCK, so CONN fds go out non-blocking (PROTOCOL.md 1.1).
 	nonblock bool
+	// batch: WELCOME granted BATCH, so several connections go out in one CONNS (1.2).
+	batch bool
 }
 
 func start(t *testing.T, impl implementation) *fakeGateway {
@@ -226,13 +228,17 @@ func (g *fakeGateway) send(msg []byte) {
 	}
 }
 
-// welcome answers the last HELLO as batond does: NONBLOCK is granted when asked, except by a
-// 1.0 gateway (g.old), whose WELCOME ends before the flags field.
+// welcome answers the last HELLO as batond does: NONBLOCK and BATCH are granted when asked,
+// except by a 1.0 gateway (g.old), whose WELCOME ends before the flags field.
 func (g *fakeGateway) welcome() {
 	w := handoff.Welcome{Version: 1, PingInterval: time.Second, Generation: 7}
 	g.nonblock = !g.old && g.hello.Flags&handoff.HelloNonblock != 0
 	if g.nonblock {
 		w.Flags |= handoff.WelcomeNonblock
+	}
+	g.batch = !g.old && g.hello.Flags&handoff.HelloBatch != 0
+	if g.batch {
+		w.Flags |= handoff.WelcomeBatch
 	}
 	msg := handoff.AppendWelcome(nil, &w)
 	if g.old {
@@ -263,38 +269,58 @@ func closeClient(p *peer) { p.c.Close() }
 
 func (g *fakeGateway) handOff(id uint64) *peer {
 	g.t.Helper()
-	client, err := net.Dial("tcp", g.tcp.Addr().String())
-	if err != nil {
-		g.t.Fatal(err)
-	}
-	g.t.Cleanup(func() { client.Close() })
-	server, err := g.tcp.Accept()
-	if err != nil {
-		g.t.Fatal(err)
-	}
-	f, err := server.(*net.TCPConn).File() // a private dup: this socket is not shared yet
-	server.Close()
-	if err != nil {
-		g.t.Fatal(err)
-	}
-	defer f.Close() // the gateway's copy goes once the worker has it
-	info := handoff.ConnInfo{ID: id, Client: client.LocalAddr().(*net.TCPAddr).AddrPort(),
-		Local: netip.MustParseAddrPort(g.tcp.Addr().String()), Listener: "public"}
-	raw, _ := f.SyscallConn()
-	var serr error
-	raw.Control(func(fd uintptr) {
-		// File() made it blocking, as a 1.0 gateway sends it; batond sets O_NONBLOCK for a
-		// worker that asked for it.
-		if serr = unix.SetNonblock(int(fd), g.nonblock); serr == nil {
-			serr = g.ch.TrySend(handoff.AppendConn(nil, &info), int(fd))
+	return g.handOffAll(id)[0]
+}
+
+// handOffAll hands over one connection per id at once, as batond does with what one wake-up
+// accepted: in one CONNS if WELCOME granted BATCH, else as CONNs back to back. It returns the
+// client sides once the worker has ACKed every id.
+func (g *fakeGateway) handOffAll(ids ...uint64) []*peer {
+	g.t.Helper()
+	peers := make([]*peer, len(ids))
+	infos := make([]handoff.ConnInfo, len(ids))
+	fds := make([]int, len(ids))
+	for i, id := range ids {
+		client, err := net.Dial("tcp", g.tcp.Addr().String())
+		if err != nil {
+			g.t.Fatal(err)
 		}
-	})
-	if serr != nil {
-		g.t.Fatal(serr)
+		g.t.Cleanup(func() { client.Close() })
+		server, err := g.tcp.Accept()
+		if err != nil {
+			g.t.Fatal(err)
+		}
+		f, err := server.(*net.TCPConn).File() // a private dup: this socket is not shared yet
+		server.Close()
+		if err != nil {
+			g.t.Fatal(err)
+		}
+		defer f.Close() // the gateway's copy goes once the worker has it
+		// File() made it blocking, as a 1.0 gateway sends it; batond sets O_NONBLOCK for a
+		// worker that asked for it. The dup is this test's alone: Fd is safe here.
+		fds[i] = int(f.Fd())
+		if err := unix.SetNonblock(fds[i], g.nonblock); err != nil {
+			g.t.Fatal(err)
+		}
+		infos[i] = handoff.ConnInfo{ID: id, Client: client.LocalAddr().(*net.TCPAddr).AddrPort(),
+			Local: netip.MustParseAddrPort(g.tcp.Addr().String()), Listener: "public"}
+		client.SetDeadline(time.Now().Add(10 * time.Second))
+		peers[i] = &peer{bufio.NewReadWriter(bufio.NewReader(client), bufio.NewWriter(client)), client}
 	}
-	g.expectIDs(handoff.TypeAck, id)
-	client.SetDeadline(time.Now().Add(10 * time.Second))
-	return &peer{bufio.NewReadWriter(bufio.NewReader(client), bufio.NewWriter(client)), client}
+	if g.batch && len(ids) > 1 {
+		msg := handoff.AppendConns(nil, len(ids), func(i int) *handoff.ConnInfo { return &infos[i] })
+		if err := g.ch.TrySendFDs(msg, fds); err != nil {
+			g.t.Fatal(err)
+		}
+	} else {
+		for i := range ids {
+			if err := g.ch.TrySend(handoff.AppendConn(nil, &infos[i]), fds[i]); err != nil {
+				g.t.Fatal(err)
+			}
+		}
+	}
+	g.expectIDs(handoff.TypeAck, ids...)
+	return peers
 }
 
 func echo(t *testing.T, c *peer, s string) {
@@ -333,7 +359,7 @@ func TestConformance(t *testing.T) {
 				}
 				// NONBLOCK is a request a worker may make or not (PROTOCOL.md 1.1); READY and
 				// DRAINING must be clear on a first registration.
-				if h.Flags&^handoff.HelloNonblock != 0 || h.Live != 0 {
+				if h.Flags&^(handoff.HelloNonblock|handoff.HelloBatch) != 0 || h.Live != 0 {
 					t.Errorf("first HELLO has flags %#x live %d, want no READY/DRAINING and 0", h.Flags, h.Live)
 				}
 				g.welcome()
@@ -363,6 +389,22 @@ func TestConformance(t *testing.T) {
 				g.expectIDs(handoff.TypeClosed, 0xABCD00000001)
 				closeClient(c2)
 				g.expectIDs(handoff.TypeClosed, 0xABCD00000002)
+			})
+			t.Run("several-at-once", func(t *testing.T) {
+				// What one wake-up of batond accepted: one CONNS to a worker that asked for
+				// BATCH, else CONNs back to back. Each is acked, served on its own socket, and
+				// reported closed.
+				g := start(t, impl)
+				g.handshake()
+				ids := []uint64{0xABCD00000011, 0xABCD00000012, 0xABCD00000013, 0xABCD00000014, 0xABCD00000015}
+				peers := g.handOffAll(ids...)
+				for i := len(peers) - 1; i >= 0; i-- {
+					echo(t, peers[i], fmt.Sprintf("connection %d of the burst", i))
+				}
+				for i, p := range peers {
+					closeClient(p)
+					g.expectIDs(handoff.TypeClosed, ids[i])
+				}
 			})
 			t.Run("gateway-1.0", func(t *testing.T) {
 				// A 1.0 gateway: WELCOME without flags, blocking fds, whatever HELLO asked.
