@@ -195,7 +195,7 @@ func (g *Gateway) Serve(l *Listener) error {
 	g.mu.Unlock()
 	defer g.serving.Done()
 	a := newAcceptor(l, g.cfg.AcceptCoalesce)
-	scratch := make([]byte, 0, handoff.MaxMessage)
+	bu := newBurst()
 	backoff := time.Duration(0)
 	var lastProd time.Time
 	for {
@@ -225,25 +225,20 @@ func (g *Gateway) Serve(l *Listener) error {
 			continue
 		}
 		backoff = 0
+		bu.add(fd, client, local)
+		// Everything else already in the backlog goes in the same burst, so that each worker
+		// gets this wake-up's connections in one message (and is woken once for them). An
+		// error here ends the burst; if it is not the empty backlog, the next accept reports it.
+		for len(bu.acc) < maxBurst {
+			fd, client, local, err = a.tryAccept()
+			if err != nil {
+				break
+			}
+			bu.add(fd, client, local)
+		}
 		now := time.Now()
 		g.lastAccept.Store(int64(now.Sub(g.start)))
-		g.mu.Lock()
-		c := g.newConnLocked()
-		c.fd, c.since, c.nonblock = fd, now, true
-		c.info = handoff.ConnInfo{ID: g.epoch | g.seq.Add(1)&0xffffffff, Client: client, Local: local, Listener: l.name}
-		g.stats.accepted.Add(1)
-		g.inflight++
-		queued := len(g.waiting) > 0
-		if queued {
-			// Others wait already: a new client does not overtake them.
-			g.waiting = append(g.waiting, c)
-		}
-		g.mu.Unlock()
-		if queued {
-			g.poke()
-		} else {
-			g.dispatch(c, &scratch)
-		}
+		g.dispatchBurst(l, bu, now)
 		if now.Sub(lastProd) >= pollEvery {
 			lastProd = now
 			g.prodReaders()
@@ -292,17 +287,11 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 		}
 		// Everything about c is settled and copied before c is published in pending: from
 		// then on another goroutine (fail, refused, an ACK that recycles it) may own it.
-		if want := b.info.Nonblock; c.nonblock != want {
-			if err := setNonblock(c.fd, want); err != nil {
-				g.mu.Unlock()
-				g.log.Error("cannot set the socket's blocking mode; closing it", "client", c.info.Client, "error", err)
-				g.closeConn(c, ReasonSocket)
-				return
-			}
-			c.nonblock = want
+		if err := g.settleLocked(b, c, time.Now()); err != nil {
+			g.mu.Unlock()
+			g.closeConn(c, ReasonSocket)
+			return
 		}
-		c.sentAt = time.Now()
-		c.attempts++
 		id, fd := c.info.ID, c.fd
 		*scratch = handoff.AppendConn((*scratch)[:0], &c.info)
 		b.pending[id] = c
@@ -328,6 +317,21 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 		g.mu.Unlock()
 		g.fail(b, fmt.Errorf("%w: send: %w", ErrChannel, err), 0)
 	}
+}
+
+// settleLocked readies c to be handed to b: the fd's blocking mode as b wants it, the attempt
+// counted. An error (logged here) means the socket is unusable; the caller closes it.
+func (g *Gateway) settleLocked(b *Backend, c *clientConn, now time.Time) error {
+	if want := b.info.Nonblock; c.nonblock != want {
+		if err := setNonblock(c.fd, want); err != nil {
+			g.log.Error("cannot set the socket's blocking mode; closing it", "client", c.info.Client, "error", err)
+			return err
+		}
+		c.nonblock = want
+	}
+	c.sentAt = now
+	c.attempts++
+	return nil
 }
 
 // setNonblock sets or clears O_NONBLOCK with one fcntl: a TCP socket has no other status flag

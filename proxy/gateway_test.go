@@ -20,9 +20,15 @@ type fakeWorker struct {
 	ch  *handoff.Channel
 	b   *Backend
 	buf []byte
+	// Filled by answer: the most connections one message carried, and the CONNS count.
+	maxPerMsg, connsMsgs int
 }
 
 func attach(t *testing.T, g *Gateway, slot int, nonblock bool) *fakeWorker {
+	return attachInfo(t, g, BackendInfo{Slot: slot, Ready: true, Nonblock: nonblock, Capacity: 100})
+}
+
+func attachInfo(t *testing.T, g *Gateway, info BackendInfo) *fakeWorker {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -43,7 +49,7 @@ func attach(t *testing.T, g *Gateway, slot int, nonblock bool) *fakeWorker {
 	}
 	gw, wk := mk(fds[0]), mk(fds[1])
 	t.Cleanup(func() { wk.Close() })
-	b := g.Add(BackendInfo{Slot: slot, Ready: true, Nonblock: nonblock, Capacity: 100}, gw, nil)
+	b := g.Add(info, gw, nil)
 	return &fakeWorker{t: t, ch: wk, b: b, buf: make([]byte, handoff.MaxMessage)}
 }
 
@@ -92,13 +98,16 @@ func serve(t *testing.T, cfg Config) (*Gateway, *net.TCPListener, <-chan error) 
 	return g, ln, served
 }
 
-// answer answers CONNs until stop is closed: it checks each fd's blocking mode against what the
-// worker asked for, acks it, and reports every second one closed at once. It returns the number
-// of connections it got and of those it still holds.
+// answer answers CONNs (and CONNS, if the worker asked for them) until stop is closed: it
+// checks each fd's blocking mode against what the worker asked for, acks it, and reports every
+// second one closed at once. It returns the number of connections it got and of those it still
+// holds.
 func (w *fakeWorker) answer(stop <-chan struct{}) (got, held int, err error) {
+	fds := make([]int, 0, handoff.MaxConns+4)
+	var infos []handoff.ConnInfo
 	for {
 		_ = w.ch.Conn().SetReadDeadline(time.Now().Add(20 * time.Millisecond))
-		msg, fd, rerr := w.ch.Recv(w.buf)
+		msg, fds, rerr := w.ch.RecvFDs(w.buf, fds[:0])
 		if errors.Is(rerr, os.ErrDeadlineExceeded) {
 			select {
 			case <-stop:
@@ -114,29 +123,62 @@ func (w *fakeWorker) answer(stop <-chan struct{}) (got, held int, err error) {
 		if typ == handoff.TypePing {
 			continue
 		}
-		var info handoff.ConnInfo
-		if typ != handoff.TypeConn || handoff.ParseConn(body, &info) != nil {
+		infos = infos[:0]
+		var perr error
+		switch {
+		case typ == handoff.TypeConn:
+			infos = append(infos, handoff.ConnInfo{})
+			perr = handoff.ParseConn(body, &infos[0])
+		case typ == handoff.TypeConns && w.b.Info().Batch:
+			infos, perr = handoff.ParseConns(infos, body)
+			w.connsMsgs++
+		default:
+			perr = fmt.Errorf("got %s, want CONN (or CONNS: batch %v)", typ, w.b.Info().Batch)
+		}
+		if perr == nil && len(fds) != len(infos) {
+			perr = fmt.Errorf("%d fds for %d connections", len(fds), len(infos))
+		}
+		for i, fd := range fds {
+			fl, ferr := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+			// Each fd is the socket its entry describes: its peer is the entry's client.
+			sa, serr := unix.Getpeername(fd)
 			unix.Close(fd)
-			return got, held, fmt.Errorf("got %s, want CONN", typ)
+			switch {
+			case perr != nil:
+			case ferr != nil:
+				perr = ferr
+			case fl&unix.O_NONBLOCK != 0 != w.b.Info().Nonblock:
+				perr = fmt.Errorf("worker %d (asked non-blocking: %v) got O_NONBLOCK=%v", w.b.Info().Slot, w.b.Info().Nonblock, !w.b.Info().Nonblock)
+			case serr != nil:
+				perr = serr
+			case sockaddrAddrPort(sa) != infos[i].Client:
+				perr = fmt.Errorf("fd %d of the message is connected to %v, its entry says %v", i, sockaddrAddrPort(sa), infos[i].Client)
+			}
 		}
-		fl, ferr := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
-		unix.Close(fd)
-		if ferr != nil {
-			return got, held, ferr
+		if perr != nil {
+			return got, held, perr
 		}
-		if nb := fl&unix.O_NONBLOCK != 0; nb != w.b.Info().Nonblock {
-			return got, held, fmt.Errorf("worker %d (asked non-blocking: %v) got O_NONBLOCK=%v", w.b.Info().Slot, w.b.Info().Nonblock, nb)
+		w.maxPerMsg = max(w.maxPerMsg, len(infos))
+		ids := make([]uint64, 0, len(infos))
+		for _, info := range infos {
+			ids = append(ids, info.ID)
 		}
-		got++
-		if err := w.ch.Send(handoff.AppendIDs(nil, handoff.TypeAck, []uint64{info.ID})); err != nil {
+		got += len(ids)
+		if err := w.ch.Send(handoff.AppendIDs(nil, handoff.TypeAck, ids)); err != nil {
 			return got, held, err
 		}
-		if got%2 == 0 {
-			if err := w.ch.Send(handoff.AppendIDs(nil, handoff.TypeClosed, []uint64{info.ID})); err != nil {
+		var closed []uint64
+		for _, id := range ids {
+			if id%2 == 0 {
+				closed = append(closed, id)
+			} else {
+				held++
+			}
+		}
+		if len(closed) > 0 {
+			if err := w.ch.Send(handoff.AppendIDs(nil, handoff.TypeClosed, closed)); err != nil {
 				return got, held, err
 			}
-		} else {
-			held++
 		}
 	}
 }
@@ -148,7 +190,69 @@ func (w *fakeWorker) answer(stop <-chan struct{}) (got, held int, err error) {
 func TestBlockingModePerWorkerAndPolledAcks(t *testing.T) {
 	g, ln, _ := serve(t, Config{})
 	workers := []*fakeWorker{attach(t, g, 0, true), attach(t, g, 1, false)}
+	const conns = 40
+	handOver(t, g, workers, conns, func() {
+		for i := 0; i < conns; i++ {
+			dial(t, ln)
+		}
+	})
+}
 
+// A burst (the clients that arrived while the accept loop paused) goes to each worker that
+// asked for BATCH in CONNS of at most handoff.MaxConns, and to the others one CONN at a time;
+// every connection is acked and counted exactly once, whichever way it went. (A burst stays
+// with a nearly idle worker, see burstAffinity, so a full CONNS must occur.)
+func TestBurstInConns(t *testing.T) {
+	const coalesce = 200 * time.Millisecond
+	g, ln, _ := serve(t, Config{AcceptCoalesce: coalesce})
+	workers := []*fakeWorker{
+		attachInfo(t, g, BackendInfo{Slot: 0, Ready: true, Nonblock: true, Batch: true, Capacity: 100}),
+		attachInfo(t, g, BackendInfo{Slot: 1, Ready: true, Nonblock: false, Batch: true, Capacity: 100}),
+		attachInfo(t, g, BackendInfo{Slot: 2, Ready: true, Nonblock: true, Capacity: 100}),
+	}
+	const conns = 3*handoff.MaxConns + 10 // each batch worker gets more than one CONNS' worth
+	handOver(t, g, workers, conns, func() {
+		dial(t, ln)
+		for g.Stats().Acked < 1 {
+			time.Sleep(time.Millisecond)
+		}
+		// The loop woke for the first client and now pauses: these arrive meanwhile, and it
+		// takes them all in one burst.
+		for i := 1; i < conns; i++ {
+			dial(t, ln)
+		}
+	})
+	full := false
+	for _, w := range workers[:2] {
+		if w.maxPerMsg > handoff.MaxConns {
+			t.Errorf("batch worker %d got %d connections in one message, more than %d", w.b.Info().Slot, w.maxPerMsg, handoff.MaxConns)
+		}
+		full = full || w.maxPerMsg == handoff.MaxConns
+	}
+	if !full {
+		t.Errorf("no CONNS of %d: the batch workers got at most %d and %d connections a message",
+			handoff.MaxConns, workers[0].maxPerMsg, workers[1].maxPerMsg)
+	}
+	if w := workers[2]; w.maxPerMsg != 1 || w.connsMsgs != 0 {
+		t.Errorf("worker without BATCH got %d CONNS, up to %d connections in one message", w.connsMsgs, w.maxPerMsg)
+	}
+}
+
+func dial(t *testing.T, ln *net.TCPListener) {
+	t.Helper()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+}
+
+// handOver runs the workers (answer) while connect makes conns connections, then checks that
+// every one was handed over, acked and counted: ACKs and CLOSEDs sent while the gateway is
+// accepting are collected without waking it for each (Backend.recv polls); the counts must come
+// out exact all the same.
+func handOver(t *testing.T, g *Gateway, workers []*fakeWorker, conns uint64, connect func()) {
+	t.Helper()
 	stop := make(chan struct{})
 	type result struct{ got, held int }
 	results := make([]result, len(workers))
@@ -164,14 +268,7 @@ func TestBlockingModePerWorkerAndPolledAcks(t *testing.T) {
 			results[i] = result{got, held}
 		}()
 	}
-	const conns = 40
-	for i := 0; i < conns; i++ {
-		c, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-	}
+	connect()
 	deadline := time.Now().Add(5 * time.Second)
 	for g.Stats().Acked < conns && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
@@ -183,9 +280,8 @@ func TestBlockingModePerWorkerAndPolledAcks(t *testing.T) {
 	}
 	for i, w := range workers {
 		if results[i].got == 0 {
-			t.Errorf("worker %d got no connection: the mode check never ran for it", i)
+			t.Errorf("worker %d got no connection: the checks never ran for it", i)
 		}
-		// Collected by polling or not, every ACK and CLOSED sent must be counted exactly.
 		deadline := time.Now().Add(5 * time.Second)
 		for w.b.Live() != results[i].held && time.Now().Before(deadline) {
 			time.Sleep(time.Millisecond)
@@ -228,23 +324,14 @@ func TestAcceptCoalesce(t *testing.T) {
 			}
 		}
 	}
-	dial := func() {
-		t.Helper()
-		c, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-	}
-
-	dial()
+	dial(t, ln)
 	first := recvConn()
 	// Give the loop time to find the backlog empty: clients that arrive before that are part
 	// of the same wake-up and are rightly taken at once.
 	time.Sleep(coalesce / 10)
 	const burst = 5
 	for i := 0; i < burst; i++ {
-		dial()
+		dial(t, ln)
 	}
 	for i := 0; i < burst; i++ {
 		if at := recvConn(); at.Sub(first) < coalesce/2 {

@@ -194,6 +194,20 @@ func (a *acceptor) accept() (int, netip.AddrPort, netip.AddrPort, error) {
 		}
 		break
 	}
+	return a.result()
+}
+
+// tryAccept accepts one more connection if one is waiting, never pausing or parking; an empty
+// backlog is an error (EAGAIN).
+func (a *acceptor) tryAccept() (int, netip.AddrPort, netip.AddrPort, error) {
+	if err := a.l.raw.Read(a.tryFn); err != nil {
+		return -1, netip.AddrPort{}, netip.AddrPort{}, err
+	}
+	return a.result()
+}
+
+// result returns what the last accept4 got.
+func (a *acceptor) result() (int, netip.AddrPort, netip.AddrPort, error) {
 	if a.err != nil {
 		return -1, netip.AddrPort{}, netip.AddrPort{}, os.NewSyscallError("accept4", a.err)
 	}
