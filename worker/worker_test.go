@@ -747,8 +747,8 @@ func TestAckBatch(t *testing.T) {
 		id := g.next.Add(1)
 		clients[id], servers[id] = client, server
 	}
-	// All 50 back to back, as batond sends what one wake-up accepted: the worker finds them
-	// queued together however fast it reads.
+	// All 50 back to back, as a 1.1 gateway sends what one wake-up accepted: each is acked
+	// exactly once, however they were batched, and served.
 	for id, server := range servers {
 		c.sendFD(server, &handoff.ConnInfo{ID: id, Client: fakeClient, Local: fakeLocal, Listener: "game"})
 	}
@@ -776,10 +776,10 @@ func TestAckBatch(t *testing.T) {
 			t.Fatalf("id %d acked %d times (sent: %v)", id, k, clients[id] != nil)
 		}
 	}
-	// 50 CONNs queued before the worker could read the first few: it must not ack one by one.
-	if messages >= n {
-		t.Errorf("%d ACK messages for %d back-to-back CONNs: not batched", messages, n)
-	}
+	// How many ACKs it took depends on how many CONNs were queued each time the reader looked
+	// (on a second CPU it can keep up with a sender one message at a time): logged, not
+	// asserted. That one message's connections go out in one ACK is TestConnsAckedTogether's.
+	t.Logf("%d ACK messages for %d back-to-back CONNs", messages, n)
 	for i := 0; i < n; i++ {
 		conn := mustAccept(t, l)
 		roundTrip(t, clients[conn.ID()], conn, "batched\n")
@@ -792,24 +792,7 @@ func TestAckBatch(t *testing.T) {
 // for batond to give to another worker; the channel and the worker live on.
 func TestConnsPartlyRefused(t *testing.T) {
 	g := newGateway(t)
-	type result struct {
-		l   *Listener
-		err error
-	}
-	done := make(chan result, 1)
-	go func() { l, err := Listen(); done <- result{l, err} }()
-	c := g.accept()
-	if h := c.hello(); h.Flags&handoff.HelloBatch == 0 {
-		t.Fatalf("HELLO flags %#x: the Go worker asks for BATCH", h.Flags)
-	}
-	c.send(handoff.AppendWelcome(nil, &handoff.Welcome{Version: 1, PingInterval: time.Second, Generation: 7,
-		Flags: handoff.WelcomeNonblock | handoff.WelcomeRefuse | handoff.WelcomeBatch}))
-	r := <-done
-	if r.err != nil {
-		t.Fatal(r.err)
-	}
-	l := r.l
-	t.Cleanup(func() { l.Close() })
+	l, c := startBatch(t, g)
 	accepted := make(chan *Conn, 4)
 	go func() {
 		for {
@@ -824,21 +807,7 @@ func TestConnsPartlyRefused(t *testing.T) {
 	c.expect(handoff.TypeReady)
 
 	const n = 4
-	clients := map[uint64]*net.TCPConn{}
-	infos := make([]handoff.ConnInfo, n)
-	fds := make([]int, n)
-	for i := range n {
-		client, server := g.connect()
-		f, err := server.File() // a private dup, to send while server's own fd stays shared
-		server.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		fds[i] = int(f.Fd())
-		infos[i] = handoff.ConnInfo{ID: g.next.Add(1), Client: fakeClient, Local: fakeLocal, Listener: "game"}
-		clients[infos[i].ID] = client
-	}
+	clients, infos, fds := g.connsOf(n)
 	// Room for exactly two more descriptors: the two lowest free fd numbers.
 	var old unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
@@ -929,4 +898,77 @@ func TestConnsNotGranted(t *testing.T) {
 	if _, err := client.Read(make([]byte, 1)); err == nil {
 		t.Fatal("client read data; want EOF once the worker closed the fds it could not take")
 	}
+}
+
+// The connections of one CONNS are acked in one ACK, sent before any of them reaches Accept
+// (nothing reads a client byte before batond has the ACK).
+func TestConnsAckedTogether(t *testing.T) {
+	g := newGateway(t)
+	l, c := startBatch(t, g)
+	const n = handoff.MaxConns
+	clients, infos, fds := g.connsOf(n)
+	if err := c.ch.TrySendFDs(handoff.AppendConns(nil, n, func(i int) *handoff.ConnInfo { return &infos[i] }), fds); err != nil {
+		t.Fatal(err)
+	}
+	ids := c.expectIDs(handoff.TypeAck)
+	if len(ids) != n {
+		t.Fatalf("first ACK has %d ids, want all %d of the CONNS", len(ids), n)
+	}
+	for _, id := range ids {
+		if clients[id] == nil {
+			t.Fatalf("ACK for %d, never sent", id)
+		}
+	}
+	for range n {
+		conn := mustAccept(t, l)
+		roundTrip(t, clients[conn.ID()], conn, "one of a CONNS\n")
+		conn.Close()
+	}
+}
+
+// startBatch runs Listen against the fake gateway, checks that HELLO asks for BATCH and grants
+// it (with NONBLOCK and REFUSE, as batond does).
+func startBatch(t *testing.T, g *fakeGateway) (*Listener, *gwChan) {
+	t.Helper()
+	type result struct {
+		l   *Listener
+		err error
+	}
+	done := make(chan result, 1)
+	go func() { l, err := Listen(); done <- result{l, err} }()
+	c := g.accept()
+	if h := c.hello(); h.Flags&handoff.HelloBatch == 0 {
+		t.Fatalf("HELLO flags %#x: the Go worker asks for BATCH", h.Flags)
+	}
+	c.send(handoff.AppendWelcome(nil, &handoff.Welcome{Version: 1, PingInterval: time.Second, Generation: 7,
+		Flags: handoff.WelcomeNonblock | handoff.WelcomeRefuse | handoff.WelcomeBatch}))
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	t.Cleanup(func() { r.l.Close() })
+	return r.l, c
+}
+
+// connsOf makes n real TCP connections and returns their client ends by id, and what a CONNS
+// of them carries: the entries and the fds (private dups of the server ends, closed at
+// cleanup; the server ends' own fds are closed at once).
+func (g *fakeGateway) connsOf(n int) (map[uint64]*net.TCPConn, []handoff.ConnInfo, []int) {
+	g.t.Helper()
+	clients := map[uint64]*net.TCPConn{}
+	infos := make([]handoff.ConnInfo, n)
+	fds := make([]int, n)
+	for i := range n {
+		client, server := g.connect()
+		f, err := server.File()
+		server.Close()
+		if err != nil {
+			g.t.Fatal(err)
+		}
+		g.t.Cleanup(func() { f.Close() })
+		fds[i] = int(f.Fd())
+		infos[i] = handoff.ConnInfo{ID: g.next.Add(1), Client: fakeClient, Local: fakeLocal, Listener: "game"}
+		clients[infos[i].ID] = client
+	}
+	return clients, infos, fds
 }
