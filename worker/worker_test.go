@@ -11,6 +11,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -971,4 +972,57 @@ func (g *fakeGateway) connsOf(n int) (map[uint64]*net.TCPConn, []handoff.ConnInf
 		clients[infos[i].ID] = client
 	}
 	return clients, infos, fds
+}
+
+// Sessions that end together (a burst of handlers finishing at once) are reported in few CLOSED
+// messages, not one each: the writer, woken by the first close, lets the other runnable
+// goroutines close theirs before it sends. One process, one P, as a worker pinned to a core
+// runs.
+func TestClosedTogether(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	g := newGateway(t)
+	l, c := startReady(t, g)
+	const n = 10
+	ids := make([]uint64, 0, n)
+	conns := make([]*Conn, 0, n)
+	for range n + 1 {
+		_, id := g.handOff(c)
+		ids = append(ids, id)
+		conns = append(conns, mustAccept(t, l))
+	}
+	// The last one stays open: the other closes are not the worker's last (which is flushed at
+	// once, before Wait can return), so the writer sends them.
+	keep := conns[n]
+	ids, conns = ids[:n], conns[:n]
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, conn := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			conn.Close()
+		}()
+	}
+	close(start)
+	wg.Wait()
+	messages := 0
+	for {
+		missing := 0
+		for _, id := range ids {
+			if c.closed[id] == 0 {
+				missing++
+			}
+		}
+		if missing == 0 {
+			break
+		}
+		c.noteClosed(c.expect(handoff.TypeClosed))
+		messages++
+	}
+	t.Logf("%d sessions ending together reported in %d CLOSED messages", n, messages)
+	if messages > n/2 {
+		t.Errorf("%d CLOSED messages for %d sessions that ended together: the writer sent them one by one", messages, n)
+	}
+	keep.Close()
 }
