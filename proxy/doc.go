@@ -10,14 +10,14 @@
 // it to: accepted = acked + closed by the gateway (by reason) + in flight.
 //
 // What a connection costs an idle gateway is wake-ups more than syscalls, so the hot path
-// avoids them: accept4, sendmsg and recvmsg are raw syscalls (no runtime sysmon wake-up),
-// nothing is allocated per connection, workers' ACKs and CLOSEDs are collected while the accept
-// loop is awake anyway instead of each waking it (Backend.recv), and with AcceptCoalesce a busy
-// accept loop wakes at most once per interval and hands over what arrived meanwhile in one go:
-// a burst (dispatchBurst) goes to one worker while that keeps it within a CONNS' worth of the
-// least loaded, in CONNS of up to 16 connections and fds for workers that asked for them. On a
-// busy host each process woken is a context switch of its own; a burst split across every
-// worker woke them all.
+// avoids them: accept4, sendmsg, recvmsg and close are raw syscalls (no wake-up of the runtime's
+// sysmon thread; see closeFD for the closes that are not), nothing is allocated per
+// connection, workers' ACKs and CLOSEDs are collected while the accept loop is awake anyway
+// instead of each waking it (Backend.recv), and with AcceptCoalesce a busy accept loop wakes at
+// most once per interval and hands over what arrived meanwhile as one burst (dispatchBurst): a
+// nearly idle worker takes the rest of a burst it got the first of, in CONNS of up to 16
+// connections and fds for workers that asked for them. On a busy host each process woken is a
+// context switch of its own; a burst dealt out across every worker woke them all.
 //
 // The Gateway knows nothing of how workers are started or authenticated; the supervisor does
 // that and Adds each registered worker as a Backend.
