@@ -216,7 +216,9 @@ func (ch *Channel) TryRecvFDs(buf []byte, fds []int) ([]byte, []int, error) {
 
 func (ch *Channel) recvOne(buf []byte, fn func(uintptr) bool) ([]byte, int, error) {
 	msg, fds, err := ch.recv(buf, ch.rfds[:0], fn)
-	if err == nil && Type(msg[0]) == TypeConns {
+	// A CONNS, whole or (ErrNoFD) with some of its fds, is not for a one-fd receiver: every fd
+	// that came with it is closed here.
+	if len(msg) > 0 && Type(msg[0]) == TypeConns {
 		closeAll(fds)
 		return nil, -1, fmt.Errorf("%w: CONNS to a receiver that takes one fd at a time", ErrFDs)
 	}

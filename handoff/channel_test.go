@@ -541,3 +541,25 @@ func roomForFDs(t *testing.T, n int) (restore func()) {
 		}
 	}
 }
+
+// Recv, which hands out one fd, refuses a CONNS that arrived with only some of its fds too, and
+// closes the ones that did arrive.
+func TestRecvPartialConnsClosesFDs(t *testing.T) {
+	a, b := pair(t)
+	infos := []ConnInfo{{ID: 1}, {ID: 2}, {ID: 3}}
+	fd := devnull(t)
+	defer unix.Close(fd)
+	if err := a.TrySendFDs(AppendConns(nil, 3, func(i int) *ConnInfo { return &infos[i] }), []int{fd, fd, fd}); err != nil {
+		t.Fatal(err)
+	}
+	before := openFDs(t)
+	restore := roomForFDs(t, 2)
+	_, got, err := b.Recv(make([]byte, MaxMessage))
+	restore()
+	if !errors.Is(err, ErrFDs) || got != -1 {
+		t.Fatalf("Recv of a partial CONNS: fd %d, %v; want ErrFDs", got, err)
+	}
+	if after := openFDs(t); after != before {
+		t.Fatalf("%d fds open before Recv, %d after: the ones that arrived leaked", before, after)
+	}
+}

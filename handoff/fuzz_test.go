@@ -83,3 +83,33 @@ func FuzzControl(f *testing.F) {
 		}
 	})
 }
+
+func FuzzConns(f *testing.F) {
+	two := []ConnInfo{{ID: 1, Listener: "tcp"}, {ID: 2, Listener: "x"}}
+	f.Add(AppendConns(nil, 2, func(i int) *ConnInfo { return &two[i] })[HeaderLen:])
+	f.Add([]byte{1, 0, 0xff, 0xff})
+	f.Add([]byte{0x11, 0})
+	f.Fuzz(func(t *testing.T, body []byte) {
+		cs, err := ParseConns(nil, body)
+		if err != nil {
+			return
+		}
+		if len(cs) == 0 || len(cs) > MaxConns {
+			t.Fatalf("decoded %d connections", len(cs))
+		}
+		msg := AppendConns(nil, len(cs), func(i int) *ConnInfo { return &cs[i] })
+		if ConnsCount(msg) != len(cs) {
+			t.Fatalf("ConnsCount %d of %d", ConnsCount(msg), len(cs))
+		}
+		_, b2, _ := Split(msg)
+		cs2, err := ParseConns(nil, b2)
+		if err != nil || len(cs2) != len(cs) {
+			t.Fatalf("re-encode: %d %v vs %d", len(cs2), err, len(cs))
+		}
+		for i := range cs {
+			if cs2[i] != cs[i] {
+				t.Fatalf("entry %d: %+v vs %+v", i, cs2[i], cs[i])
+			}
+		}
+	})
+}

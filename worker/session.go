@@ -289,7 +289,7 @@ func (s *session) readLoop() error {
 		}
 		if err == nil || errors.Is(err, handoff.ErrNoFD) {
 			// ErrNoFD: (some of) the fds of a CONN or CONNS could not be installed here; the
-			// connections without one are refused (see handleConns).
+			// connections without one are refused (see take and noFD).
 			err = s.handle(msg, s.fds)
 		} else {
 			switch {
