@@ -89,11 +89,7 @@ func TestConnCarriesOneFD(t *testing.T) {
 	if flags&unix.FD_CLOEXEC == 0 {
 		t.Error("received fd is not close-on-exec")
 	}
-	typ, body, _ := Split(msg)
-	var c ConnInfo
-	if typ != TypeConn || ParseConn(body, &c) != nil || c.ID != 5 {
-		t.Fatalf("got %v %+v", typ, c)
-	}
+	expectConn(t, msg, 5)
 }
 
 // Every bad message is rejected and every fd that came with it is closed.
@@ -368,11 +364,7 @@ func TestRecvNoFD(t *testing.T) {
 		}
 		t.Fatalf("Recv out of fds: fd %d, %v; want ErrNoFD", got, err)
 	}
-	typ, body, _ := Split(msg)
-	var c ConnInfo
-	if typ != TypeConn || ParseConn(body, &c) != nil || c.ID != 77 {
-		t.Fatalf("message with ErrNoFD: %v %+v", typ, c)
-	}
+	expectConn(t, msg, 77)
 }
 
 // CONNS carries several connections and their fds, in order, in one message; RecvFDs returns
@@ -561,5 +553,15 @@ func TestRecvPartialConnsClosesFDs(t *testing.T) {
 	}
 	if after := openFDs(t); after != before {
 		t.Fatalf("%d fds open before Recv, %d after: the ones that arrived leaked", before, after)
+	}
+}
+
+// expectConn fails unless msg is a CONN for connection id.
+func expectConn(t *testing.T, msg []byte, id uint64) {
+	t.Helper()
+	typ, body, _ := Split(msg)
+	var c ConnInfo
+	if typ != TypeConn || ParseConn(body, &c) != nil || c.ID != id {
+		t.Fatalf("got %v %+v, want CONN %d", typ, c, id)
 	}
 }
