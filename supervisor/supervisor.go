@@ -59,6 +59,11 @@ type Config struct {
 	// PassOutput gives workers batond's own stderr (the journal, under systemd) instead of
 	// re-logging their output through a pipe.
 	PassOutput bool
+	// Adopt is set when this batond restarts after a crash of the one that served Generation:
+	// that generation's workers still run, and each slot first waits up to AdoptWindow for its
+	// worker to re-register and be adopted (same pid, same sessions) before starting a new one.
+	Adopt       bool
+	AdoptWindow time.Duration
 }
 
 // Supervisor runs the workers of one generation and admits registrations.
