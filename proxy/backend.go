@@ -205,11 +205,11 @@ func (b *Backend) recv(buf []byte, t *time.Timer) ([]byte, int, error) {
 	}
 }
 
-// read is the backend's one reader: ACK, CLOSED, READY, PONG; anything else ends it.
+// read is the backend's one reader: ACK, CLOSED, REFUSE, READY, PONG; anything else, or a
+// protocol error, ends it.
 func (b *Backend) read() {
 	buf := make([]byte, handoff.MaxMessage)
-	ids := make([]uint64, 0, 64)
-	fds := make([]int, 0, 64)
+	m := &msgScratch{ids: make([]uint64, 0, 64), fds: make([]int, 0, 64)}
 	t := time.NewTimer(busyWindow)
 	t.Stop()
 	for {
@@ -218,144 +218,162 @@ func (b *Backend) read() {
 			unix.Close(fd) // only CONN carries an fd, and workers never send CONN
 		}
 		if err != nil {
-			code := handoff.ErrorCode(0)
+			code := handoff.RecvErrorCode(err)
 			switch {
 			case errors.Is(err, io.EOF), errors.Is(err, unix.ECONNRESET):
 				err = ErrChannel
-			case errors.Is(err, handoff.ErrTruncated):
-				code = handoff.CodeTooBig
-			case errors.Is(err, handoff.ErrFDs):
-				code = handoff.CodeFDs
+			case code != 0:
+				err = fmt.Errorf("%w: %w", ErrProtocol, err)
 			default:
 				err = fmt.Errorf("%w: %w", ErrChannel, err)
-			}
-			if code != 0 {
-				err = fmt.Errorf("%w: %w", ErrProtocol, err)
 			}
 			b.g.fail(b, err, code)
 			return
 		}
-		typ, body, err := handoff.Split(msg)
-		if err != nil {
-			b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
-			return
-		}
-		now := time.Now()
-		switch typ {
-		case handoff.TypeAck:
-			if ids, err = handoff.ParseIDs(ids[:0], typ, body); err != nil {
-				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
-				return
-			}
-			fds = fds[:0]
-			b.g.mu.Lock()
-			var unknown uint64
-			clients := 0
-			for _, id := range ids {
-				c := b.pending[id]
-				if c == nil {
-					unknown = id
-					break
-				}
-				delete(b.pending, id)
-				fds = append(fds, c.fd)
-				b.live++
-				b.acked++
-				if c.selfCheck != nil {
-					close(c.selfCheck)
-				} else {
-					clients++
-				}
-				b.g.freeConnLocked(c)
-			}
-			b.lastSeen, b.lastAck, b.full = now, now, false
-			b.g.mu.Unlock()
-			// The worker owns these connections now; drop the gateway's copies, and only then
-			// count them out of flight: "nothing in flight" (WaitIdle, status) means batond
-			// holds none of them any more.
-			for _, fd := range fds {
-				closeFD(fd)
-			}
-			b.g.mu.Lock()
-			// Counted under the lock with in-flight, so Stats is a consistent snapshot.
-			b.g.stats.acked.Add(uint64(clients))
-			b.g.doneInflightLocked(len(fds))
-			b.g.mu.Unlock()
-			if unknown != 0 {
-				b.g.fail(b, fmt.Errorf("%w: ACK for connection %#x never sent to it", ErrProtocol, unknown), handoff.CodeUnexpected)
-				return
-			}
-		case handoff.TypeClosed:
-			if ids, err = handoff.ParseIDs(ids[:0], typ, body); err != nil {
-				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
-				return
-			}
-			b.g.mu.Lock()
-			b.lastSeen, b.full, b.refusing = now, false, false
-			over := len(ids) > b.live
-			if !over {
-				b.live -= len(ids)
-				b.closed += uint64(len(ids))
-			}
-			// Freed capacity matters only to connections waiting for it; waking the
-			// housekeeper on every close would cost a goroutine switch per connection.
-			queued := len(b.g.waiting) > 0
-			b.g.mu.Unlock()
-			if over {
-				b.g.fail(b, fmt.Errorf("%w: CLOSED for more connections than it holds", ErrProtocol), handoff.CodeUnexpected)
-				return
-			}
-			if queued {
-				b.g.poke()
-			}
-		case handoff.TypeRefuse:
-			if ids, err = handoff.ParseIDs(ids[:0], typ, body); err != nil {
-				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
-				return
-			}
-			if err := b.refused(ids, now); err != nil {
-				b.g.fail(b, err, handoff.CodeUnexpected)
-				return
-			}
-		case handoff.TypeReady:
-			b.g.mu.Lock()
-			first := !b.ready
-			b.ready, b.lastSeen, b.full = true, now, false
-			b.g.mu.Unlock()
-			if first {
-				close(b.readyC)
-			}
-			b.g.poke()
-		case handoff.TypePong:
-			if _, err := handoff.ParseNonce(typ, body); err != nil {
-				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, err), handoff.CodeMalformed)
-				return
-			}
-			b.g.mu.Lock()
-			// A worker that refused may have freed descriptors without closing a client (or
-			// hold none to close): it gets another chance each ping interval, not never.
-			b.lastSeen, b.full, b.refusing = now, false, false
-			b.g.mu.Unlock()
-		case handoff.TypeError:
-			e, perr := handoff.ParseError(body)
-			if perr != nil {
-				b.g.fail(b, fmt.Errorf("%w: %w", ErrProtocol, perr), handoff.CodeMalformed)
-				return
-			}
-			b.g.fail(b, fmt.Errorf("%w: worker sent %w", ErrChannel, e), 0)
-			return
-		default:
-			if typ.Optional() {
-				continue
-			}
-			code := handoff.CodeUnexpected
-			if !typ.Known() {
-				code = handoff.CodeUnknownType
-			}
-			b.g.fail(b, fmt.Errorf("%w: unexpected %s", ErrProtocol, typ), code)
+		if code, err := b.handle(msg, m); err != nil {
+			b.g.fail(b, err, code)
 			return
 		}
 	}
+}
+
+// msgScratch is the reader's reusable space: a handoff allocates nothing.
+type msgScratch struct {
+	ids []uint64
+	fds []int
+}
+
+// protocolErr is what a handler returns for a worker that broke the protocol: the error and the
+// ERROR code it is told.
+func protocolErr(code handoff.ErrorCode, err error) (handoff.ErrorCode, error) {
+	return code, fmt.Errorf("%w: %w", ErrProtocol, err)
+}
+
+// handle acts on one message from the worker; a non-nil error ends the backend (with the code
+// the worker is told, 0 for none).
+func (b *Backend) handle(msg []byte, m *msgScratch) (handoff.ErrorCode, error) {
+	typ, body, err := handoff.Split(msg)
+	if err != nil {
+		return protocolErr(handoff.CodeMalformed, err)
+	}
+	now := time.Now()
+	switch typ {
+	case handoff.TypeAck, handoff.TypeClosed, handoff.TypeRefuse:
+		if m.ids, err = handoff.ParseIDs(m.ids[:0], typ, body); err != nil {
+			return protocolErr(handoff.CodeMalformed, err)
+		}
+		switch typ {
+		case handoff.TypeAck:
+			return b.onAck(m, now)
+		case handoff.TypeClosed:
+			return b.onClosed(m.ids, now)
+		default:
+			if err := b.refused(m.ids, now); err != nil {
+				return handoff.CodeUnexpected, err
+			}
+		}
+	case handoff.TypeReady:
+		b.onReady(now)
+	case handoff.TypePong:
+		if _, err := handoff.ParseNonce(typ, body); err != nil {
+			return protocolErr(handoff.CodeMalformed, err)
+		}
+		b.g.mu.Lock()
+		// A worker that refused may have freed descriptors without closing a client (or
+		// hold none to close): it gets another chance each ping interval, not never.
+		b.lastSeen, b.full, b.refusing = now, false, false
+		b.g.mu.Unlock()
+	case handoff.TypeError:
+		e, perr := handoff.ParseError(body)
+		if perr != nil {
+			return protocolErr(handoff.CodeMalformed, perr)
+		}
+		return 0, fmt.Errorf("%w: worker sent %w", ErrChannel, e)
+	default:
+		if typ.Optional() {
+			return 0, nil
+		}
+		code := handoff.CodeUnexpected
+		if !typ.Known() {
+			code = handoff.CodeUnknownType
+		}
+		return protocolErr(code, fmt.Errorf("unexpected %s", typ))
+	}
+	return 0, nil
+}
+
+// onAck moves acknowledged connections to the worker: it owns them now.
+func (b *Backend) onAck(m *msgScratch, now time.Time) (handoff.ErrorCode, error) {
+	m.fds = m.fds[:0]
+	b.g.mu.Lock()
+	var unknown uint64
+	clients := 0
+	for _, id := range m.ids {
+		c := b.pending[id]
+		if c == nil {
+			unknown = id
+			break
+		}
+		delete(b.pending, id)
+		m.fds = append(m.fds, c.fd)
+		b.live++
+		b.acked++
+		if c.selfCheck != nil {
+			close(c.selfCheck)
+		} else {
+			clients++
+		}
+		b.g.freeConnLocked(c)
+	}
+	b.lastSeen, b.lastAck, b.full = now, now, false
+	b.g.mu.Unlock()
+	// Drop the gateway's copies, and only then count them out of flight: "nothing in flight"
+	// (WaitIdle, status) means batond holds none of them any more.
+	for _, fd := range m.fds {
+		closeFD(fd)
+	}
+	b.g.mu.Lock()
+	// Counted under the lock with in-flight, so Stats is a consistent snapshot.
+	b.g.stats.acked.Add(uint64(clients))
+	b.g.doneInflightLocked(len(m.fds))
+	b.g.mu.Unlock()
+	if unknown != 0 {
+		return protocolErr(handoff.CodeUnexpected, fmt.Errorf("ACK for connection %#x never sent to it", unknown))
+	}
+	return 0, nil
+}
+
+// onClosed counts the worker's clients that left.
+func (b *Backend) onClosed(ids []uint64, now time.Time) (handoff.ErrorCode, error) {
+	b.g.mu.Lock()
+	b.lastSeen, b.full, b.refusing = now, false, false
+	over := len(ids) > b.live
+	if !over {
+		b.live -= len(ids)
+		b.closed += uint64(len(ids))
+	}
+	// Freed capacity matters only to connections waiting for it; waking the housekeeper on
+	// every close would cost a goroutine switch per connection.
+	queued := len(b.g.waiting) > 0
+	b.g.mu.Unlock()
+	if over {
+		return protocolErr(handoff.CodeUnexpected, errors.New("CLOSED for more connections than it holds"))
+	}
+	if queued {
+		b.g.poke()
+	}
+	return 0, nil
+}
+
+func (b *Backend) onReady(now time.Time) {
+	b.g.mu.Lock()
+	first := !b.ready
+	b.ready, b.lastSeen, b.full = true, now, false
+	b.g.mu.Unlock()
+	if first {
+		close(b.readyC)
+	}
+	b.g.poke()
 }
 
 // refused takes back connections the worker could not receive (REFUSE: its fd never reached
@@ -421,7 +439,7 @@ func (g *Gateway) fail(b *Backend, err error, code handoff.ErrorCode) {
 	g.mu.Unlock()
 
 	if code != 0 {
-		_ = b.ch.TrySend(handoff.AppendError(nil, &handoff.Error{Code: code, Reason: err.Error()}), -1)
+		b.ch.SendError(code, err.Error())
 	}
 	b.ch.Close()
 	kill := code != 0 || len(pend) > 0
@@ -430,7 +448,9 @@ func (g *Gateway) fail(b *Backend, err error, code handoff.ErrorCode) {
 		level = hclog.Error
 	}
 	b.log.Log(level, "worker disconnected", "reason", err, "unacked", len(pend), "kill", kill)
+	g.kills.Add(1)
 	go func() {
+		defer g.kills.Done()
 		defer close(b.doneC)
 		if !kill {
 			return

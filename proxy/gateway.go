@@ -102,6 +102,7 @@ type Gateway struct {
 	inflight  int            // handed off, not yet acked (across all backends) + waiting
 	idle      chan struct{}
 	free      []*clientConn // recycled, so that a handoff allocates nothing (see newConnLocked)
+	kills     sync.WaitGroup // fail's kill-and-redispatch of failed backends; joined by Close
 }
 
 // maxFree bounds the recycled clientConns: a burst of in-flight connections should not pin its
@@ -531,6 +532,7 @@ func (g *Gateway) Close() {
 		close(g.quit)
 	}
 	<-g.done
+	g.kills.Wait()
 	g.mu.Lock()
 	w := g.waiting
 	g.waiting = nil

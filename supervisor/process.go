@@ -14,11 +14,13 @@ import (
 // ErrGone is returned when signalling a process that has already exited.
 var ErrGone = errors.New("process has exited")
 
-// Process is a pidfd-backed handle on a worker process, child or not. Signals go through the
-// pidfd, so a recycled PID can never be hit; exit is observed by the pidfd becoming readable
-// (epoll through the runtime poller), never by polling PIDs.
+// Process is a pidfd-backed handle on a worker process, child or not, and on its process group
+// (see group.go). Signals go through the pidfd, so a recycled PID can never be hit, and to the
+// group while the process lives; exit is observed by the pidfd becoming readable (epoll through
+// the runtime poller), never by polling PIDs.
 type Process struct {
 	pid    int
+	pgid   int // its process group when opened; 0 if unknown
 	pidfd  *os.File // owned; closed by Close
 	raw    syscall.RawConn
 	exited chan struct{}
@@ -35,7 +37,8 @@ func newProcess(pid, pidfd int) (*Process, error) {
 		f.Close()
 		return nil, err
 	}
-	p := &Process{pid: pid, pidfd: f, raw: raw, exited: make(chan struct{})}
+	pgid, _ := groupOf(pid)
+	p := &Process{pid: pid, pgid: pgid, pidfd: f, raw: raw, exited: make(chan struct{})}
 	go p.watch()
 	return p, nil
 }
@@ -74,8 +77,21 @@ func (p *Process) PID() int { return p.pid }
 // Exited is closed once the process has exited.
 func (p *Process) Exited() <-chan struct{} { return p.exited }
 
-// Signal sends sig through the pidfd.
+// Group returns the process group the process was in when opened (0 if unknown).
+func (p *Process) Group() int { return p.pgid }
+
+// Signal sends sig through the pidfd and then to the process's group, so that a launcher's
+// children get it too (the group is left alone once the process is gone, and never when it
+// is batond's own or a session leader's: see killableGroup).
 func (p *Process) Signal(sig syscall.Signal) error {
+	err := p.signal(sig)
+	if err == nil && p.pgid != 0 {
+		signalGroup(p.pgid, sig)
+	}
+	return err
+}
+
+func (p *Process) signal(sig syscall.Signal) error {
 	var serr error
 	err := p.raw.Control(func(fd uintptr) {
 		serr = unix.PidfdSendSignal(int(fd), sig, nil, 0)
@@ -92,8 +108,19 @@ func (p *Process) Signal(sig syscall.Signal) error {
 	return nil
 }
 
-// KillAndWait sends SIGKILL and waits until the process has exited.
+// KillAndWait sends SIGKILL to the process and its group and waits until the process and
+// every member of the group have exited.
 func (p *Process) KillAndWait(ctx context.Context) error {
+	if err := p.waitKilled(ctx); err != nil {
+		return err
+	}
+	if p.pgid != 0 {
+		return killGroup(ctx, p.pgid)
+	}
+	return nil
+}
+
+func (p *Process) waitKilled(ctx context.Context) error {
 	if err := p.Signal(unix.SIGKILL); err != nil && !errors.Is(err, ErrGone) {
 		// The supervisor marks a reaped process exited before it closes the pidfd, so a
 		// signal failing on a closed pidfd of an exited process is not a failure to kill.
@@ -110,6 +137,20 @@ func (p *Process) KillAndWait(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("pid %d still running after SIGKILL: %w", p.pid, ctx.Err())
 	}
+}
+
+// GetFD duplicates the process's file descriptor targetfd into batond (pidfd_getfd(2); the
+// copy is close-on-exec and the caller's to close). It needs ptrace access to the process: the
+// same uid (and the process dumpable) or CAP_SYS_PTRACE.
+func (p *Process) GetFD(targetfd int) (int, error) {
+	fd, serr := -1, error(nil)
+	if err := p.raw.Control(func(pfd uintptr) { fd, serr = unix.PidfdGetfd(int(pfd), targetfd, 0) }); err != nil {
+		return -1, err
+	}
+	if serr != nil {
+		return -1, os.NewSyscallError("pidfd_getfd", serr)
+	}
+	return fd, nil
 }
 
 // Close releases the pidfd (the process itself is not touched). Exited never fires after Close

@@ -103,6 +103,14 @@ type opts struct {
 // startGateway starts batond on 127.0.0.1:0 and waits until it serves.
 func startGateway(t *testing.T, o opts) *gateway {
 	t.Helper()
+	g := startGatewayNoWait(t, o)
+	g.waitServing()
+	return g
+}
+
+// startGatewayNoWait starts batond on 127.0.0.1:0 (g.addr is not known yet).
+func startGatewayNoWait(t *testing.T, o opts) *gateway {
+	t.Helper()
 	build(t)
 	dir := t.TempDir()
 	g := &gateway{t: t, dir: dir, log: logFile{filepath.Join(dir, "batond.log")}, exited: make(chan struct{})}
@@ -136,9 +144,16 @@ func startGateway(t *testing.T, o opts) *gateway {
 	go func() { g.cmd.Wait(); close(g.exited) }()
 	t.Cleanup(g.stop)
 	g.admin = admin.NewClient(filepath.Join(dir, "admin.sock"))
+	return g
+}
+
+// waitServing waits until batond writes its pid file (it serves) and learns its address.
+func (g *gateway) waitServing() {
+	t := g.t
+	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		if _, err := os.Stat(filepath.Join(dir, "batond.pid")); err == nil {
+		if _, err := os.Stat(filepath.Join(g.dir, "batond.pid")); err == nil {
 			break
 		}
 		select {
@@ -156,7 +171,6 @@ func startGateway(t *testing.T, o opts) *gateway {
 		t.Fatalf("listeners: %v", st.Listeners)
 	}
 	g.addr = st.Listeners[0]
-	return g
 }
 
 // stop sends SIGTERM to the batond serving now (the pid file follows reloads) and waits for it

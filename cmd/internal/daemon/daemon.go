@@ -288,9 +288,12 @@ var errStoppedStarting = errors.New("stopped by a signal before serving")
 func (d *daemon) healthGate(sigs <-chan os.Signal) error {
 	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.ReadyTimeout)
 	defer cancel()
-	t := time.NewTicker(10 * time.Millisecond)
-	defer t.Stop()
-	for d.sup.ReadyCount() < d.cfg.Workers {
+	for {
+		// The roster wakes us at each change of any worker's state: no polling.
+		ws, changed := d.sup.Roster().Watch()
+		if supervisor.ReadyIn(ws, d.gen) >= d.cfg.Workers {
+			break
+		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("not serving after -ready-timeout %v: %d of %d workers ready (%s)",
@@ -302,7 +305,7 @@ func (d *daemon) healthGate(sigs <-chan os.Signal) error {
 			}
 			d.log.Info("stopping before serving", "signal", s)
 			return errStoppedStarting
-		case <-t.C:
+		case <-changed:
 		}
 	}
 	// (A signal during these milliseconds waits in the channel for the main loop.)

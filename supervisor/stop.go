@@ -1,0 +1,150 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/baton-gw/baton/proxy"
+	"github.com/baton-gw/baton/roster"
+)
+
+// Stop drains every worker (this generation's and others that registered), waits up to ctx for
+// them to exit, then sends SIGTERM, waits KillGrace, then SIGKILL, each to the worker's whole
+// process group; it returns once every process of every worker is gone (or could not be
+// confirmed gone within the grace) and every goroutine of the supervisor has ended.
+func (s *Supervisor) Stop(ctx context.Context, drain time.Duration) {
+	procs, ok := s.finish(drain)
+	if !ok {
+		return
+	}
+	allExited := func(c <-chan struct{}) bool {
+		for _, p := range procs {
+			select {
+			case <-p.Exited():
+			case <-c:
+				return false
+			}
+		}
+		return true
+	}
+	if !allExited(ctx.Done()) {
+		s.log.Warn("workers still running at the stop deadline; sending SIGTERM")
+		for _, p := range procs {
+			_ = p.Signal(unix.SIGTERM)
+		}
+		if !allExited(after(s.cfg.KillGrace)) {
+			s.log.Warn("workers ignored SIGTERM; sending SIGKILL")
+			for _, p := range procs {
+				_ = p.Signal(unix.SIGKILL)
+			}
+			allExited(after(s.cfg.KillGrace))
+		}
+	}
+	for _, p := range procs {
+		s.reapGroup(p, s.log)
+	}
+	s.wg.Wait()
+	s.out.close()
+}
+
+// Detach hands the workers over to the next batond after an upgrade: every worker is told to
+// drain (it keeps its sessions and re-registers with the next batond, which gives it no new
+// clients and takes its output over), this supervisor stops restarting anything and stops
+// reading worker output. The processes are left running.
+func (s *Supervisor) Detach(drain time.Duration) {
+	if _, ok := s.finish(drain); !ok {
+		return
+	}
+	s.out.close()
+}
+
+// finish ends supervision (no more restarts, no more registrations) once, tells every worker
+// it knew to drain, and returns their processes. ok is false if it had already finished.
+func (s *Supervisor) finish(drain time.Duration) (procs []*Process, ok bool) {
+	type drainee struct {
+		e *roster.Entry
+		b *proxy.Backend
+	}
+	var ds []drainee
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		return nil, false
+	}
+	s.stopping = true
+	close(s.quit)
+	for c := range s.admits {
+		_ = c.SetReadDeadline(time.Now()) // a handshake under way ends now
+	}
+	for _, sl := range s.slots {
+		if sl.proc != nil {
+			procs = append(procs, sl.proc)
+		}
+		if sl.backend != nil {
+			ds = append(ds, drainee{sl.entry, sl.backend})
+		}
+	}
+	for b, o := range s.others {
+		ds = append(ds, drainee{o.entry, b})
+		procs = append(procs, o.proc)
+	}
+	s.mu.Unlock()
+	for _, d := range ds {
+		s.drain(d.e, d.b, drain)
+	}
+	return procs, true
+}
+
+// drain tells one worker to drain and records it.
+func (s *Supervisor) drain(e *roster.Entry, b *proxy.Backend, d time.Duration) {
+	_ = b.Drain(d)
+	deadline := time.Now().Add(d)
+	s.roster.Update(e, roster.Drained, func(w *roster.Worker) { w.State, w.DrainDeadline = roster.Draining, deadline })
+}
+
+// after is time.After as a done channel.
+func after(d time.Duration) <-chan struct{} {
+	c := make(chan struct{})
+	time.AfterFunc(d, func() { close(c) })
+	return c
+}
+
+// Status lists this generation's slots, then workers of other generations (from the roster).
+func (s *Supervisor) Status() []WorkerStatus { return s.roster.Snapshot() }
+
+// ReadyCount is the number of this generation's workers that are serving.
+func (s *Supervisor) ReadyCount() int { return ReadyIn(s.roster.Snapshot(), s.cfg.Generation) }
+
+// ReadyIn counts the workers of generation gen in ws that serve: ready, with their channel up.
+func ReadyIn(ws []WorkerStatus, gen uint64) int {
+	n := 0
+	for _, w := range ws {
+		if w.Generation == gen && w.State == roster.Ready && w.Connected {
+			n++
+		}
+	}
+	return n
+}
+
+// LastExits summarises why this generation's slots last exited, for a failed start's message.
+func (s *Supervisor) LastExits() string {
+	var parts []string
+	for _, w := range s.roster.Snapshot() {
+		if w.Generation != s.cfg.Generation {
+			continue
+		}
+		if w.LastExit != "" {
+			parts = append(parts, fmt.Sprintf("slot %d: %s after %d restarts", w.Slot, w.LastExit, w.Restarts))
+		} else if w.State != roster.Ready {
+			parts = append(parts, fmt.Sprintf("slot %d: %s", w.Slot, w.State))
+		}
+	}
+	if len(parts) == 0 {
+		return "no worker exited"
+	}
+	return strings.Join(parts, "; ")
+}
