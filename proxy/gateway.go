@@ -101,7 +101,7 @@ type Gateway struct {
 	serving   sync.WaitGroup // Serve loops, so StopAccepting can wait for their last dispatch
 	inflight  int            // handed off, not yet acked (across all backends) + waiting
 	idle      chan struct{}
-	free      []*clientConn // recycled, so that a handoff allocates nothing (see newConnLocked)
+	free      []*clientConn  // recycled, so that a handoff allocates nothing (see newConnLocked)
 	kills     sync.WaitGroup // fail's kill-and-redispatch of failed backends; joined by Close
 }
 

@@ -20,7 +20,7 @@ var ErrGone = errors.New("process has exited")
 // the runtime poller), never by polling PIDs.
 type Process struct {
 	pid    int
-	pgid   int // its process group when opened; 0 if unknown
+	pgid   int      // its process group when opened; 0 if unknown
 	pidfd  *os.File // owned; closed by Close
 	raw    syscall.RawConn
 	exited chan struct{}
