@@ -110,10 +110,15 @@ func (s *Supervisor) takeOutput(p *Process, info proxy.BackendInfo, log hclog.Lo
 	if s.cfg.PassOutput {
 		return
 	}
-	name := fmt.Sprintf("gen%d.slot%d.pid%d", info.Generation, info.Slot, p.PID())
-	if err := s.out.reclaim(p, s.log.Named(name)); err != nil {
+	if err := s.out.reclaim(p, s.outputLog(info.Generation, info.Slot, p.PID())); err != nil {
 		log.Warn("cannot re-log this worker's output; it waits in its pipe (1 MiB) until a batond can read it", "pid", info.PID, "error", err)
 	}
+}
+
+// outputLog is the logger of one worker process's output: named by its generation, slot and
+// pid, whichever batond re-logs it.
+func (s *Supervisor) outputLog(gen uint64, slot, pid int) hclog.Logger {
+	return s.log.Named(fmt.Sprintf("gen%d.slot%d.pid%d", gen, slot, pid))
 }
 
 // admitOther takes a worker of another generation: after a reload (older) or one that

@@ -110,7 +110,7 @@ func (s *Supervisor) spawn(sl *slot, log hclog.Logger) (*Process, run, error) {
 	if wp != nil {
 		wp.W.Close() // the child holds its copies
 		wp.Keep.Close()
-		s.out.follow(wp, log.Named(fmt.Sprintf("pid%d", cmd.Process.Pid)))
+		s.out.follow(wp, s.outputLog(s.cfg.Generation, sl.n, cmd.Process.Pid))
 	}
 	done := make(chan struct{})
 	var werr error

@@ -88,6 +88,9 @@ type gateway struct {
 	admin  *admin.Client
 	addr   string
 	exited chan struct{}
+	bin    string   // what started it, for restart
+	args   []string //
+	env    []string //
 	// pids of workers seen in status, killed at cleanup in case a test left one behind
 	lastWorkers []int
 }
@@ -113,12 +116,7 @@ func startGatewayNoWait(t *testing.T, o opts) *gateway {
 	t.Helper()
 	build(t)
 	dir := t.TempDir()
-	g := &gateway{t: t, dir: dir, log: logFile{filepath.Join(dir, "batond.log")}, exited: make(chan struct{})}
-	logf, err := os.OpenFile(g.log.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
+	g := &gateway{t: t, dir: dir, log: logFile{filepath.Join(dir, "batond.log")}}
 	args := []string{
 		"-listen", "127.0.0.1:0", "-workers", strconv.Itoa(o.workers),
 		"-socket", filepath.Join(dir, "workers.sock"), "-admin", filepath.Join(dir, "admin.sock"),
@@ -133,18 +131,64 @@ func startGatewayNoWait(t *testing.T, o opts) *gateway {
 	if o.binary != "" {
 		bin = o.binary
 	}
-	g.cmd = exec.Command(bin, args...)
-	g.cmd.Env = append(os.Environ(), o.env...)
+	g.bin, g.args, g.env = bin, args, append(os.Environ(), o.env...)
+	g.launch()
+	t.Cleanup(g.stop)
+	g.admin = admin.NewClient(filepath.Join(dir, "admin.sock"))
+	return g
+}
+
+// launch starts a batond process with g's command line, its output appended to g's log.
+func (g *gateway) launch() {
+	g.t.Helper()
+	logf, err := os.OpenFile(g.log.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	defer logf.Close()
+	g.cmd = exec.Command(g.bin, g.args...)
+	g.cmd.Env = g.env
 	g.cmd.Stderr = logf
 	g.cmd.Stdout = logf
 	g.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := g.cmd.Start(); err != nil {
-		t.Fatal(err)
+		g.t.Fatal(err)
 	}
-	go func() { g.cmd.Wait(); close(g.exited) }()
-	t.Cleanup(g.stop)
-	g.admin = admin.NewClient(filepath.Join(dir, "admin.sock"))
-	return g
+	exited := make(chan struct{})
+	g.exited = exited
+	cmd := g.cmd
+	go func() { cmd.Wait(); close(exited) }()
+}
+
+// pid is the batond serving now (the pid file follows reloads).
+func (g *gateway) pid() int {
+	b, _ := os.ReadFile(filepath.Join(g.dir, "batond.pid"))
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+// crash kills the serving batond with SIGKILL and waits until it is gone; its workers live on.
+func (g *gateway) crash() {
+	g.t.Helper()
+	pid := g.pid()
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		g.t.Fatalf("batond pid %d: %v", pid, err)
+	}
+	defer unix.Close(fd)
+	unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0)
+	if !pidfdWait(fd, 10*time.Second) {
+		g.t.Fatalf("batond %d survived SIGKILL", pid)
+	}
+	os.Remove(filepath.Join(g.dir, "batond.pid")) // stale: the restarted batond writes its own
+}
+
+// restart starts batond again with the same command line (as an init system would after a
+// crash) and waits until it serves; g.addr is its listener now.
+func (g *gateway) restart() {
+	g.t.Helper()
+	g.launch()
+	g.waitServing()
 }
 
 // waitServing waits until batond writes its pid file (it serves) and learns its address.

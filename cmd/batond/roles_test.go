@@ -23,8 +23,11 @@ const (
 
 func runRole(spec string) int {
 	role, slot, scoped := strings.Cut(spec, "@")
-	if role == "intruder" {
+	switch role {
+	case "intruder":
 		return intruder()
+	case "printer":
+		return printer()
 	}
 	if scoped {
 		if slot != os.Getenv("BATON_WORKER") {
