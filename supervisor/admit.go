@@ -22,8 +22,7 @@ func (s *Supervisor) admitOwn(ch *handoff.Channel, info proxy.BackendInfo, welco
 	s.mu.Lock()
 	if s.stopping {
 		s.mu.Unlock()
-		peer.Close()
-		s.reject(ch, handoff.CodeShutdown, "batond is stopping")
+		s.rejectPeer(ch, peer, handoff.CodeShutdown, "batond is stopping")
 		return
 	}
 	if info.Slot >= len(s.slots) {
@@ -32,8 +31,7 @@ func (s *Supervisor) admitOwn(ch *handoff.Channel, info proxy.BackendInfo, welco
 			s.admitOther(ch, info, welcome, peer) // a survivor of a larger configuration
 			return
 		}
-		peer.Close()
-		s.reject(ch, handoff.CodeSlot, fmt.Sprintf("slot %d does not exist (%d workers)", info.Slot, len(s.slots)))
+		s.rejectPeer(ch, peer, handoff.CodeSlot, fmt.Sprintf("slot %d does not exist (%d workers)", info.Slot, len(s.slots)))
 		return
 	}
 	sl := s.slots[info.Slot]
@@ -54,8 +52,7 @@ func (s *Supervisor) admitOwn(ch *handoff.Channel, info proxy.BackendInfo, welco
 		}
 		s.mu.Unlock()
 		reason := fmt.Sprintf("slot %d belongs to pid %d (process group %d), not pid %d (process group %d)", info.Slot, owner, group, info.PID, peer.Group())
-		peer.Close()
-		s.reject(ch, handoff.CodeSlot, reason)
+		s.rejectPeer(ch, peer, handoff.CodeSlot, reason)
 		return
 	}
 	proc := sl.proc
@@ -82,6 +79,12 @@ func (s *Supervisor) admitOwn(ch *handoff.Channel, info proxy.BackendInfo, welco
 	case sl.reg <- struct{}{}:
 	default:
 	}
+}
+
+// rejectPeer rejects a registration whose process handle was already opened.
+func (s *Supervisor) rejectPeer(ch *handoff.Channel, peer *Process, code handoff.ErrorCode, reason string) {
+	peer.Close()
+	s.reject(ch, code, reason)
 }
 
 // registered records a slot's worker as connected (and adopted) and takes its output over if
@@ -128,8 +131,7 @@ func (s *Supervisor) admitOther(ch *handoff.Channel, info proxy.BackendInfo, wel
 	if info.Generation > s.cfg.Generation {
 		// A worker of a newer batond that reached us in the instant before we paused
 		// registrations: it belongs to the newer one. SHUTDOWN is not final; it retries.
-		peer.Close()
-		s.reject(ch, handoff.CodeShutdown, fmt.Sprintf("generation %d belongs to a newer batond (this is %d); retry", info.Generation, s.cfg.Generation))
+		s.rejectPeer(ch, peer, handoff.CodeShutdown, fmt.Sprintf("generation %d belongs to a newer batond (this is %d); retry", info.Generation, s.cfg.Generation))
 		return
 	}
 	if err := ch.Send(welcome); err != nil {
@@ -141,8 +143,7 @@ func (s *Supervisor) admitOther(ch *handoff.Channel, info proxy.BackendInfo, wel
 	s.mu.Lock()
 	if s.stopping {
 		s.mu.Unlock()
-		peer.Close()
-		s.reject(ch, handoff.CodeShutdown, "batond is stopping")
+		s.rejectPeer(ch, peer, handoff.CodeShutdown, "batond is stopping")
 		return
 	}
 	b := s.gw.Add(info, ch, peer)
