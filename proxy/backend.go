@@ -436,6 +436,10 @@ func (g *Gateway) fail(b *Backend, err error, code handoff.ErrorCode) {
 		pend = append(pend, c)
 	}
 	b.pending = nil
+	joined := !g.closed
+	if joined {
+		g.kills.Add(1)
+	}
 	g.mu.Unlock()
 
 	if code != 0 {
@@ -448,9 +452,10 @@ func (g *Gateway) fail(b *Backend, err error, code handoff.ErrorCode) {
 		level = hclog.Error
 	}
 	b.log.Log(level, "worker disconnected", "reason", err, "unacked", len(pend), "kill", kill)
-	g.kills.Add(1)
 	go func() {
-		defer g.kills.Done()
+		if joined {
+			defer g.kills.Done()
+		}
 		defer close(b.doneC)
 		if !kill {
 			return

@@ -103,6 +103,7 @@ type Gateway struct {
 	idle      chan struct{}
 	free      []*clientConn  // recycled, so that a handoff allocates nothing (see newConnLocked)
 	kills     sync.WaitGroup // fail's kill-and-redispatch of failed backends; joined by Close
+	closed    bool           // Close has begun: kills started from now on are not joined
 }
 
 // maxFree bounds the recycled clientConns: a burst of in-flight connections should not pin its
@@ -532,6 +533,9 @@ func (g *Gateway) Close() {
 		close(g.quit)
 	}
 	<-g.done
+	g.mu.Lock()
+	g.closed = true // no kills.Add after this: Add racing with Wait is not allowed
+	g.mu.Unlock()
 	g.kills.Wait()
 	g.mu.Lock()
 	w := g.waiting
