@@ -148,7 +148,11 @@ func printStatus(w io.Writer, st admin.Status) {
 		if up == "" {
 			up = "-"
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d\t%d\t%s\t%s\n", x.Generation, x.Slot, pid, x.State, x.Clients, x.Restarts, up, x.LastExit)
+		state := string(x.State)
+		if x.Adopted {
+			state += ", adopted" // taken back after a batond crash
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d\t%d\t%s\t%s\n", x.Generation, x.Slot, pid, state, x.Clients, x.Restarts, up, x.LastExit)
 	}
 	tw.Flush()
 }
