@@ -7,7 +7,7 @@ import (
 
 type fixedLoad int
 
-func (f fixedLoad) Live() int { return int(f) }
+func (f fixedLoad) Clients() int { return int(f) }
 
 func TestUpdatesArePublished(t *testing.T) {
 	r := New()
