@@ -2040,10 +2040,10 @@ class Server:
         self.close()
         await self.wait_closed()
 
-    async def _until(self, pred: Callable[[], bool]) -> None:
+    async def _until(self, pred: Callable[[], bool], raise_fatal: bool = True) -> None:
         while True:
             fatal = self.worker._fatal
-            if fatal is not None:
+            if fatal is not None and raise_fatal:
                 raise fatal
             if pred():
                 return
@@ -2059,7 +2059,8 @@ class Server:
         """Serve until ``batond`` has drained this worker and the last connection has ended
         (then return: exit the process), or until :meth:`close`. Raises the :class:`BatonError`
         with which ``batond`` refused this worker for good (a final code: ``VERSION``,
-        ``TOKEN``, ``PEER``, ``SLOT``); the module registers no more."""
+        ``TOKEN``, ``PEER``, ``SLOT``); the module registers no more, but the connections
+        being served go on: ``await wait_idle()`` before exiting to let them end."""
         await self._until(lambda: self._closed or (self.worker.draining and self.live == 0))
 
     wait_drained = serve_forever
@@ -2069,8 +2070,9 @@ class Server:
         await self._until(lambda: self._closed or self.worker.draining)
 
     async def wait_idle(self) -> None:
-        """Wait until no connection is being served."""
-        await self._until(lambda: self.live == 0)
+        """Wait until no connection is being served. Unlike the other waits it does not raise
+        a final :class:`BatonError`: it is how a refused worker lets its sessions end."""
+        await self._until(lambda: self.live == 0, raise_fatal=False)
 
     def _state_changed(self) -> None:
         waiters, self._waiters = self._waiters, []

@@ -1470,7 +1470,11 @@ class AsyncioTest(unittest.IsolatedAsyncioTestCase):
             await asyncio.to_thread(self.gw.accept, 0.6)
         await asyncio.to_thread(c.sendall, b"kept")  # the session is still served
         self.assertEqual(await asyncio.to_thread(c.recv, 100), b"kept")
+        idle = asyncio.ensure_future(server.wait_idle())  # how a refused worker lets it end
+        await asyncio.sleep(0.1)
+        self.assertFalse(idle.done())
         c.close()
+        await asyncio.wait_for(idle, 5)
 
     async def test_shutdown_keeps_reregistering(self):
         server, ch = await self.start(echo)
