@@ -6,12 +6,15 @@ import (
 	"time"
 )
 
-// ErrNotAlive is returned by Alive when the gateway's dispatch machinery has stopped working.
-var ErrNotAlive = errors.New("gateway not alive")
+// Alive's errors: ErrNotAlive always, with ErrClosed too once Close has been called.
+var (
+	ErrNotAlive = errors.New("gateway not alive")
+	ErrClosed   = errors.New("gateway closed")
+)
 
 // Alive says whether the gateway still works, for a watchdog (systemd's WatchdogSec=): nil if
 // its housekeeping goroutine went round its loop within maxAge, an error wrapping ErrNotAlive
-// otherwise (or once Close has been called).
+// otherwise (also wrapping ErrClosed once Close has been called).
 //
 // That goroutine is the proof because it ticks whatever the traffic (at most every 250 ms) and
 // takes the dispatch lock on every round: the lock every accept loop, backend reader and
@@ -23,7 +26,7 @@ var ErrNotAlive = errors.New("gateway not alive")
 func (g *Gateway) Alive(maxAge time.Duration) error {
 	select {
 	case <-g.quit:
-		return fmt.Errorf("%w: closed", ErrNotAlive)
+		return fmt.Errorf("%w: %w", ErrNotAlive, ErrClosed)
 	default:
 	}
 	last := time.Duration(g.beat.Load())

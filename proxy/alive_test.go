@@ -24,7 +24,7 @@ func TestAlive(t *testing.T) {
 	waitFor(t, 5*time.Second, func() bool { return g.Alive(200*time.Millisecond) == nil })
 
 	g.Close()
-	if err := g.Alive(time.Hour); !errors.Is(err, ErrNotAlive) {
-		t.Errorf("Alive after Close: %v, want ErrNotAlive", err)
+	if err := g.Alive(time.Hour); !errors.Is(err, ErrNotAlive) || !errors.Is(err, ErrClosed) {
+		t.Errorf("Alive after Close: %v, want ErrNotAlive and ErrClosed", err)
 	}
 }

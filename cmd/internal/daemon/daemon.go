@@ -182,6 +182,8 @@ func run(cfg *Config, log hclog.Logger) error {
 		}
 	}()
 	d.notify.ready(os.Getpid(), d.statusLine())
+	stopWatchdog := d.startWatchdog()
+	defer stopWatchdog()
 	go d.statusLoop(ctx)
 	log.Info("serving", "listen", d.listenerNames(), "workers", cfg.Workers, "generation", d.gen, "pid", os.Getpid())
 
@@ -204,6 +206,7 @@ func run(cfg *Config, log hclog.Logger) error {
 			return nil
 		case <-upg.Exit():
 			log.Info("the next batond is serving; handing over")
+			stopWatchdog() // the next batond feeds it now
 			// Stop taking admin connections at once (the next batond answers them now); the
 			// reload request that brought us here still gets its answer.
 			cancel()
