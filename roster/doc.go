@@ -6,5 +6,7 @@
 //
 // A worker's client count changes with every connection, on the gateway's hot path; the roster
 // does not copy it there. A record points at the Load it has (the gateway's Backend) and a
-// snapshot reads it then: one owner per number, and nothing added per connection.
+// snapshot reads it then: one owner per number, and nothing added per connection. So neither
+// Watch nor Subscribe fires when only a client count changes: a reader that wants counts
+// (a console, a scrape) reads a snapshot when it needs one.
 package roster
