@@ -88,9 +88,11 @@ type Gateway struct {
 	// lastAccept is when (since start) a connection was last accepted: while that is recent,
 	// backend readers poll instead of parking (see Backend.recv).
 	lastAccept atomic.Int64
-	wake       chan struct{}
-	quit       chan struct{}
-	done       chan struct{}
+	// hostDrained: an operator drained the host; new clients are closed at once (drain.go).
+	hostDrained atomic.Bool
+	wake        chan struct{}
+	quit        chan struct{}
+	done        chan struct{}
 
 	mu        sync.Mutex
 	backends  []*Backend

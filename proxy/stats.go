@@ -13,10 +13,11 @@ const (
 	ReasonRetries                       // handed to too many workers that failed before acking
 	ReasonWorkerLost                    // its worker failed and could not be confirmed dead
 	ReasonSocket                        // the socket could not be prepared for its worker (fcntl)
+	ReasonDrained                       // the host is drained: it takes no new clients
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error"}
+var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error", "host_drained"}
 
 func (r CloseReason) String() string { return reasonNames[r] }
 

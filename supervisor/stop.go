@@ -88,6 +88,14 @@ func (s *Supervisor) finish(drain time.Duration) (procs []*Process, ok bool) {
 			ds = append(ds, drainee{sl.entry, sl.backend})
 		}
 	}
+	for sl := range s.retired {
+		if sl.proc != nil {
+			procs = append(procs, sl.proc)
+		}
+		if sl.backend != nil {
+			ds = append(ds, drainee{sl.entry, sl.backend})
+		}
+	}
 	for b, o := range s.others {
 		ds = append(ds, drainee{o.entry, b})
 		procs = append(procs, o.proc)
