@@ -326,6 +326,7 @@ func (b *Backend) onAck(m *msgScratch, now time.Time) (handoff.ErrorCode, error)
 			close(c.selfCheck)
 		} else {
 			clients++
+			b.g.handoffLat.observe(now.Sub(c.since))
 		}
 		b.g.freeConnLocked(c)
 	}

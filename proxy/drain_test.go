@@ -52,3 +52,27 @@ func TestHostDrain(t *testing.T) {
 }
 
 func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
+
+func TestHistogram(t *testing.T) {
+	var h histogram
+	for _, d := range []time.Duration{0, 500 * time.Nanosecond, 3 * time.Microsecond, 100 * time.Millisecond, time.Hour} {
+		h.observe(d)
+	}
+	s := h.snapshot()
+	if s.Count != 5 || s.Sum != time.Hour+100*time.Millisecond+3*time.Microsecond+500*time.Nanosecond {
+		t.Fatalf("count %d sum %v", s.Count, s.Sum)
+	}
+	at := func(d time.Duration) uint64 {
+		for i, b := range s.Bounds {
+			if b == d {
+				return s.Counts[i]
+			}
+		}
+		t.Fatalf("no bound %v", d)
+		return 0
+	}
+	// ≤1µs: 0 and 0.5µs; ≤4µs: +3µs; ≤131072µs: +100ms; the hour is beyond every bound.
+	if at(time.Microsecond) != 2 || at(4*time.Microsecond) != 3 || at(131072*time.Microsecond) != 4 || s.Counts[len(s.Counts)-1] != 4 {
+		t.Fatalf("buckets %v %v", s.Bounds, s.Counts)
+	}
+}

@@ -90,6 +90,8 @@ type Gateway struct {
 	lastAccept atomic.Int64
 	// hostDrained: an operator drained the host; new clients are closed at once (drain.go).
 	hostDrained atomic.Bool
+	handoffLat  histogram // accepted → acked (latency.go)
+	queueWait   histogram // accepted → handed to a worker, for connections that waited
 	wake        chan struct{}
 	quit        chan struct{}
 	done        chan struct{}
@@ -332,6 +334,9 @@ func (g *Gateway) settleLocked(b *Backend, c *clientConn, now time.Time) error {
 			return err
 		}
 		c.nonblock = want
+	}
+	if c.queued && c.attempts == 0 {
+		g.queueWait.observe(now.Sub(c.since))
 	}
 	c.sentAt = now
 	c.attempts++
