@@ -90,8 +90,9 @@ type Gateway struct {
 	lastAccept atomic.Int64
 	// hostDrained: an operator drained the host; new clients are closed at once (drain.go).
 	hostDrained atomic.Bool
-	handoffLat  histogram // accepted → acked (latency.go)
-	queueWait   histogram // accepted → handed to a worker, for connections that waited
+	hs          *headerStage // PROXY headers being read (proxyproto.go); nil until needed
+	handoffLat  histogram    // accepted → acked (latency.go)
+	queueWait   histogram    // accepted → handed to a worker, for connections that waited
 	wake        chan struct{}
 	quit        chan struct{}
 	done        chan struct{}
@@ -202,6 +203,15 @@ func (g *Gateway) Serve(l *Listener) error {
 	defer g.serving.Done()
 	a := newAcceptor(l, g.cfg.AcceptCoalesce)
 	bu := newBurst()
+	take := bu.add
+	if l.pp != nil {
+		// A PROXY listener's connections wait for their header off this loop.
+		hs, err := g.headers()
+		if err != nil {
+			return err
+		}
+		take = func(fd int, client, local netip.AddrPort) { hs.add(l, fd, client, local, time.Now()) }
+	}
 	backoff := time.Duration(0)
 	var lastProd time.Time
 	for {
@@ -231,20 +241,22 @@ func (g *Gateway) Serve(l *Listener) error {
 			continue
 		}
 		backoff = 0
-		bu.add(fd, client, local)
+		take(fd, client, local)
 		// Everything else already in the backlog goes in the same burst, so that each worker
 		// gets this wake-up's connections in one message (and is woken once for them). An
 		// error here ends the burst; if it is not the empty backlog, the next accept reports it.
-		for len(bu.acc) < maxBurst {
+		for n := 1; n < maxBurst; n++ {
 			fd, client, local, err = a.tryAccept()
 			if err != nil {
 				break
 			}
-			bu.add(fd, client, local)
+			take(fd, client, local)
 		}
 		now := time.Now()
 		g.lastAccept.Store(int64(now.Sub(g.start)))
-		g.dispatchBurst(l, bu, now)
+		if len(bu.acc) > 0 {
+			g.dispatchBurst(l, bu, now)
+		}
 		if now.Sub(lastProd) >= pollEvery {
 			lastProd = now
 			g.prodReaders()
@@ -544,6 +556,12 @@ func (g *Gateway) Close() {
 	g.closed = true // no kills.Add after this: Add racing with Wait is not allowed
 	g.mu.Unlock()
 	g.kills.Wait()
+	g.mu.Lock()
+	hs := g.hs
+	g.mu.Unlock()
+	if hs != nil {
+		hs.close()
+	}
 	g.mu.Lock()
 	w := g.waiting
 	g.waiting = nil

@@ -8,16 +8,20 @@ type CloseReason int
 
 // Reasons for a gateway-side close.
 const (
-	ReasonNoWorker   CloseReason = iota // waited the queue timeout with no worker available
-	ReasonShutdown                      // batond stopped while the connection waited
-	ReasonRetries                       // handed to too many workers that failed before acking
-	ReasonWorkerLost                    // its worker failed and could not be confirmed dead
-	ReasonSocket                        // the socket could not be prepared for its worker (fcntl)
-	ReasonDrained                       // the host is drained: it takes no new clients
+	ReasonNoWorker       CloseReason = iota // waited the queue timeout with no worker available
+	ReasonShutdown                          // batond stopped while the connection waited
+	ReasonRetries                           // handed to too many workers that failed before acking
+	ReasonWorkerLost                        // its worker failed and could not be confirmed dead
+	ReasonSocket                            // the socket could not be prepared for its worker (fcntl)
+	ReasonDrained                           // the host is drained: it takes no new clients
+	ReasonProxyUntrusted                    // a PROXY listener's peer is not among the allowed balancers
+	ReasonProxyInvalid                      // no valid PROXY header (garbage, or closed before one)
+	ReasonProxyTimeout                      // no complete PROXY header within its timeout
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error", "host_drained"}
+var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error", "host_drained",
+	"proxy_untrusted", "proxy_invalid", "proxy_timeout"}
 
 func (r CloseReason) String() string { return reasonNames[r] }
 
