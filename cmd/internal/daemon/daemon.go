@@ -123,6 +123,10 @@ type daemon struct {
 	regL   *net.UnixListener
 	admL   *net.UnixListener
 	adm    *admin.Server
+	fleet  fleet
+	// hostDrainAtReady: the host was drained when the last batond left (a file in the state
+	// directory); the drain resumes once this one serves (its own probe must get through).
+	hostDrainAtReady bool
 
 	reloadMu sync.Mutex // one reload at a time
 }
@@ -181,6 +185,12 @@ func run(cfg *Config, log hclog.Logger) error {
 			log.Error("admin socket", "error", err)
 		}
 	}()
+	if d.hostDrainAtReady {
+		d.gw.SetHostDrain(true)
+		log.Info("the host is drained (batonctl undrain ends it)")
+	}
+	waitFleet := d.serveFleet(ctx)
+	defer waitFleet()
 	d.notify.ready(os.Getpid(), d.statusLine())
 	go d.statusLoop(ctx)
 	log.Info("serving", "listen", d.listenerNames(), "workers", cfg.Workers, "generation", d.gen, "pid", os.Getpid())
@@ -255,6 +265,9 @@ func (d *daemon) setup(act activated) error {
 	}
 	if d.admL, err = unixListener(d.upg, act, fdKeyAdmin, "", "unix", cfg.Admin, os.FileMode(cfg.AdminMode)); err != nil {
 		return fmt.Errorf("admin socket: %w", err)
+	}
+	if err := d.openFleet(); err != nil {
+		return err
 	}
 	d.gw = proxy.New(proxy.Config{
 		HandoffTimeout:  cfg.HandoffTimeout,
@@ -338,7 +351,9 @@ func (d *daemon) Reload(ctx context.Context) error {
 	d.log.Info("reloading: starting the binary on disk")
 	d.notify.reloading()
 	d.sup.PauseRegistrations()
+	began := time.Now()
 	err = d.upg.Upgrade()
+	d.countReload(err, time.Since(began))
 	if err == nil {
 		d.log.Info("reload succeeded: the new batond serves")
 		d.adm.StopAccepting() // before the answer goes out: the client's next request is the new batond's
