@@ -74,3 +74,20 @@ func TestHistogram(t *testing.T) {
 		t.Fatalf("buckets %v %v", s.Bounds, s.Counts)
 	}
 }
+
+func TestQuantile(t *testing.T) {
+	var h histogram
+	for i := 0; i < 90; i++ {
+		h.observe(10 * time.Microsecond) // bucket < 16 µs
+	}
+	for i := 0; i < 10; i++ {
+		h.observe(3 * time.Millisecond) // bucket < 4096 µs
+	}
+	s := h.snapshot()
+	if p50, p99 := s.Quantile(0.5), s.Quantile(0.99); p50 != 16*time.Microsecond || p99 != 4096*time.Microsecond {
+		t.Fatalf("p50 %v p99 %v", p50, p99)
+	}
+	if (Histogram{}).Quantile(0.5) != 0 {
+		t.Fatal("empty histogram")
+	}
+}

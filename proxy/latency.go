@@ -56,3 +56,18 @@ func (h *histogram) snapshot() Histogram {
 func (g *Gateway) Latencies() (handoff, queue Histogram) {
 	return g.handoffLat.snapshot(), g.queueWait.snapshot()
 }
+
+// Quantile estimates the q-quantile (0 < q < 1) from the buckets: the bound of the first bucket
+// holding it (an upper estimate, within a factor of two). Zero without observations.
+func (h Histogram) Quantile(q float64) time.Duration {
+	if h.Count == 0 {
+		return 0
+	}
+	rank := uint64(q*float64(h.Count) + 0.5)
+	for i, n := range h.Counts {
+		if n >= rank {
+			return h.Bounds[i]
+		}
+	}
+	return h.Bounds[len(h.Bounds)-1] * 2 // beyond the largest bound
+}
