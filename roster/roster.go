@@ -24,6 +24,7 @@ type Kind string
 
 // Event kinds.
 const (
+	Created      Kind = "created"      // a slot's record, before anything runs in it
 	Spawned      Kind = "spawned"      // a process was started for a slot
 	Registered   Kind = "registered"   // the worker's channel is up (again)
 	Disconnected Kind = "disconnected" // its channel ended; the process may re-register

@@ -126,13 +126,18 @@ func (s *Supervisor) registered(sl *slot, b *proxy.Backend, proc *Process, info 
 	})
 }
 
-// takeOutput re-logs the output of a worker batond did not start, if it can (output.go).
+// takeOutput re-logs the output of a worker batond did not start, if it can (output.go), and
+// warns when a worker no longer holds its pipe's read end: its writes will fail (EPIPE, or
+// SIGPIPE) once no batond reads, for example when this one hands over.
 func (s *Supervisor) takeOutput(p *Process, info proxy.BackendInfo, log hclog.Logger) {
 	if s.cfg.PassOutput {
 		return
 	}
 	if err := s.out.reclaim(p, s.outputLog(info.Generation, info.Slot, p.PID())); err != nil {
-		log.Warn("cannot re-log this worker's output; it waits in its pipe (1 MiB) until a batond can read it", "pid", info.PID, "error", err)
+		log.Error("cannot re-log this worker's output: it waits in its pipe and the worker's writes block once 1 MiB is unread", "pid", p.PID(), "error", err)
+	}
+	if !holdsReadEnd(info.PID) {
+		log.Warn("the worker closed its copy of the output pipe's read end (fd 3, BATON_OUTPUT_FD): its stdout/stderr will break when this batond hands over or dies", "pid", info.PID)
 	}
 }
 

@@ -3,7 +3,6 @@ package supervisor
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -17,9 +16,6 @@ import (
 // launcher (`sh -c`, a wrapper script, `uv run`, `python -m`) and everything it starts share
 // one group: a registration from any member is the worker's, and killing the worker kills and
 // waits for every member. Processes that leave the group (setsid, setpgid) are on their own.
-
-// ErrNotInGroup is returned when a registering process is not in the slot's process group.
-var ErrNotInGroup = errors.New("not in the worker's process group")
 
 // groupOf returns the process group of pid.
 func groupOf(pid int) (int, error) {
@@ -53,20 +49,26 @@ func groupMembers(pgid int) []int {
 		if err != nil {
 			continue
 		}
-		if pg, ok := statPgrp(pid); ok && pg == pgid {
+		if pg, live := statPgrp(pid); live && pg == pgid {
 			out = append(out, pid)
 		}
 	}
 	return out
 }
 
-// statPgrp reads field 5 (pgrp) of /proc/PID/stat; the command name in field 2 may contain
+// statPgrp reads field 5 (pgrp) of /proc/PID/stat; live is false for a process that has
+// exited (a zombie, state Z or X: it holds nothing, and its reaping is its parent's business,
+// which may be a container's init that never reaps). The command name in field 2 may contain
 // spaces and parentheses, so fields are counted after its last ')'.
-func statPgrp(pid int) (int, bool) {
+func statPgrp(pid int) (pgrp int, live bool) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return 0, false
 	}
+	return parseStat(b)
+}
+
+func parseStat(b []byte) (pgrp int, live bool) {
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
 		return 0, false
@@ -76,7 +78,7 @@ func statPgrp(pid int) (int, bool) {
 		return 0, false
 	}
 	pg, err := strconv.Atoi(string(f[2]))
-	return pg, err == nil
+	return pg, err == nil && string(f[0]) != "Z" && string(f[0]) != "X"
 }
 
 // killGroup SIGKILLs every member of pgid and waits, through a pidfd on each, until none is
@@ -85,6 +87,7 @@ func killGroup(ctx context.Context, pgid int) error {
 	if !killableGroup(pgid) {
 		return nil
 	}
+	pause := time.Millisecond
 	for {
 		members := groupMembers(pgid)
 		if len(members) == 0 {
@@ -96,8 +99,12 @@ func killGroup(ctx context.Context, pgid int) error {
 				return fmt.Errorf("process group %d: %w", pgid, err)
 			}
 		}
-		if ctx.Err() != nil {
+		// A member forked meanwhile is found by the next scan; no scan follows another at once.
+		select {
+		case <-ctx.Done():
 			return fmt.Errorf("process group %d still has members: %w", pgid, ctx.Err())
+		case <-time.After(pause):
+			pause = min(2*pause, 100*time.Millisecond)
 		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -52,8 +53,10 @@ type workerPipe struct {
 	id      string
 }
 
-// newPipe makes a worker's output pipe. The read end given to the child is a separate,
-// blocking-mode file (os/exec's Fd() call on it cannot touch the one batond polls).
+// newPipe makes a worker's output pipe. The child's fd 3 is a duplicate of batond's read end:
+// they share one open file description, so when batond makes its own non-blocking (start,
+// after cmd.Start has put the child's in blocking mode with Fd()) the child's is too, which
+// does not matter to a worker that never reads it.
 func (o *outputs) newPipe() (*workerPipe, error) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
@@ -86,57 +89,108 @@ func (o *outputs) follow(wp *workerPipe, log hclog.Logger) {
 	o.start(wp.r, wp.id, log)
 }
 
-// reclaim takes over the output of a worker batond did not start (pid), through proc. It does
-// nothing when the worker's stdout is not a pipe (the journal, a terminal, a file) or when
-// batond already reads that pipe.
+// reclaim takes over the output (stdout and stderr) of a worker batond did not start, through
+// proc. It skips a descriptor that is not a pipe (the journal, a terminal, a file) or a pipe
+// batond already reads.
 func (o *outputs) reclaim(proc *Process, log hclog.Logger) error {
+	var errs []error
+	for _, fd := range []int{1, 2} {
+		if err := o.reclaimFD(proc, fd, log); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (o *outputs) reclaimFD(proc *Process, n int, log hclog.Logger) error {
 	pid := strconv.Itoa(proc.PID())
-	id, err := os.Readlink("/proc/" + pid + "/fd/1")
+	id, err := os.Readlink("/proc/" + pid + "/fd/" + strconv.Itoa(n))
 	if err != nil || !strings.HasPrefix(id, "pipe:") {
 		return nil
 	}
+	// Reserve the pipe first: two registrations sharing it must not both take it.
 	o.mu.Lock()
-	_, have := o.reading[id]
-	o.mu.Unlock()
-	if have {
+	if _, have := o.reading[id]; have || o.closed {
+		o.mu.Unlock()
 		return nil
 	}
-	n, ok := readEndIn(pid, id)
-	if !ok {
-		return ErrNoOutputPipe
-	}
-	fd, err := proc.GetFD(n)
+	o.reading[id] = nil
+	o.mu.Unlock()
+	fd, err := o.takeReadEnd(proc, pid, id)
 	if err != nil {
-		return fmt.Errorf("taking over the output pipe (fd %d of pid %s): %w", n, pid, err)
+		o.mu.Lock()
+		delete(o.reading, id)
+		o.mu.Unlock()
+		return err
 	}
 	o.start(fd, id, log)
 	return nil
 }
 
-// readEndIn finds a descriptor of process pid open for reading on the pipe id.
+func (o *outputs) takeReadEnd(proc *Process, pid, id string) (int, error) {
+	n, ok := readEndIn(pid, id)
+	if !ok {
+		return -1, ErrNoOutputPipe
+	}
+	fd, err := proc.GetFD(n)
+	if err != nil {
+		return -1, fmt.Errorf("taking over the output pipe (fd %d of pid %s): %w", n, pid, err)
+	}
+	return fd, nil
+}
+
+// holdsReadEnd says whether process pid holds a read end of the pipe its stdout writes to
+// (true when stdout is no pipe: nothing to lose).
+func holdsReadEnd(pid int) bool {
+	p := strconv.Itoa(pid)
+	id, err := os.Readlink("/proc/" + p + "/fd/1")
+	if err != nil || !strings.HasPrefix(id, "pipe:") {
+		return true
+	}
+	_, ok := readEndIn(p, id)
+	return ok
+}
+
+// readEndIn finds a descriptor of process pid open for reading on the pipe id (OutputFD
+// first: a busy worker holds thousands of descriptors).
 func readEndIn(pid, id string) (int, bool) {
+	if isReadEnd(pid, strconv.Itoa(OutputFD), id) {
+		return OutputFD, true
+	}
 	ents, err := os.ReadDir("/proc/" + pid + "/fd")
 	if err != nil {
 		return 0, false
 	}
 	for _, e := range ents {
-		if l, err := os.Readlink("/proc/" + pid + "/fd/" + e.Name()); err != nil || l != id {
-			continue
-		}
-		info, err := os.ReadFile("/proc/" + pid + "/fdinfo/" + e.Name())
-		if err != nil {
-			continue
-		}
-		for _, line := range strings.Split(string(info), "\n") {
-			if v, ok := strings.CutPrefix(line, "flags:"); ok {
-				flags, err := strconv.ParseUint(strings.TrimSpace(v), 8, 64)
-				if n, aerr := strconv.Atoi(e.Name()); err == nil && aerr == nil && flags&unix.O_ACCMODE == unix.O_RDONLY {
-					return n, true
-				}
-			}
+		if isReadEnd(pid, e.Name(), id) {
+			n, _ := strconv.Atoi(e.Name())
+			return n, true
 		}
 	}
 	return 0, false
+}
+
+// isReadEnd says whether descriptor fd of process pid is the pipe id, open read-only.
+func isReadEnd(pid, fd, id string) bool {
+	if l, err := os.Readlink("/proc/" + pid + "/fd/" + fd); err != nil || l != id {
+		return false
+	}
+	info, err := os.ReadFile("/proc/" + pid + "/fdinfo/" + fd)
+	if err != nil {
+		return false
+	}
+	return fdinfoReadOnly(info)
+}
+
+// fdinfoReadOnly reads the octal "flags:" line of /proc/PID/fdinfo/FD.
+func fdinfoReadOnly(info []byte) bool {
+	for _, line := range strings.Split(string(info), "\n") {
+		if v, ok := strings.CutPrefix(line, "flags:"); ok {
+			flags, err := strconv.ParseUint(strings.TrimSpace(v), 8, 64)
+			return err == nil && flags&unix.O_ACCMODE == unix.O_RDONLY
+		}
+	}
+	return false
 }
 
 func pipeID(fd int) string {
@@ -154,9 +208,9 @@ func (o *outputs) start(fd int, id string, log hclog.Logger) {
 	_ = unix.SetNonblock(fd, true)
 	f := os.NewFile(uintptr(fd), "worker output")
 	o.mu.Lock()
-	if o.closed {
+	if o.closed || o.reading[id] != nil {
 		o.mu.Unlock()
-		f.Close()
+		f.Close() // stopped, or read already (a reservation is nil)
 		return
 	}
 	o.reading[id] = f
@@ -181,10 +235,24 @@ func (o *outputs) close() {
 	o.mu.Lock()
 	o.closed = true
 	for _, f := range o.reading {
-		f.Close()
+		if f != nil {
+			f.Close()
+		}
 	}
 	o.mu.Unlock()
 	o.wg.Wait()
+}
+
+// closeAfter lets the readers reach EOF for up to d (workers that exited have written their
+// last lines, a traceback at SIGTERM say), then closes.
+func (o *outputs) closeAfter(d time.Duration) {
+	done := make(chan struct{})
+	go func() { o.wg.Wait(); close(done) }() // ends at the latest when close has closed every reader
+	select {
+	case <-done:
+	case <-time.After(d):
+	}
+	o.close()
 }
 
 // relog copies a worker's output, line by line, into its named logger, until EOF or close.

@@ -139,6 +139,22 @@ func (p *Process) waitKilled(ctx context.Context) error {
 	}
 }
 
+// dup returns a second handle on the same process (its own pidfd), valid after p is closed.
+func (p *Process) dup() (*Process, error) {
+	fd, derr := -1, error(nil)
+	if err := p.raw.Control(func(pfd uintptr) { fd, derr = unix.FcntlInt(pfd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", derr)
+	}
+	np, err := newProcess(p.pid, fd)
+	if err == nil {
+		np.pgid = p.pgid // as opened: the process may have exited since
+	}
+	return np, err
+}
+
 // GetFD duplicates the process's file descriptor targetfd into batond (pidfd_getfd(2); the
 // copy is close-on-exec and the caller's to close). It needs ptrace access to the process: the
 // same uid (and the process dumpable) or CAP_SYS_PTRACE.

@@ -17,10 +17,11 @@ import (
 // process group; it returns once every process of every worker is gone (or could not be
 // confirmed gone within the grace) and every goroutine of the supervisor has ended.
 func (s *Supervisor) Stop(ctx context.Context, drain time.Duration) {
-	procs, ok := s.finish(drain)
+	procs, release, ok := s.finish(drain)
 	if !ok {
 		return
 	}
+	defer release()
 	allExited := func(c <-chan struct{}) bool {
 		for _, p := range procs {
 			select {
@@ -48,7 +49,7 @@ func (s *Supervisor) Stop(ctx context.Context, drain time.Duration) {
 		s.reapGroup(p, s.log)
 	}
 	s.wg.Wait()
-	s.out.close()
+	s.out.closeAfter(time.Second)
 }
 
 // Detach hands the workers over to the next batond after an upgrade: every worker is told to
@@ -56,24 +57,34 @@ func (s *Supervisor) Stop(ctx context.Context, drain time.Duration) {
 // clients and takes its output over), this supervisor stops restarting anything and stops
 // reading worker output. The processes are left running.
 func (s *Supervisor) Detach(drain time.Duration) {
-	if _, ok := s.finish(drain); !ok {
+	_, release, ok := s.finish(drain)
+	if !ok {
 		return
 	}
+	release()
 	s.out.close()
 }
 
 // finish ends supervision (no more restarts, no more registrations) once, tells every worker
-// it knew to drain, and returns their processes. ok is false if it had already finished.
-func (s *Supervisor) finish(drain time.Duration) (procs []*Process, ok bool) {
+// it knew to drain, and returns their processes, and release to call when done with them.
+// ok is false if it had already finished. The handles of other generations' workers are
+// duplicates: their watchers may close their own at any time.
+func (s *Supervisor) finish(drain time.Duration) (procs []*Process, release func(), ok bool) {
 	type drainee struct {
 		e *roster.Entry
 		b *proxy.Backend
 	}
 	var ds []drainee
+	var dups []*Process
+	release = func() {
+		for _, p := range dups {
+			p.Close()
+		}
+	}
 	s.mu.Lock()
 	if s.stopping {
 		s.mu.Unlock()
-		return nil, false
+		return nil, release, false
 	}
 	s.stopping = true
 	close(s.quit)
@@ -98,13 +109,16 @@ func (s *Supervisor) finish(drain time.Duration) (procs []*Process, ok bool) {
 	}
 	for b, o := range s.others {
 		ds = append(ds, drainee{o.entry, b})
-		procs = append(procs, o.proc)
+		if p, err := o.proc.dup(); err == nil {
+			dups = append(dups, p)
+			procs = append(procs, p)
+		}
 	}
 	s.mu.Unlock()
 	for _, d := range ds {
 		s.drain(d.e, d.b, drain)
 	}
-	return procs, true
+	return procs, release, true
 }
 
 // drain tells one worker to drain and records it.
@@ -155,4 +169,13 @@ func (s *Supervisor) LastExits() string {
 		return "no worker exited"
 	}
 	return strings.Join(parts, "; ")
+}
+
+func isDone(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }

@@ -141,8 +141,9 @@ func New(cfg Config, gw *proxy.Gateway) *Supervisor {
 		others: map[*proxy.Backend]*other{}, retired: map[*slot]struct{}{}, admits: map[*net.UnixConn]struct{}{}, quit: make(chan struct{}),
 	}
 	for i := 0; i < cfg.Workers; i++ {
-		e := s.roster.Add(roster.Spawned, roster.Worker{Slot: i, Generation: cfg.Generation, State: roster.Starting})
-		s.slots = append(s.slots, &slot{n: i, entry: e, reg: make(chan struct{}, 1)})
+		e := s.roster.Add(roster.Created, roster.Worker{Slot: i, Generation: cfg.Generation, State: roster.Starting})
+		// Adoptable from the start: a survivor may register before the slot's runner runs.
+		s.slots = append(s.slots, &slot{n: i, entry: e, reg: make(chan struct{}, 1), adoptable: cfg.Adopt})
 	}
 	return s
 }
@@ -215,9 +216,6 @@ func (s *Supervisor) runSlot(sl *slot, adopt bool) {
 // awaitAdoption waits up to the adoption window for the slot's worker of the crashed batond to
 // re-register (admitOwn adopts it), and returns its process, or nil to start a new one.
 func (s *Supervisor) awaitAdoption(sl *slot) *Process {
-	s.mu.Lock()
-	sl.adoptable = true
-	s.mu.Unlock()
 	t := time.NewTimer(s.cfg.AdoptWindow)
 	defer t.Stop()
 	select {
@@ -255,6 +253,7 @@ func (s *Supervisor) afterExit(sl *slot, err error, log hclog.Logger) bool {
 		delete(s.retired, sl)
 	}
 	s.mu.Unlock()
+	s.roster.SetLoad(sl.entry, nil) // its clients went with it
 	if b != nil {
 		b.Kick(fmt.Errorf("worker process exited: %w", err))
 	}

@@ -4,46 +4,89 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
 	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
+
 	"github.com/baton-gw/baton/handoff"
 	"github.com/baton-gw/baton/proxy"
 	"github.com/baton-gw/baton/supervisor"
 )
 
+// Phase names what batond is doing as a whole.
+type Phase string
+
+const (
+	PhaseStarting  Phase = "starting"  // workers starting, not serving yet
+	PhaseServing   Phase = "serving"   // serving clients
+	PhaseReloading Phase = "reloading" // serving, while the next batond starts
+	PhaseStopping  Phase = "stopping"  // no new clients; draining the workers
+)
+
 // Status is the answer to GET /v1/status.
 type Status struct {
-	PID        int                       `json:"pid"`
-	Generation uint64                    `json:"generation"`
-	Listeners  []string                  `json:"listeners"`
-	Workers    []supervisor.WorkerStatus `json:"workers"`
-	Gateway    proxy.Stats               `json:"gateway"`
-	Clients    int                       `json:"clients"`
-	Draining   int                       `json:"draining"`
-	Runtime    Runtime                   `json:"runtime"`
+	PID        int    `json:"pid"`
+	Generation uint64 `json:"generation"`
+	Version    string `json:"version"`
+	Phase      Phase  `json:"phase"`
+	// PhaseDetail is the phase as a sentence: "starting: 2 of 4 workers ready, waiting up to
+	// 30s", "reloading: batond pid 812 starting generation 8", "stopping: draining 3 workers,
+	// 41 clients, 12s left".
+	PhaseDetail string                    `json:"phase_detail"`
+	Listeners   []string                  `json:"listeners"`
+	Workers     []supervisor.WorkerStatus `json:"workers"`
+	Gateway     proxy.Stats               `json:"gateway"`
+	Clients     int                       `json:"clients"`
+	Draining    int                       `json:"draining"`
+	Runtime     Runtime                   `json:"runtime"`
 }
 
 // Source is what the server asks for data and actions.
 type Source interface {
 	Status() Status
-	// Reload starts the next batond and returns once it serves, or why it does not.
-	Reload(ctx context.Context) error
+	// StartReload starts a reload that runs on whatever happens to the request, and returns
+	// a channel closed when its outcome is known (then read LastReload). It fails at once,
+	// with an error wrapping ErrReloadRefused, when a reload runs or batond is stopping.
+	StartReload() (<-chan struct{}, error)
+	// LastReload is the record of the latest reload (State ReloadNone if there was none).
+	LastReload() ReloadRecord
 }
 
-// ReloadResult is the answer to POST /v1/reload.
-type ReloadResult struct {
-	OK    bool   `json:"ok"`
-	Error string `json:"error,omitempty"`
+// ReloadState is where a reload stands.
+type ReloadState string
+
+const (
+	ReloadNone      ReloadState = "none"
+	ReloadRunning   ReloadState = "running"
+	ReloadSucceeded ReloadState = "succeeded"
+	ReloadFailed    ReloadState = "failed"
+)
+
+// ReloadRecord is the latest reload, as GET /v1/reload and POST /v1/reload answer it. After a
+// successful reload the batond that answers is the new one (To), which reports it.
+type ReloadRecord struct {
+	State          ReloadState `json:"state"`
+	Started        time.Time   `json:"started,omitzero"`
+	Finished       time.Time   `json:"finished,omitzero"`
+	Error          string      `json:"error,omitempty"`
+	FromGeneration uint64      `json:"from_generation,omitempty"`
+	FromPID        int         `json:"from_pid,omitempty"`
+	ToGeneration   uint64      `json:"to_generation,omitempty"` // known once the next batond has chosen it
+	ToPID          int         `json:"to_pid,omitempty"`
 }
 
-// ErrNotRunning says nothing answers on the admin socket.
-var ErrNotRunning = errors.New("batond is not running (nothing answers on the admin socket)")
+// Done says the outcome is known.
+func (r ReloadRecord) Done() bool { return r.State == ReloadSucceeded || r.State == ReloadFailed }
+
+// refusal is the body of a 409 answer to POST /v1/reload.
+type refusal struct {
+	Error  string       `json:"error"`
+	Reload ReloadRecord `json:"reload"`
+}
 
 // Listen creates the admin socket at path with mode (see handoff.ListenUnix).
 func Listen(path string, mode os.FileMode) (*net.UnixListener, error) {
@@ -54,30 +97,51 @@ func Listen(path string, mode os.FileMode) (*net.UnixListener, error) {
 func Handler(src Source) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(src.Status())
+		writeJSON(w, http.StatusOK, src.Status())
+	})
+	mux.HandleFunc("GET /v1/reload", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, src.LastReload())
 	})
 	mux.HandleFunc("POST /v1/reload", func(w http.ResponseWriter, r *http.Request) {
-		res := ReloadResult{OK: true}
-		if err := src.Reload(r.Context()); err != nil {
-			res = ReloadResult{Error: err.Error()}
+		done, err := src.StartReload()
+		if err != nil {
+			writeJSON(w, http.StatusConflict, refusal{Error: err.Error(), Reload: src.LastReload()})
+			return
 		}
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(res)
+		select {
+		case <-done:
+		case <-r.Context().Done():
+			return // the client left; the reload goes on (GET /v1/reload tells its outcome)
+		}
+		writeJSON(w, http.StatusOK, src.LastReload())
 	})
 	return mux
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
 }
 
 // Server is the admin HTTP server on one listener.
 type Server struct {
 	srv     *http.Server
-	l       net.Listener
+	l       *reserveListener
 	stopped atomic.Bool
 }
 
-// NewServer serves src's admin API on l (which it owns).
-func NewServer(l net.Listener, src Source) *Server {
-	return &Server{srv: &http.Server{Handler: Handler(src), ReadHeaderTimeout: 5 * time.Second}, l: l}
+// NewServer serves src's admin API on l (which it owns). The HTTP server's own errors go to
+// log. It sets aside one file descriptor so that the admin socket still answers when batond
+// has run out of them.
+func NewServer(l *net.UnixListener, src Source, log hclog.Logger) *Server {
+	return &Server{
+		srv: &http.Server{
+			Handler: Handler(src), ReadHeaderTimeout: 5 * time.Second,
+			ErrorLog: log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
+		},
+		l: newReserveListener(l),
+	}
 }
 
 // StopAccepting closes the listener now; requests under way still get their answers. After a
@@ -103,68 +167,3 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	return err
 }
-
-// Client speaks to batond's admin socket.
-type Client struct {
-	Path string
-	hc   *http.Client
-}
-
-// NewClient returns a client for the admin socket at path.
-func NewClient(path string) *Client {
-	return &Client{Path: path, hc: &http.Client{Transport: &http.Transport{
-		// A new connection per request: across a reload the socket is answered by another
-		// process, and a kept-alive connection would still lead to the old one.
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", path)
-		},
-	}}}
-}
-
-func (c *Client) do(ctx context.Context, method, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, method, "http://batond"+path, nil)
-	if err != nil {
-		return err
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		var op *net.OpError
-		if errors.As(err, &op) {
-			return fmt.Errorf("%s: %w", c.Path, ErrNotRunning)
-		}
-		return err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("batond: %s: %s", resp.Status, string(body))
-	}
-	return json.Unmarshal(body, out)
-}
-
-// Status fetches the status.
-func (c *Client) Status(ctx context.Context) (Status, error) {
-	var s Status
-	err := c.do(ctx, http.MethodGet, "/v1/status", &s)
-	return s, err
-}
-
-// Reload asks batond to upgrade and waits for the outcome.
-func (c *Client) Reload(ctx context.Context) error {
-	var res ReloadResult
-	if err := c.do(ctx, http.MethodPost, "/v1/reload", &res); err != nil {
-		return err
-	}
-	if !res.OK {
-		return fmt.Errorf("%w: %s", ErrReloadFailed, res.Error)
-	}
-	return nil
-}
-
-// ErrReloadFailed says the new batond did not take over; the old one still serves.
-var ErrReloadFailed = errors.New("reload failed; the running batond keeps serving")

@@ -4,6 +4,7 @@ package ctl
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -14,90 +15,125 @@ import (
 	"github.com/baton-gw/baton/cmd/internal/admin"
 )
 
-const usage = `usage: batonctl [-admin PATH] COMMAND
+// Exit statuses.
+const (
+	exitOK      = 0
+	exitFailed  = 1 // the command failed, or the reload did (with the reason)
+	exitUsage   = 2
+	exitPending = 3 // batonctl stopped waiting before the reload's outcome was known
+)
 
-commands:
-  status [-json]         workers by generation: slot, pid, state, clients, restarts, uptime
-  reload [-timeout D]    start the batond binary on disk as the next generation and wait:
-                         exit 0 once it serves, 1 (with the reason) if the old one keeps serving
-`
+const exitStatuses = `exit status: 0 done · 1 failed (the reason is printed) · 2 usage error ·
+3 the reload's outcome is not known yet (ask with 'batonctl reload -status')`
+
+// command is one level of batonctl's command line: its flags and how -h describes it.
+type command struct {
+	fs       *flag.FlagSet
+	synopsis string // after "usage: "
+	about    string
+	name     string // for the hint: "batonctl" or "batonctl reload"
+}
+
+func newCommand(name, synopsis, about string) *command {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // errors are reported by parse, in one line
+	fs.Usage = func() {}
+	return &command{fs: fs, synopsis: synopsis, about: about, name: name}
+}
+
+// help prints the command's usage, about text and flags, in the one format of every -h.
+func (c *command) help(w io.Writer) {
+	fmt.Fprintf(w, "usage: %s\n\n%s\n", c.synopsis, c.about)
+	n := 0
+	c.fs.VisitAll(func(*flag.Flag) { n++ })
+	if n > 0 {
+		fmt.Fprint(w, "\nflags:\n")
+		c.fs.SetOutput(w)
+		c.fs.PrintDefaults()
+		c.fs.SetOutput(io.Discard)
+	}
+}
+
+// parse parses args; done says the caller should return code (help shown, or a usage error
+// reported as one line and the hint). maxArgs < 0 allows any number of arguments.
+func (c *command) parse(args []string, maxArgs int, stdout, stderr io.Writer) (code int, done bool) {
+	err := c.fs.Parse(args)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		c.help(stdout)
+		return exitOK, true
+	case err != nil:
+		return usageError(stderr, c.name, err.Error()), true
+	case maxArgs >= 0 && c.fs.NArg() > maxArgs:
+		return usageError(stderr, c.name, fmt.Sprintf("unexpected argument %q", c.fs.Arg(maxArgs))), true
+	}
+	return 0, false
+}
+
+func usageError(stderr io.Writer, name, msg string) int {
+	fmt.Fprintf(stderr, "batonctl: %s\nrun '%s -h' for usage\n", msg, name)
+	return exitUsage
+}
 
 // Main runs batonctl with args (without the program name) and returns the exit code.
 func Main(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("batonctl", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	adminPath := fs.String("admin", "/run/baton/admin.sock", "batond's admin socket `path`")
-	timeout := fs.Duration("timeout", 10*time.Second, "give up after this long")
-	fs.Usage = func() { fmt.Fprint(stderr, usage, "\nflags:\n"); fs.PrintDefaults() }
-	if err := fs.Parse(args); err != nil {
-		if err == flag.ErrHelp {
-			return 0
-		}
-		return 2
+	top := newCommand("batonctl", "batonctl [-admin PATH] [-timeout D] COMMAND [flags]",
+		"Talks to a running batond over its admin socket.\n\ncommands:\n"+
+			"  status    what batond is doing, and its workers by generation\n"+
+			"  reload    start the batond binary on disk as the next generation and wait for the outcome\n\n"+
+			"Run 'batonctl COMMAND -h' for a command's flags.\n\n"+exitStatuses)
+	adminPath := top.fs.String("admin", "/run/baton/admin.sock", "batond's admin socket `path`")
+	timeout := top.fs.Duration("timeout", 10*time.Second, "wait this long for an answer (status, reload -status)")
+	version := top.fs.Bool("version", false, "print batonctl's version and exit")
+	if code, done := top.parse(args, -1, stdout, stderr); done {
+		return code
 	}
-	if fs.NArg() == 0 {
-		fmt.Fprint(stderr, "batonctl: no command given\n\n")
-		fs.Usage()
-		return 2
+	if *version {
+		fmt.Fprintln(stdout, "batonctl", admin.Version())
+		return exitOK
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
-	defer cancel()
+	if top.fs.NArg() == 0 {
+		return usageError(stderr, "batonctl", "no command given")
+	}
 	c := admin.NewClient(*adminPath)
-	switch cmd, rest := fs.Arg(0), fs.Args()[1:]; cmd {
+	switch cmd, rest := top.fs.Arg(0), top.fs.Args()[1:]; cmd {
 	case "status":
-		sf := flag.NewFlagSet("status", flag.ContinueOnError)
-		sf.SetOutput(stderr)
-		asJSON := sf.Bool("json", false, "print JSON")
-		if err := sf.Parse(rest); err != nil || sf.NArg() > 0 {
-			fmt.Fprint(stderr, usage)
-			return 2
-		}
-		st, err := c.Status(ctx)
-		if err != nil {
-			fmt.Fprintln(stderr, "batonctl:", err)
-			return 1
-		}
-		if *asJSON {
-			enc := json.NewEncoder(stdout)
-			enc.SetIndent("", "  ")
-			_ = enc.Encode(st)
-			return 0
-		}
-		printStatus(stdout, st)
-		return 0
+		return status(c, *timeout, rest, stdout, stderr)
 	case "reload":
-		rf := flag.NewFlagSet("reload", flag.ContinueOnError)
-		rf.SetOutput(stderr)
-		rt := rf.Duration("timeout", 2*time.Minute, "give up waiting after this long")
-		if err := rf.Parse(rest); err != nil || rf.NArg() > 0 {
-			fmt.Fprint(stderr, usage)
-			return 2
-		}
-		rctx, rcancel := context.WithTimeout(context.Background(), *rt)
-		defer rcancel()
-		before, _ := c.Status(rctx)
-		if err := c.Reload(rctx); err != nil {
-			fmt.Fprintln(stderr, "batonctl: reload:", err)
-			return 1
-		}
-		// The answer came from the old batond; ask the new one who it is. The reload has
-		// succeeded whatever this says: never turn it into a failure.
-		after, err := c.Status(rctx)
-		if err != nil {
-			fmt.Fprintf(stdout, "reloaded: generation %d (pid %d) → a new batond (its status did not answer: %v)\n", before.Generation, before.PID, err)
-			return 0
-		}
-		fmt.Fprintf(stdout, "reloaded: generation %d (pid %d) → generation %d (pid %d)\n", before.Generation, before.PID, after.Generation, after.PID)
-		return 0
+		return reload(c, *timeout, rest, stdout, stderr)
 	default:
-		fmt.Fprintf(stderr, "batonctl: unknown command %q\n\n", cmd)
-		fs.Usage()
-		return 2
+		return usageError(stderr, "batonctl", fmt.Sprintf("unknown command %q", cmd))
 	}
+}
+
+func status(c *admin.Client, timeout time.Duration, args []string, stdout, stderr io.Writer) int {
+	cmd := newCommand("batonctl status", "batonctl [-admin PATH] status [-json]",
+		"Prints what batond is doing (starting, serving, reloading, stopping), then its workers by\n"+
+			"generation: slot, pid, state, clients, restarts, uptime.")
+	asJSON := cmd.fs.Bool("json", false, "print the status as JSON")
+	if code, done := cmd.parse(args, 0, stdout, stderr); done {
+		return code
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil {
+		fmt.Fprintln(stderr, "batonctl:", err)
+		return exitFailed
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(st)
+		return exitOK
+	}
+	printStatus(stdout, st)
+	return exitOK
 }
 
 func printStatus(w io.Writer, st admin.Status) {
 	g := st.Gateway
+	fmt.Fprintln(w, st.PhaseDetail)
 	fmt.Fprintf(w, "batond pid %d · generation %d · listening on %s\n", st.PID, st.Generation, strings.Join(st.Listeners, ", "))
 	fmt.Fprintf(w, "%d clients · %d draining workers · accepted %d · handed off %d · closed by gateway %d · in flight %d\n\n",
 		st.Clients, st.Draining, g.Accepted, g.Acked, g.ClosedTotal(), g.InFlight)
@@ -112,7 +148,11 @@ func printStatus(w io.Writer, st admin.Status) {
 		if up == "" {
 			up = "-"
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d\t%d\t%s\t%s\n", x.Generation, x.Slot, pid, x.State, x.Clients, x.Restarts, up, x.LastExit)
+		state := string(x.State)
+		if x.Adopted {
+			state += ", adopted" // taken back after a batond crash
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d\t%d\t%s\t%s\n", x.Generation, x.Slot, pid, state, x.Clients, x.Restarts, up, x.LastExit)
 	}
 	tw.Flush()
 }

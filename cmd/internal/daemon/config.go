@@ -34,6 +34,7 @@ type fileConfig struct {
 	ReadyTimeout   *duration `toml:"ready_timeout"`
 	DrainTimeout   *duration `toml:"drain_timeout"`
 	StopTimeout    *duration `toml:"stop_timeout"`
+	AdoptWindow    *duration `toml:"adopt_window"`
 	AllowUIDs      []uint32  `toml:"allow_uid"`
 	LogLevel       *string   `toml:"log_level"`
 	LogJSON        *bool     `toml:"log_json"`
@@ -117,6 +118,7 @@ func loadFile(path string, c *Config, set map[string]bool) error {
 	apply("ready-timeout", f.ReadyTimeout != nil, func() { c.ReadyTimeout = f.ReadyTimeout.Duration })
 	apply("drain-timeout", f.DrainTimeout != nil, func() { c.DrainTimeout = f.DrainTimeout.Duration })
 	apply("stop-timeout", f.StopTimeout != nil, func() { c.StopTimeout = f.StopTimeout.Duration })
+	apply("adopt-window", f.AdoptWindow != nil, func() { c.AdoptWindow = f.AdoptWindow.Duration })
 	apply("allow-uid", len(f.AllowUIDs) > 0, func() { c.AllowUIDs = f.AllowUIDs })
 	apply("log-level", f.LogLevel != nil, func() { c.LogLevel = *f.LogLevel })
 	apply("log-json", f.LogJSON != nil, func() { c.LogJSON = *f.LogJSON })

@@ -10,9 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -45,6 +43,10 @@ func Main(args []string, stderr io.Writer) int {
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
+	if err == nil && cfg.Version {
+		fmt.Fprintln(stderr, "batond", admin.Version())
+		return 0
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "batond:", err)
 		if errors.Is(err, ErrUsage) {
@@ -56,7 +58,7 @@ func Main(args []string, stderr io.Writer) int {
 	}
 	log := hclog.New(&hclog.LoggerOptions{
 		Name: "batond", Level: hclog.LevelFromString(cfg.LogLevel), JSONFormat: cfg.LogJSON,
-		Output: stderr, TimeFormat: "15:04:05.000",
+		Output: stderr, TimeFormat: hclog.TimeFormat, // with the date: a log outlives a day
 	})
 	if err := run(cfg, log); err != nil {
 		log.Error("batond failed", "error", err)
@@ -123,12 +125,19 @@ type daemon struct {
 	regL   *net.UnixListener
 	admL   *net.UnixListener
 	adm    *admin.Server
+	adopt  bool // the last generation did not stop cleanly: its workers are adopted
 	fleet  fleet
 	// hostDrainAtReady: the host was drained when the last batond left (a file in the state
 	// directory); the drain resumes once this one serves (its own probe must get through).
 	hostDrainAtReady bool
 
-	reloadMu sync.Mutex // one reload at a time
+	life      lifecycle
+	rl        reloads
+	admCancel context.CancelFunc
+	admDone   chan struct{} // nil until the admin server runs
+
+	statusCancel context.CancelFunc
+	statusDone   chan struct{} // nil unless the systemd STATUS= loop runs
 }
 
 func run(cfg *Config, log hclog.Logger) error {
@@ -145,83 +154,119 @@ func run(cfg *Config, log hclog.Logger) error {
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
+	d.life.set(admin.PhaseStarting, time.Now().Add(cfg.ReadyTimeout))
 	act := takeActivation()
 	err = d.setup(act)
 	act.close() // anything systemd passed that we did not take
 	if err != nil {
 		return err
 	}
-	d.sup.Start()
-	go func() {
-		if err := d.sup.Serve(d.regL); err != nil {
-			log.Error("registration socket", "error", err)
-		}
-	}()
-
-	// The health gate: every worker ready, then one real handoff end to end. Only then do we
-	// tell tableflip (and so the old batond, and systemd) that we serve.
-	if err := d.healthGate(sigs); err != nil {
-		d.abort()
+	defer d.closeAdmin()
+	// A fresh batond answers on the admin socket from now on, so an operator sees it start.
+	// An upgrade child must not: the socket is shared with the old batond, which answers (that
+	// it is reloading) until this one serves.
+	if !upg.HasParent() {
+		d.serveAdmin()
+	}
+	if err := d.start(sigs); err != nil {
 		return err
 	}
-	if err := upg.Ready(); err != nil {
-		d.abort()
-		return fmt.Errorf("ready (pid file %q): %w", cfg.PIDFile, err)
-	}
-	for _, l := range d.lns {
-		go func() {
-			if err := d.gw.Serve(l); err != nil {
-				log.Error("listener stopped", "listener", l.Name(), "error", err)
-			}
-		}()
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	adminDone := make(chan struct{})
-	d.adm = admin.NewServer(d.admL, d)
-	go func() {
-		defer close(adminDone)
-		if err := d.adm.Run(ctx); err != nil {
-			log.Error("admin socket", "error", err)
-		}
-	}()
-	if d.hostDrainAtReady {
-		d.gw.SetHostDrain(true)
-		log.Info("the host is drained (batonctl undrain ends it)")
-	}
-	waitFleet := d.serveFleet(ctx)
-	defer waitFleet()
-	d.notify.ready(os.Getpid(), d.statusLine())
-	go d.statusLoop(ctx)
-	log.Info("serving", "listen", d.listenerNames(), "workers", cfg.Workers, "generation", d.gen, "pid", os.Getpid())
-
 	for {
 		select {
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
-				go func() {
-					if err := d.Reload(context.Background()); err != nil {
-						log.Error("reload (SIGHUP) failed; still serving", "error", err)
-					}
-				}()
+				d.reloadOnSIGHUP()
 				continue
 			}
-			log.Info("stopping", "signal", s)
-			d.notify.stopping()
-			cancel()
-			d.stop()
-			<-adminDone
+			d.shutdown(s, sigs)
+			d.closeAdmin()
+			d.rl.wg.Wait()
 			return nil
 		case <-upg.Exit():
 			log.Info("the next batond is serving; handing over")
 			// Stop taking admin connections at once (the next batond answers them now); the
 			// reload request that brought us here still gets its answer.
-			cancel()
+			d.adm.StopAccepting()
 			d.handOver()
-			<-adminDone
+			d.closeAdmin()
+			d.rl.wg.Wait()
 			return nil
 		}
 	}
+}
+
+// start runs the workers, passes the health gate, tells tableflip (and so the old batond, and
+// systemd) that this batond serves, and starts accepting clients.
+func (d *daemon) start(sigs <-chan os.Signal) error {
+	d.sup.Start()
+	go func() {
+		if err := d.sup.Serve(d.regL); err != nil {
+			d.log.Error("registration socket", "error", err)
+		}
+	}()
+	// The health gate: every worker ready, then one real handoff end to end.
+	if err := d.healthGate(sigs); err != nil {
+		d.abort()
+		return err
+	}
+	if err := d.upg.Ready(); err != nil {
+		d.abort()
+		return fmt.Errorf("ready (pid file %q): %w", d.cfg.PIDFile, err)
+	}
+	d.markServing()
+	if d.upg.HasParent() {
+		d.succeededAsChild()
+		d.serveAdmin()
+	}
+	d.life.set(admin.PhaseServing, time.Time{})
+	for _, l := range d.lns {
+		go func() {
+			if err := d.gw.Serve(l); err != nil {
+				d.log.Error("listener stopped", "listener", l.Name(), "error", err)
+			}
+		}()
+	}
+	if d.hostDrainAtReady {
+		d.gw.SetHostDrain(true)
+		d.log.Info("the host is drained (batonctl undrain ends it)")
+	}
+	d.notify.ready(os.Getpid(), d.statusLine())
+	ctx, cancel := context.WithCancel(context.Background())
+	d.statusCancel, d.statusDone = cancel, make(chan struct{})
+	waitFleet := d.serveFleet(ctx)
+	go func() {
+		defer close(d.statusDone)
+		defer waitFleet()
+		d.statusLoop(ctx)
+	}()
+	d.log.Info("serving", "listen", d.listenerNames(), "workers", d.cfg.Workers, "generation", d.gen, "pid", os.Getpid())
+	return nil
+}
+
+// serveAdmin starts the admin server; closeAdmin stops it and waits for the answers under way.
+func (d *daemon) serveAdmin() {
+	ctx, cancel := context.WithCancel(context.Background())
+	d.admCancel, d.admDone = cancel, make(chan struct{})
+	go func() {
+		defer close(d.admDone)
+		if err := d.adm.Run(ctx); err != nil {
+			d.log.Error("admin socket", "error", err)
+		}
+	}()
+}
+
+func (d *daemon) closeAdmin() {
+	if d.statusDone != nil {
+		d.statusCancel()
+		<-d.statusDone
+		d.statusDone = nil
+	}
+	if d.admDone == nil {
+		d.adm.StopAccepting() // never served: just close it
+		return
+	}
+	d.admCancel()
+	<-d.admDone
 }
 
 // setup creates or inherits every socket, then builds the gateway and the supervisor.
@@ -232,12 +277,9 @@ func (d *daemon) setup(act activated) error {
 			return err
 		}
 	}
-	gen, err := nextGeneration(filepath.Join(cfg.stateDir(), "generation"))
-	if err != nil {
+	if err := d.pickGeneration(); err != nil {
 		return err
 	}
-	d.gen = gen
-	d.log = d.log.With("gen", gen)
 	keyFile := cfg.KeyFile
 	if keyFile == "" {
 		keyFile = cfg.Socket + ".key"
@@ -266,6 +308,7 @@ func (d *daemon) setup(act activated) error {
 	if d.admL, err = unixListener(d.upg, act, fdKeyAdmin, "", "unix", cfg.Admin, os.FileMode(cfg.AdminMode)); err != nil {
 		return fmt.Errorf("admin socket: %w", err)
 	}
+	d.adm = admin.NewServer(d.admL, d, d.log.Named("admin"))
 	if err := d.openFleet(); err != nil {
 		return err
 	}
@@ -279,7 +322,9 @@ func (d *daemon) setup(act activated) error {
 	d.sup = supervisor.New(supervisor.Config{
 		Command:      command,
 		Workers:      cfg.Workers,
-		Generation:   gen,
+		Generation:   d.gen,
+		Adopt:        d.adopt,
+		AdoptWindow:  cfg.AdoptWindow,
 		Socket:       cfg.Socket,
 		Key:          key,
 		AllowUIDs:    cfg.AllowUIDs,
@@ -334,53 +379,6 @@ func (d *daemon) abort() {
 	d.gw.Close()
 }
 
-// Reload starts the binary on disk as the next batond and returns once it serves, or why not.
-func (d *daemon) Reload(ctx context.Context) error {
-	d.reloadMu.Lock()
-	defer d.reloadMu.Unlock()
-	// After a reload, tableflip refuses the next one until our own parent has exited; it
-	// exits within seconds of handing over.
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	err := d.upg.WaitForParent(wctx)
-	cancel()
-	if err != nil {
-		return fmt.Errorf("the previous batond has not exited yet: %w", err)
-	}
-	errFile := filepath.Join(d.cfg.stateDir(), reloadErrFile)
-	os.Remove(errFile)
-	d.log.Info("reloading: starting the binary on disk")
-	d.notify.reloading()
-	d.sup.PauseRegistrations()
-	began := time.Now()
-	err = d.upg.Upgrade()
-	d.countReload(err, time.Since(began))
-	if err == nil {
-		d.log.Info("reload succeeded: the new batond serves")
-		d.adm.StopAccepting() // before the answer goes out: the client's next request is the new batond's
-		return nil
-	}
-	d.sup.ResumeRegistrations()
-	if why, rerr := os.ReadFile(errFile); rerr == nil && len(why) > 0 {
-		err = fmt.Errorf("%s (%v)", strings.TrimSpace(string(why)), err)
-	}
-	d.notify.ready(os.Getpid(), d.statusLine())
-	d.log.Error("reload failed; still serving", "error", err)
-	return err
-}
-
-// stop is the graceful stop: no new clients, in-flight handoffs finish, workers drain.
-func (d *daemon) stop() {
-	d.gw.StopAccepting()
-	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.HandoffTimeout+time.Second)
-	d.gw.WaitIdle(ctx)
-	cancel()
-	ctx, cancel = context.WithTimeout(context.Background(), d.cfg.StopTimeout)
-	d.sup.Stop(ctx, d.cfg.StopTimeout)
-	cancel()
-	d.gw.Close()
-	d.log.Info("stopped")
-}
-
 // handOver ends this batond after a successful upgrade: finish in-flight handoffs, tell the
 // workers to drain (they re-register with the next batond and keep their sessions), exit.
 func (d *daemon) handOver() {
@@ -402,7 +400,7 @@ func (d *daemon) listenerNames() string {
 
 // Status implements admin.Source.
 func (d *daemon) Status() admin.Status {
-	s := admin.Status{PID: os.Getpid(), Generation: d.gen, Workers: d.sup.Status(), Gateway: d.gw.Stats(), Runtime: admin.ReadRuntime()}
+	s := admin.Status{PID: os.Getpid(), Generation: d.gen, Version: admin.Version(), Workers: d.sup.Status(), Gateway: d.gw.Stats(), Runtime: admin.ReadRuntime()}
 	for _, l := range d.lns {
 		s.Listeners = append(s.Listeners, l.Addr().String())
 	}
@@ -412,6 +410,7 @@ func (d *daemon) Status() admin.Status {
 			s.Draining++
 		}
 	}
+	d.setPhase(&s)
 	return s
 }
 
@@ -436,31 +435,4 @@ func (d *daemon) statusLoop(ctx context.Context) {
 			}
 		}
 	}
-}
-
-// nextGeneration increments the generation counter in path. Every batond start is a new
-// generation, so workers that outlive a batond are told apart from the ones it starts.
-func nextGeneration(path string) (uint64, error) {
-	var gen uint64
-	b, err := os.ReadFile(path)
-	switch {
-	case err == nil:
-		gen, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("%s:1: not a generation number: %q", path, strings.TrimSpace(string(b)))
-		}
-	case !errors.Is(err, os.ErrNotExist):
-		return 0, err
-	}
-	gen++
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(gen, 10)+"\n"), 0o600); err != nil {
-		os.Remove(tmp)
-		return 0, fmt.Errorf("writing the generation counter: %w", err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return 0, err
-	}
-	return gen, nil
 }

@@ -32,11 +32,13 @@ type Config struct {
 	ReadyTimeout   time.Duration
 	DrainTimeout   time.Duration
 	StopTimeout    time.Duration
+	AdoptWindow    time.Duration
 	AllowUIDs      []uint32
 	LogLevel       string
 	LogJSON        bool
 	Command        []string // empty: built-in demo workers
 	Fleet          FleetConfig
+	Version        bool     // -version: print the version and exit
 }
 
 // maxAcceptCoalesce bounds -accept-coalesce: it is added to a connection's handoff at high
@@ -87,6 +89,8 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 	fs.DurationVar(&c.ReadyTimeout, "ready-timeout", 30*time.Second, "batond must be serving within this after start or upgrade")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 5*time.Minute, "draining workers get this long before SIGTERM")
 	fs.DurationVar(&c.StopTimeout, "stop-timeout", 20*time.Second, "on SIGTERM, workers get this long to finish before SIGTERM, then SIGKILL")
+	fs.DurationVar(&c.AdoptWindow, "adopt-window", 5*time.Second, "after a crash of batond, each slot waits this long for its surviving worker to re-register and be adopted before starting a new one")
+	fs.BoolVar(&c.Version, "version", false, "print the version and exit")
 	fs.Var(uidFlag{&c.AllowUIDs}, "allow-uid", "also allow workers running as this `uid` to register (repeatable)")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
 	fs.BoolVar(&c.LogJSON, "log-json", false, "log JSON lines")
@@ -101,6 +105,9 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 			return nil, err
 		}
 		return nil, fmt.Errorf("%w: %v", ErrUsage, err)
+	}
+	if c.Version {
+		return c, nil
 	}
 	c.Command = fs.Args()
 	set := map[string]bool{}
@@ -123,7 +130,7 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 		return nil, fmt.Errorf("%w: -workers must be at least 1, not %d", ErrUsage, c.Workers)
 	case c.Capacity < 1:
 		return nil, fmt.Errorf("%w: -capacity must be at least 1, not %d", ErrUsage, c.Capacity)
-	case c.HandoffTimeout <= 0 || c.QueueTimeout <= 0 || c.StartTimeout <= 0 || c.ReadyTimeout <= 0 || c.DrainTimeout <= 0 || c.StopTimeout <= 0:
+	case c.HandoffTimeout <= 0 || c.QueueTimeout <= 0 || c.StartTimeout <= 0 || c.ReadyTimeout <= 0 || c.DrainTimeout <= 0 || c.StopTimeout <= 0 || c.AdoptWindow <= 0:
 		return nil, fmt.Errorf("%w: timeouts must be positive", ErrUsage)
 	case c.Fleet.ProxyTimeout <= 0:
 		return nil, fmt.Errorf("%w: -proxy-timeout must be positive", ErrUsage)
