@@ -85,10 +85,6 @@ func (bu *burst) reset() {
 // messages as it takes (CONNS of up to handoff.MaxConns, for workers that asked for them).
 func (g *Gateway) dispatchBurst(l *Listener, bu *burst, now time.Time) {
 	defer bu.reset()
-	if g.hostDrained.Load() {
-		g.refuseBurst(l, bu, now)
-		return
-	}
 	queued := false
 	var prev *Backend
 	g.mu.Lock()

@@ -2,39 +2,22 @@ package proxy
 
 import (
 	"errors"
-	"io"
 	"net"
 	"syscall"
 	"testing"
 	"time"
 )
 
-// A drained host closes each new client at once and counts it; undrained, it hands clients
-// to workers again. The worker's sessions are not touched either way.
+// A drained host is drained for the balancer (HostDrained); a client that reaches it anyway is
+// still handed over, not failed.
 func TestHostDrain(t *testing.T) {
 	g, l, _ := serve(t, Config{})
 	w := attach(t, g, 0, false)
-	addr := l.Addr().String()
 	g.SetHostDrain(true)
 	if !g.HostDrained() {
 		t.Fatal("HostDrained false after SetHostDrain(true)")
 	}
-	for i := 0; i < 5; i++ {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		_, err = c.Read(make([]byte, 1))
-		c.Close()
-		if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !isReset(err) {
-			t.Fatalf("client %d of a drained host: %v, want closed at once", i, err)
-		}
-	}
-	// (The count follows the close the client saw.)
-	waitStats(t, g, func(s Stats) bool { return s.Closed[ReasonDrained.String()] == 5 && s.Accepted == 5 && s.InFlight == 0 })
-	g.SetHostDrain(false)
-	c, err := net.Dial("tcp", addr)
+	c, err := net.Dial("tcp", l.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,10 +25,11 @@ func TestHostDrain(t *testing.T) {
 	stop := make(chan struct{})
 	time.AfterFunc(2*time.Second, func() { close(stop) })
 	if got, _, err := w.answer(stop); got != 1 || err != nil {
-		t.Fatalf("after undrain the worker got %d clients (%v), want 1", got, err)
+		t.Fatalf("the worker of a drained host got %d clients (%v), want the straggler", got, err)
 	}
-	if st := g.Stats(); st.Acked != 1 || st.Closed[ReasonDrained.String()] != 5 {
-		t.Fatalf("after undrain: %+v, want 1 acked", st)
+	g.SetHostDrain(false)
+	if g.HostDrained() {
+		t.Fatal("still drained")
 	}
 }
 

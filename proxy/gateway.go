@@ -88,7 +88,7 @@ type Gateway struct {
 	// lastAccept is when (since start) a connection was last accepted: while that is recent,
 	// backend readers poll instead of parking (see Backend.recv).
 	lastAccept atomic.Int64
-	// hostDrained: an operator drained the host; new clients are closed at once (drain.go).
+	// hostDrained: an operator drained the host (drain.go): balancers are told so.
 	hostDrained atomic.Bool
 	hs          *headerStage // PROXY headers being read (proxyproto.go); nil until needed
 	handoffLat  histogram    // accepted → acked (latency.go)

@@ -76,15 +76,18 @@ func headerLen(b []byte) (int, error) {
 	return 0, ErrNotProxy
 }
 
-// parseHeader parses a complete header (go-proxyproto) and returns the addresses it gives; a
-// LOCAL header (a balancer's own health check) keeps the socket's.
+// errLocal: a LOCAL header, which a balancer sends on its own health checks: nothing to hand
+// to a worker.
+var errLocal = errors.New("proxy protocol: LOCAL (a balancer's health check)")
+
+// parseHeader parses a complete header (go-proxyproto) and returns the addresses it gives.
 func parseHeader(b []byte, client, local netip.AddrPort) (netip.AddrPort, netip.AddrPort, error) {
 	h, err := proxyproto.Read(bufio.NewReaderSize(bytes.NewReader(b), len(b)+16))
 	if err != nil {
 		return client, local, fmt.Errorf("proxy protocol: %w", err)
 	}
 	if h.Command.IsLocal() {
-		return client, local, nil
+		return client, local, errLocal
 	}
 	src, dst, ok := h.TCPAddrs()
 	if !ok {
@@ -140,6 +143,13 @@ func (g *Gateway) refuse(fd int, r CloseReason) {
 	g.mu.Unlock()
 }
 
+// headerDone takes a connection that waited for its header out of flight.
+func (g *Gateway) headerDone() {
+	g.mu.Lock()
+	g.doneInflightLocked(1)
+	g.mu.Unlock()
+}
+
 // pendingHeader is a connection whose header has not fully arrived.
 type pendingHeader struct {
 	l             *Listener
@@ -185,6 +195,10 @@ func (h *headerStage) add(l *Listener, fd int, client, local netip.AddrPort, now
 	}
 	h.pending[fd] = p
 	h.mu.Unlock()
+	// In flight from now on: a stopping or handing-over batond waits for it (WaitIdle).
+	h.g.mu.Lock()
+	h.g.inflight++
+	h.g.mu.Unlock()
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP, Fd: int32(fd)}
 	if err := unix.EpollCtl(h.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		h.drop(p, ReasonSocket)
@@ -245,7 +259,11 @@ func (h *headerStage) read(p *pendingHeader) {
 			err = fmt.Errorf("proxy protocol: consuming the header: %d of %d bytes, %v", m, hl, rerr)
 		}
 	}
-	if err != nil {
+	switch {
+	case errors.Is(err, errLocal):
+		h.drop(p, ReasonProxyLocal)
+		return
+	case err != nil:
 		h.g.log.Debug("proxy protocol: bad header; closing", "peer", p.client, "error", err)
 		h.drop(p, ReasonProxyInvalid)
 		return
@@ -253,6 +271,7 @@ func (h *headerStage) read(p *pendingHeader) {
 	h.forget(p)
 	h.bu.add(p.fd, client, local)
 	h.g.dispatchBurst(p.l, h.bu, time.Now())
+	h.g.headerDone() // counted in flight by dispatchBurst now
 }
 
 // expire closes the connections whose header did not arrive in time.
@@ -280,6 +299,7 @@ func (h *headerStage) forget(p *pendingHeader) {
 func (h *headerStage) drop(p *pendingHeader, r CloseReason) {
 	h.forget(p)
 	h.g.refuse(p.fd, r)
+	h.g.headerDone()
 }
 
 // close stops the stage and closes every connection still waiting for its header.

@@ -174,3 +174,35 @@ func readFD(fd int, buf []byte) (int, error) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// A balancer's health check (a LOCAL header) is closed, not handed to a worker; a connection
+// waiting for its header is in flight (a stopping batond waits for it).
+func TestProxyLocalAndInFlight(t *testing.T) {
+	g, addr := proxyServe(t, ProxyProtocol{Timeout: 5 * time.Second})
+	attach(t, g, 0, false)
+	waiting, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer waiting.Close()
+	waitStats(t, g, func(s Stats) bool { return s.InFlight == 1 })
+	local := proxyproto.HeaderProxyFromAddrs(2, nil, nil)
+	local.Command = proxyproto.LOCAL
+	b, err := local.Format()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(b)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !isReset(err) {
+		t.Errorf("LOCAL: %v, want closed", err)
+	}
+	waitStats(t, g, func(s Stats) bool {
+		return s.Closed[ReasonProxyLocal.String()] == 1 && s.Acked == 0 && s.InFlight == 1
+	})
+}
