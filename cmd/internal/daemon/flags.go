@@ -38,7 +38,7 @@ type Config struct {
 	LogJSON        bool
 	Command        []string // empty: built-in demo workers
 	Fleet          FleetConfig
-	Version        bool     // -version: print the version and exit
+	Version        bool // -version: print the version and exit
 }
 
 // maxAcceptCoalesce bounds -accept-coalesce: it is added to a connection's handoff at high
