@@ -130,6 +130,14 @@ func (b *Backend) Err() error {
 	return b.err
 }
 
+// Clients returns the connections handed to the worker: live, and sent but not yet acked (an
+// operator's count: the worker has them, batond has not collected its ACK yet).
+func (b *Backend) Clients() int {
+	b.g.mu.Lock()
+	defer b.g.mu.Unlock()
+	return b.load()
+}
+
 // Live returns the worker's live connection count (acked − closed).
 func (b *Backend) Live() int {
 	b.g.mu.Lock()

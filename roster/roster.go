@@ -38,7 +38,7 @@ const (
 // Load is where a worker's live client count and capacity are read from (the gateway's
 // Backend).
 type Load interface {
-	Live() int
+	Clients() int
 	Capacity() int
 }
 
@@ -174,7 +174,7 @@ func (r *Roster) Watch() ([]Worker, <-chan struct{}) {
 	now := time.Now()
 	for i := range out {
 		if loads[i] != nil {
-			out[i].Clients, out[i].Capacity = loads[i].Live(), loads[i].Capacity()
+			out[i].Clients, out[i].Capacity = loads[i].Clients(), loads[i].Capacity()
 		}
 		if !out[i].Started.IsZero() && out[i].PID != 0 {
 			out[i].Uptime = now.Sub(out[i].Started).Round(time.Second).String()

@@ -7,7 +7,7 @@ import (
 
 type fixedLoad int
 
-func (f fixedLoad) Live() int     { return int(f) }
+func (f fixedLoad) Clients() int  { return int(f) }
 func (f fixedLoad) Capacity() int { return 100 }
 
 func TestUpdatesArePublished(t *testing.T) {

@@ -7,9 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/signal"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/baton-gw/baton/handoff"
@@ -72,6 +70,18 @@ var _ net.Listener = (*Listener)(nil)
 //
 // The worker becomes eligible for connections when it reports READY: automatically on the
 // first call to Accept, or earlier with Ready.
+//
+// If the channel drops later, the Listener re-registers by itself, with backoff, keeping every
+// connection. A final rejection (VERSION, TOKEN, PEER or SLOT: handoff.ErrorCode.Final) ends the
+// registration for good: Accept and Ready then return it, wrapping the *handoff.Error. Every
+// other ERROR from batond (SHUTDOWN, say) ends only the channel, and the Listener registers
+// again.
+//
+// Listen leaves the process's signal dispositions alone, SIGPIPE included. A worker's stdout and
+// stderr are a pipe that outlives the batond that started it (batond leaves the pipe's read end
+// open in the worker, at fd 3, BATON_OUTPUT_FD), so writing a log line never raises SIGPIPE, and
+// Go's runtime already turns SIGPIPE on every other descriptor into an EPIPE error. Do not close
+// fd 3 (PROTOCOL.md, "Worker output").
 func Listen(opts ...Option) (*Listener, error) {
 	o := options{handshakeTimeout: defaultHandshakeTimeout}
 	for _, opt := range opts {
@@ -116,12 +126,6 @@ func Listen(opts ...Option) (*Listener, error) {
 		return l, nil
 	}
 
-	// The worker outlives the batond that started it (reloads, batond crashes), and with it
-	// the pipe batond may have given it for stdout/stderr. Go kills a program that writes to
-	// a broken pipe on fd 1 or 2 with SIGPIPE unless SIGPIPE is handled or ignored; a game
-	// server must not lose its sessions over a log line, so such writes fail with EPIPE.
-	signal.Ignore(syscall.SIGPIPE)
-
 	l.addr = &net.UnixAddr{Name: e.socket, Net: "unixpacket"}
 	s, err := l.register()
 	if err != nil {
@@ -136,8 +140,9 @@ func Listen(opts ...Option) (*Listener, error) {
 // The first call reports READY to batond (see Ready). After DRAIN, Accept returns every
 // connection already delivered, then an error wrapping ErrDraining (and so net.ErrClosed). After
 // Close it returns an error wrapping net.ErrClosed at once. If batond rejected this worker for
-// good (a wrong token or protocol version, a disallowed peer), it returns that rejection,
-// wrapping the *handoff.Error.
+// good (a wrong token or protocol version, a disallowed peer, a slot that belongs to another
+// process), it returns that rejection, wrapping the *handoff.Error; the program should exit
+// once its sessions end.
 func (l *Listener) Accept() (net.Conn, error) {
 	c, err := l.AcceptConn()
 	if err != nil {
@@ -282,7 +287,9 @@ func (l *Listener) Addr() net.Addr { return l.addr }
 func (l *Listener) Draining() <-chan struct{} { return l.drainCh }
 
 // DrainDeadline is when batond will stop this worker (SIGTERM, then SIGKILL) if it has not
-// exited by then. It is the zero time until DRAIN arrives.
+// exited by then. It is the zero time until DRAIN arrives. A later DRAIN replaces it, earlier or
+// later (a worker of an old generation is drained again by each batond it re-registers with,
+// and the latest one enforces its own deadline), so read it again rather than keep a copy.
 func (l *Listener) DrainDeadline() time.Time {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -462,16 +469,9 @@ func (l *Listener) shutdown() {
 	})
 }
 
-// isFatal says whether batond's rejection can be fixed by retrying: a wrong protocol version,
-// token or peer cannot (PROTOCOL.md, "Errors").
-func isFatal(err error) bool {
+// finalRejection says whether err is batond's rejection of this worker for good: re-sending
+// the same HELLO cannot succeed (handoff.ErrorCode.Final, PROTOCOL.md "Errors").
+func finalRejection(err error) bool {
 	var he *handoff.Error
-	if !errors.As(err, &he) {
-		return false
-	}
-	switch he.Code {
-	case handoff.CodeVersion, handoff.CodeToken, handoff.CodePeer:
-		return true
-	}
-	return false
+	return errors.As(err, &he) && he.Code.Final()
 }

@@ -127,7 +127,7 @@ func (l *Listener) handshake(ch *handoff.Channel, h *handoff.Hello) (*session, e
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				return nil, fmt.Errorf("no WELCOME from batond within %v: %w", timeout, err)
 			}
-			return nil, fmt.Errorf("waiting for WELCOME: %w", err)
+			return nil, fmt.Errorf("waiting for WELCOME: %w", recvError(ch, err))
 		}
 		closeFD(fd) // only a CONN carries one, and a CONN before WELCOME is refused below
 		t, body, err := handoff.Split(msg)
@@ -144,7 +144,7 @@ func (l *Listener) handshake(ch *handoff.Channel, h *handoff.Hello) (*session, e
 				// batond must choose within our range; if it did not, nothing later can work.
 				e := &handoff.Error{Code: handoff.CodeVersion, Reason: fmt.Sprintf(
 					"WELCOME chose protocol version %d; this worker speaks only %d", w.Version, handoff.Version)}
-				sendError(ch, e.Code, e.Reason)
+				ch.SendError(e.Code, e.Reason)
 				return nil, e
 			}
 			if err := ch.Conn().SetDeadline(time.Time{}); err != nil {
@@ -178,18 +178,16 @@ func (l *Listener) handshake(ch *handoff.Channel, h *handoff.Hello) (*session, e
 }
 
 // run is the registration goroutine: it serves the current session and, when the channel drops,
-// re-registers with backoff, until shutdown or a rejection that retrying cannot fix.
+// re-registers with backoff, until shutdown or a final rejection (PROTOCOL.md "Errors": VERSION,
+// TOKEN, PEER, SLOT), which ends the registration for good: a worker that retried it would
+// knock on batond's door forever. Every other ERROR (SHUTDOWN, a protocol error) ends only
+// the channel.
 func (l *Listener) run(s *session) {
 	defer close(l.done)
 	delay := backoffMin
 	for {
 		err := l.serve(s)
-		if l.registrationOver() {
-			return
-		}
-		if isFatal(err) {
-			l.log.Error("batond rejected this worker", "err", err)
-			l.fail(fmt.Errorf("worker: batond rejected this worker: %w", err))
+		if l.registrationOver() || l.giveUpIfFinal(err) {
 			return
 		}
 		l.log.Warn("lost the channel to batond; keeping connections, re-registering", "err", err, "live", l.Live())
@@ -205,12 +203,7 @@ func (l *Listener) run(s *session) {
 			if err == nil {
 				break
 			}
-			if l.registrationOver() {
-				return
-			}
-			if isFatal(err) {
-				l.log.Error("batond rejected this worker", "err", err)
-				l.fail(fmt.Errorf("worker: batond rejected this worker: %w", err))
+			if l.registrationOver() || l.giveUpIfFinal(err) {
 				return
 			}
 			delay = min(2*delay, backoffMax)
@@ -219,6 +212,17 @@ func (l *Listener) run(s *session) {
 		delay = backoffMin
 		l.log.Info("re-registered with batond", "live", l.Live())
 	}
+}
+
+// giveUpIfFinal ends the registration if err is a final rejection: Accept and Ready then return
+// it, naming the code. The connections already held stay the program's.
+func (l *Listener) giveUpIfFinal(err error) bool {
+	if !finalRejection(err) {
+		return false
+	}
+	l.log.Error("batond rejected this worker for good; not registering again", "err", err, "live", l.Live())
+	l.fail(fmt.Errorf("worker: batond rejected this worker: %w", err))
+	return true
 }
 
 func (l *Listener) registrationOver() bool {
@@ -292,12 +296,7 @@ func (s *session) readLoop() error {
 			// connections without one are refused (see take and noFD).
 			err = s.handle(msg, s.fds)
 		} else {
-			switch {
-			case errors.Is(err, handoff.ErrTruncated):
-				err = protocolError(s.ch, handoff.CodeTooBig, err)
-			case errors.Is(err, handoff.ErrFDs):
-				err = protocolError(s.ch, handoff.CodeFDs, err)
-			}
+			err = recvError(s.ch, err)
 		}
 		if err != nil {
 			// The connections read so far are ours (their fds are): try to ack them, serve
@@ -436,14 +435,19 @@ func (s *session) take(info *handoff.ConnInfo, fds []int) {
 	s.batch = append(s.batch, newConn(s.l, nc, info, true))
 }
 
-// drain records a DRAIN. A later DRAIN (batond restarted and drained us again) moves the
-// deadline: batond's latest word is the one it will enforce.
+// drain records a DRAIN. A later DRAIN (after a reload the old batond drains its workers, and
+// the new one drains them again when they re-register) replaces the deadline, earlier or later:
+// the batond that sent the latest DRAIN is the one that enforces it (PROTOCOL.md "DRAIN"). A
+// Listener closed while draining stays registered until the new deadline.
 func (l *Listener) drain(d time.Duration) {
 	l.mu.Lock()
 	l.drainDeadline = time.Now().Add(d)
 	if !l.draining {
 		l.draining = true
 		close(l.drainCh)
+	}
+	if l.lingerTimer != nil && !l.quitting {
+		l.lingerTimer.Reset(d)
 	}
 	l.signalAcceptDoneLocked()
 	l.mu.Unlock()
@@ -544,12 +548,19 @@ func (s *session) send(msg []byte, block bool) error {
 // protocolError tells batond what was wrong (best effort, PROTOCOL.md "Errors") and returns the
 // error that ends the session.
 func protocolError(ch *handoff.Channel, code handoff.ErrorCode, err error) error {
-	sendError(ch, code, err.Error())
+	ch.SendError(code, err.Error())
 	return fmt.Errorf("%w: %w", errProtocol, err)
 }
 
-func sendError(ch *handoff.Channel, code handoff.ErrorCode, reason string) {
-	_ = ch.TrySend(handoff.AppendError(nil, &handoff.Error{Code: code, Reason: reason}), -1)
+// recvError turns a failed receive into the error that ends the channel, telling batond first
+// when the fault is its (handoff.RecvErrorCode). A deadline is never batond's fault here: the
+// worker's deadlines are its own (shutdown waking the reader, the handshake timeout), so it owes
+// no STALLED.
+func recvError(ch *handoff.Channel, err error) error {
+	if code := handoff.RecvErrorCode(err); code != 0 && code != handoff.CodeStalled {
+		return protocolError(ch, code, err)
+	}
+	return err
 }
 
 func closeFD(fd int) {

@@ -20,7 +20,10 @@ func printer() int {
 		fmt.Fprintln(os.Stderr, "printer:", err)
 		return 1
 	}
-	signal.Reset(syscall.SIGPIPE) // whatever the library does, the default
+	if signal.Ignored(syscall.SIGPIPE) {
+		fmt.Fprintln(os.Stderr, "printer: SIGPIPE is ignored: worker.Listen must leave it at its default")
+		return 3
+	}
 	gen, slot := os.Getenv("BATON_GENERATION"), os.Getenv("BATON_WORKER")
 	for {
 		c, err := l.Accept()

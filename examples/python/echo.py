@@ -5,7 +5,8 @@ Every byte a client sends comes back verbatim; when the client closes its side, 
 finishes sending and closes too. After batond sends DRAIN, the process exits with status 0 once
 its last connection has closed. If registration fails (batond refuses the HELLO, cannot be
 reached, or the program was not started by batond), the error goes to stderr and the exit
-status is 1.
+status is 1. If batond refuses it for good later (a final error, PROTOCOL.md), it serves the
+connections it holds until they close, then says why on stderr and exits 1.
 
     batond -- python3 examples/python/echo.py
     BATON_FALLBACK_LISTEN=127.0.0.1:7000 python3 examples/python/echo.py   # without batond
@@ -44,6 +45,8 @@ async def main(capacity: int) -> int:
     try:
         await server.serve_forever()  # returns once drained and idle
     except baton_worker.BatonError as e:
+        # Final: no more clients will come, but those we hold are still ours to serve.
+        await server.wait_idle()
         print("echo: %s" % e, file=sys.stderr)
         return 1
     finally:

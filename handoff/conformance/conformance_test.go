@@ -22,7 +22,9 @@ import (
 
 // An implementation is a command that runs an echo worker: it registers per the BATON_*
 // environment, echoes every byte on every handed-off connection, and after DRAIN exits 0 once
-// its last connection has closed (exit non-zero on a fatal ERROR).
+// its last connection has closed. On a final ERROR (PROTOCOL.md "Final errors") it registers no
+// more, serves the connections it holds until they close, and exits non-zero with the reason on
+// stderr; after any other ERROR it registers again.
 type implementation struct {
 	name    string
 	command func(t *testing.T) []string
@@ -333,6 +335,16 @@ func echo(t *testing.T, c *peer, s string) {
 	}
 }
 
+// noRegistration fails if the worker connects to the registration socket within d.
+func (g *fakeGateway) noRegistration(d time.Duration) {
+	g.t.Helper()
+	g.ln.SetDeadline(time.Now().Add(d))
+	if c, err := g.ln.AcceptUnix(); err == nil {
+		c.Close()
+		g.t.Fatal("the worker registered again after a final rejection")
+	}
+}
+
 func (g *fakeGateway) waitExit(wantOK bool) {
 	g.t.Helper()
 	select {
@@ -365,7 +377,7 @@ func TestConformance(t *testing.T) {
 				g.welcome()
 				g.expect(handoff.TypeReady)
 			})
-			for _, code := range []handoff.ErrorCode{handoff.CodeVersion, handoff.CodeToken} {
+			for _, code := range []handoff.ErrorCode{handoff.CodeVersion, handoff.CodeToken, handoff.CodePeer, handoff.CodeSlot} {
 				t.Run("rejected-"+code.String(), func(t *testing.T) {
 					g := start(t, impl)
 					g.accept()
@@ -451,6 +463,49 @@ func TestConformance(t *testing.T) {
 				closeClient(c2)
 				g.expectIDs(handoff.TypeClosed, 12)
 				g.waitExit(true)
+			})
+			t.Run("reregister-refused-final", func(t *testing.T) {
+				// SLOT on re-registration (say, another process group now holds the slot):
+				// final, so no further HELLO; the session held is served to its end, then the
+				// worker exits non-zero and says why.
+				g := start(t, impl)
+				g.handshake()
+				c := g.handOff(31)
+				g.ch.Close()
+				g.accept()
+				g.send(handoff.AppendError(nil, &handoff.Error{Code: handoff.CodeSlot, Reason: "conformance test: slot 3 is taken"}))
+				g.ch.Close()
+				g.noRegistration(time.Second)
+				echo(t, c, "still served after a final rejection")
+				select {
+				case <-g.exited:
+					t.Fatal("worker exited with a session open")
+				default:
+				}
+				closeClient(c)
+				g.waitExit(false)
+				if !strings.Contains(g.stderr.String(), "slot 3 is taken") {
+					t.Errorf("the worker did not tell its operator why it was rejected")
+				}
+			})
+			t.Run("reregister-shutdown-retries", func(t *testing.T) {
+				// SHUTDOWN is not final: the worker comes back (with backoff) until welcomed.
+				g := start(t, impl)
+				g.handshake()
+				c := g.handOff(41)
+				g.ch.Close()
+				for range 2 {
+					g.accept()
+					g.send(handoff.AppendError(nil, &handoff.Error{Code: handoff.CodeShutdown, Reason: "batond is stopping"}))
+					g.ch.Close()
+				}
+				if h := g.accept(); h.Live != 1 || h.Flags&handoff.HelloReady == 0 {
+					t.Fatalf("HELLO after SHUTDOWN: live=%d flags=%#x, want live=1 with READY", h.Live, h.Flags)
+				}
+				g.welcome()
+				echo(t, c, "after SHUTDOWN")
+				closeClient(c)
+				g.expectIDs(handoff.TypeClosed, 41)
 			})
 			t.Run("reregister", func(t *testing.T) {
 				g := start(t, impl)

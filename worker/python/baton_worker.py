@@ -40,6 +40,15 @@ unless a fallback TCP address is given with ``fallback=(host, port)`` or the env
 ``BATON_FALLBACK_LISTEN=host:port`` (which wins over the parameter): then the worker listens on
 that address itself, for local development.
 
+``batond`` refuses a worker for good with a final ``ERROR`` code (``VERSION``, ``TOKEN``,
+``PEER``, ``SLOT``): the module then stops registering, keeps serving the sessions it holds, and
+raises the :class:`BatonError` from ``accept`` and ``serve_forever``; exit once the sessions end.
+Any other ``ERROR`` only ends the channel, and the module registers again with backoff.
+
+Output: ``batond`` leaves the read end of the worker's stdout/stderr pipe open in the worker at
+fd 3 (``BATON_OUTPUT_FD``), so ``print()`` never meets a broken pipe, whichever ``batond`` has
+gone; do not close fd 3. This module changes no signal disposition.
+
 Ownership of fds: a received client fd belongs to this module until it is handed to the program
 (``accept`` returns it, or the asyncio handler starts); from then on it belongs to the returned
 :class:`BatonSocket`. Every error path closes the fds it received. Logging goes to the
@@ -207,8 +216,10 @@ class ErrorCode(enum.IntEnum):
     STALLED = 11
 
 
-#: Codes after which retrying the same HELLO is pointless: the worker must stop.
-FATAL_CODES = frozenset({ErrorCode.VERSION, ErrorCode.TOKEN, ErrorCode.PEER})
+#: The final codes (PROTOCOL.md, "Errors"): re-sending the same HELLO cannot succeed (wrong
+#: protocol version, token or peer, or a slot that belongs to another process), so the worker
+#: stops registering. Every other code (``SHUTDOWN`` among them) ends only the current channel.
+FATAL_CODES = frozenset({ErrorCode.VERSION, ErrorCode.TOKEN, ErrorCode.PEER, ErrorCode.SLOT})
 
 
 def _type_name(t: int) -> str:
@@ -238,8 +249,9 @@ class BatonError(BatonException):
     """``batond`` answered with an ``ERROR`` message.
 
     ``code`` is the machine-readable :class:`ErrorCode` (an ``int`` if the code is unknown to
-    this module), ``reason`` the text meant for people. ``fatal`` is true for ``VERSION``,
-    ``TOKEN`` and ``PEER``: retrying cannot help, the worker should exit.
+    this module), ``reason`` the text meant for people. ``fatal`` is true for the final codes
+    (``VERSION``, ``TOKEN``, ``PEER``, ``SLOT``): retrying cannot help, the module stops
+    registering and the worker should exit once its sessions end.
     """
 
     def __init__(self, code: int, reason: str) -> None:
@@ -971,7 +983,8 @@ class Worker:
 
     @property
     def drain_deadline(self) -> Optional[float]:
-        """When (``time.monotonic()``) ``batond`` will stop a draining worker; ``None`` if not draining."""
+        """When (``time.monotonic()``) ``batond`` will stop a draining worker; ``None`` if not
+        draining. A later ``DRAIN`` replaces it: read it again rather than keep a copy."""
         return self._drain_deadline
 
     @property
@@ -1053,7 +1066,8 @@ class Worker:
 
         Raises :class:`Draining` once ``batond`` drains this worker and every delivered
         connection has been handed out; :class:`WorkerClosed` after :meth:`close`;
-        :class:`BatonError` if ``batond`` refused a re-registration fatally; ``socket.timeout``
+        :class:`BatonError` if ``batond`` refused this worker with a final code (then it
+        registers no more: exit once the sessions end); ``socket.timeout``
         after ``timeout`` seconds.
         """
         if self._mode is None:
@@ -1565,6 +1579,9 @@ class Worker:
             unusable.append(info.id)
 
     def _on_drain(self, deadline_ms: int) -> None:
+        """Driver: DRAIN. A later DRAIN (after a reload the old batond drains this worker and
+        the new one drains it again when it re-registers) replaces the deadline, earlier or
+        later: the batond that sent the latest enforces it (PROTOCOL.md, DRAIN)."""
         with self._cond:
             first = not self._draining
             self._draining = True
@@ -1626,7 +1643,7 @@ class Worker:
 
     def _fatal_error(self, err: BaseException) -> None:
         """Driver: batond refused us for good: stop talking to it; sessions are kept."""
-        log.error("%s", err)
+        log.error("%s; the error is final: not registering again (%d connection(s) kept)", err, self.live)
         with self._cond:
             self._fatal = err
             self._cond.notify_all()
@@ -2023,10 +2040,10 @@ class Server:
         self.close()
         await self.wait_closed()
 
-    async def _until(self, pred: Callable[[], bool]) -> None:
+    async def _until(self, pred: Callable[[], bool], raise_fatal: bool = True) -> None:
         while True:
             fatal = self.worker._fatal
-            if fatal is not None:
+            if fatal is not None and raise_fatal:
                 raise fatal
             if pred():
                 return
@@ -2041,7 +2058,9 @@ class Server:
     async def serve_forever(self) -> None:
         """Serve until ``batond`` has drained this worker and the last connection has ended
         (then return: exit the process), or until :meth:`close`. Raises the :class:`BatonError`
-        with which ``batond`` refused a re-registration (``VERSION``, ``TOKEN``, ``PEER``)."""
+        with which ``batond`` refused this worker for good (a final code: ``VERSION``,
+        ``TOKEN``, ``PEER``, ``SLOT``); the module registers no more, but the connections
+        being served go on: ``await wait_idle()`` before exiting to let them end."""
         await self._until(lambda: self._closed or (self.worker.draining and self.live == 0))
 
     wait_drained = serve_forever
@@ -2051,8 +2070,9 @@ class Server:
         await self._until(lambda: self._closed or self.worker.draining)
 
     async def wait_idle(self) -> None:
-        """Wait until no connection is being served."""
-        await self._until(lambda: self.live == 0)
+        """Wait until no connection is being served. Unlike the other waits it does not raise
+        a final :class:`BatonError`: it is how a refused worker lets its sessions end."""
+        await self._until(lambda: self.live == 0, raise_fatal=False)
 
     def _state_changed(self) -> None:
         waiters, self._waiters = self._waiters, []

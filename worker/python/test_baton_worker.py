@@ -932,7 +932,7 @@ class BlockingTest(unittest.TestCase):
             ch = self.gw.accept(timeout=5)
             times.append(time.monotonic())
             ch.read_hello()
-            ch.send(bw.encode_error(C.SLOT, "slot taken"))  # not fatal: retry, after a backoff
+            ch.send(bw.encode_error(C.SHUTDOWN, "batond is stopping"))  # not final: retry, after a backoff
             ch.expect_eof()
         gaps = [b - a for a, b in zip(times, times[1:])]
         self.assertGreaterEqual(gaps[0], 0.09)
@@ -973,21 +973,84 @@ class BlockingTest(unittest.TestCase):
         self.assertIn("token does not match", e.reason)
         self.assertIn("TOKEN", str(e))
 
-    def test_fatal_error_on_reregistration(self):
+    def test_final_error_on_reregistration(self):
+        # Every final code (PROTOCOL.md, "Errors") ends registration: accept() raises it, naming
+        # the code, no further HELLO follows, and the sessions held are kept.
+        for code in (C.VERSION, C.TOKEN, C.PEER, C.SLOT):
+            with self.subTest(code=code.name):
+                self.gw = FakeGateway()
+                self.addCleanup(self.gw.close)
+                w, ch = self.start()
+                w.ready()
+                ch.expect(T.READY)
+                cid, client = self.gw.hand_off(ch)
+                sock, _ = w.accept(timeout=5)
+                t, box = self.accept_in_thread(w)
+                ch.close()
+                ch2 = self.gw.accept()
+                ch2.read_hello()
+                with self.assertLogs("baton_worker", logging.ERROR) as logs:
+                    ch2.send(bw.encode_error(code, "not yours"))
+                    t.join(5)
+                self.assertIn("final", logs.output[0])
+                e = box.get("e")
+                self.assertIsInstance(e, bw.BatonError)
+                self.assertEqual((e.code, e.fatal), (code, True))
+                self.assertIn(code.name, str(e))
+                with self.assertRaises(bw.BatonError):
+                    w.accept(timeout=1)
+                with self.assertRaises(bw.BatonError):
+                    w.wait_drained(1)
+                with self.assertRaises(socket.timeout):  # and no further attempts
+                    self.gw.accept(timeout=0.6)
+                client.sendall(b"still here")  # the session lives on
+                self.assertEqual(sock.recv(100), b"still here")
+                sock.close()
+                wait_until(lambda: w.live == 0, what="live == 0 with no channel")
+                w.close()
+
+    def test_shutdown_keeps_reregistering(self):
         w, ch = self.start()
-        t, box = self.accept_in_thread(w)
+        w.ready()
         ch.expect(T.READY)
+        cid, client = self.gw.hand_off(ch)
+        sock, _ = w.accept(timeout=5)
+        ch.close()
+        for _ in range(3):
+            chi = self.gw.accept()
+            self.assertEqual(chi.read_hello().live, 1)
+            chi.send(bw.encode_error(C.SHUTDOWN, "batond is stopping"))
+            chi.expect_eof()
+        ch2 = self.gw.handshake()
+        self.assertIsNone(w._fatal)
+        client.sendall(b"after SHUTDOWN")
+        self.assertEqual(sock.recv(100), b"after SHUTDOWN")
+        cid2, _ = self.gw.hand_off(ch2)
+        s2, _ = w.accept(timeout=5)
+        self.assertEqual(s2.conn_info.id, cid2)
+        s2.close()
+        self.assertEqual(ch2.expect_ids(T.CLOSED), [cid2])
+        sock.close()
+
+    def test_second_drain_replaces_deadline(self):
+        # After a reload the old batond drains its workers and the new one drains them again
+        # when they re-register: the latest DRAIN's deadline is the one enforced.
+        w, ch = self.start()
+        w.ready()
+        ch.expect(T.READY)
+        ch.send(bw.encode_drain(60000))
+        wait_until(lambda: w.draining, what="draining")
+        self.assertAlmostEqual(w.drain_deadline - time.monotonic(), 60, delta=1)
         ch.close()
         ch2 = self.gw.accept()
-        ch2.read_hello()
-        ch2.send(bw.encode_error(C.PEER, "uid 1000 not allowed"))
-        t.join(5)
-        self.assertIsInstance(box.get("e"), bw.BatonError)
-        self.assertEqual(box["e"].code, C.PEER)
-        with self.assertRaises(bw.BatonError):
-            w.accept(timeout=1)
-        with self.assertRaises(socket.timeout):  # and no further attempts
-            self.gw.accept(timeout=0.5)
+        self.assertEqual(ch2.read_hello().flags, bw.FLAG_READY | bw.FLAG_DRAINING)
+        ch2.welcome(generation=8)
+        ch2.send(bw.encode_drain(600000))
+        wait_until(lambda: w.drain_deadline - time.monotonic() > 500, what="later deadline")
+        ch2.send(bw.encode_drain(2000))
+        wait_until(lambda: w.drain_deadline - time.monotonic() < 3, what="earlier deadline")
+        self.assertGreater(w.drain_deadline - time.monotonic(), 1)
+        self.assertTrue(w.wait_drained(1))
 
     def test_welcome_timeout(self):
         def gateway():
@@ -1388,6 +1451,47 @@ class AsyncioTest(unittest.IsolatedAsyncioTestCase):
         with self.assertRaises(bw.BatonError) as cm:
             await asyncio.wait_for(forever, 5)
         self.assertEqual(cm.exception.code, C.TOKEN)
+
+    async def test_final_error_on_reregistration_ends_serve_forever(self):
+        server, ch = await self.start(echo)
+        await self.expect(ch, T.READY)
+        cid, c = await self.hand_off(ch)
+        forever = asyncio.ensure_future(server.serve_forever())
+        ch.close()
+        ch2 = await asyncio.to_thread(self.gw.accept)
+        await asyncio.to_thread(ch2.read_hello)
+        ch2.send(bw.encode_error(C.SLOT, "slot 3 belongs to pid 1 (process group 1)"))
+        with self.assertRaises(bw.BatonError) as cm:
+            await asyncio.wait_for(forever, 5)
+        self.assertEqual(cm.exception.code, C.SLOT)
+        self.assertIn("SLOT", str(cm.exception))
+        self.assertFalse(server.is_serving())
+        with self.assertRaises(socket.timeout):  # no further attempts
+            await asyncio.to_thread(self.gw.accept, 0.6)
+        await asyncio.to_thread(c.sendall, b"kept")  # the session is still served
+        self.assertEqual(await asyncio.to_thread(c.recv, 100), b"kept")
+        idle = asyncio.ensure_future(server.wait_idle())  # how a refused worker lets it end
+        await asyncio.sleep(0.1)
+        self.assertFalse(idle.done())
+        c.close()
+        await asyncio.wait_for(idle, 5)
+
+    async def test_shutdown_keeps_reregistering(self):
+        server, ch = await self.start(echo)
+        await self.expect(ch, T.READY)
+        ch.close()
+        for _ in range(3):
+            chi = await asyncio.to_thread(self.gw.accept)
+            await asyncio.to_thread(chi.read_hello)
+            chi.send(bw.encode_error(C.SHUTDOWN, "batond is stopping"))
+            await asyncio.to_thread(chi.expect_eof)
+        ch2 = await asyncio.to_thread(self.gw.handshake)
+        self.assertTrue(server.is_serving())
+        cid, c = await self.hand_off(ch2)
+        await asyncio.to_thread(c.sendall, b"back")
+        self.assertEqual(await asyncio.to_thread(c.recv, 100), b"back")
+        c.close()
+        self.assertEqual(await self.expect_ids(ch2, T.CLOSED), [cid])
 
     async def test_registration_refused(self):
         task = asyncio.ensure_future(bw.start_server(echo, env=self.gw.env()))

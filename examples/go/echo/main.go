@@ -3,7 +3,9 @@
 // Run it under batond (`batond -- ./echo`), or alone for local development with
 // BATON_FALLBACK_LISTEN=127.0.0.1:7000. When batond tells it to drain, it stops accepting, waits
 // until its last client has gone, and exits 0. The protocol conformance suite relies on exactly
-// that behaviour, and on exit status 1 (with the reason on stderr) when registration fails.
+// that behaviour, and on exit status 1 (with the reason on stderr) when registration fails. If
+// batond refuses it for good later (a final error, PROTOCOL.md), it serves the clients it holds
+// until they leave, then says why and exits 1.
 package main
 
 import (
@@ -42,20 +44,23 @@ func run() error {
 		l.Close()
 	}()
 
+	var refused error
 	for {
 		c, err := l.Accept()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				break // drained or interrupted: finish below
+			if !errors.Is(err, net.ErrClosed) {
+				// A final rejection: no more clients will come, but those we hold are still
+				// ours to serve.
+				refused = err
 			}
-			return err
+			break // drained, interrupted or refused: finish below
 		}
 		go echo(c)
 	}
-	// Drained: wait for the last client to leave. A signal meanwhile cuts the wait short; that
-	// too is a requested stop, not a failure.
+	// Wait for the last client to leave. A signal meanwhile cuts the wait short; that too is a
+	// requested stop, not a failure.
 	_ = l.Wait(ctx)
-	return nil
+	return refused
 }
 
 func echo(c net.Conn) {
