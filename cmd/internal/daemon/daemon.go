@@ -410,6 +410,7 @@ func (d *daemon) Status() admin.Status {
 			s.Draining++
 		}
 	}
+	s.HostDrained, s.Handoff = d.gw.HostDrained(), d.handoffLatency()
 	d.setPhase(&s)
 	return s
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/baton-gw/baton/agent"
+	"github.com/baton-gw/baton/cmd/internal/admin"
 	"github.com/baton-gw/baton/metrics"
 	"github.com/baton-gw/baton/proxy"
 	"github.com/baton-gw/baton/roster"
@@ -245,4 +246,17 @@ func (d *daemon) SetHostDrain(on bool) error {
 	d.gw.SetHostDrain(on)
 	d.log.Info("host drain", "drained", on)
 	return nil
+}
+
+// Steering (admin.Steerer).
+
+func (d *daemon) DrainSlot(slot int, replace bool) error { return d.sup.DrainSlot(slot, replace) }
+func (d *daemon) DrainAll(replace bool) int              { return d.sup.DrainAll(replace) }
+func (d *daemon) Undrain() int                           { return d.sup.Undrain() }
+func (d *daemon) Metrics() http.Handler                  { return metrics.Handler(d) }
+
+// handoffLatency summarises the gateway's handoff latency for status.
+func (d *daemon) handoffLatency() admin.Latency {
+	h, _ := d.gw.Latencies()
+	return admin.Latency{Count: h.Count, P50: h.Quantile(0.5), P99: h.Quantile(0.99)}
 }
