@@ -3,20 +3,15 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/csv"
-	"encoding/hex"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -37,7 +32,12 @@ const (
 	gamePort    = 7000
 	agentPort   = 7001
 	metricsPort = 7002
-	checkEvery  = 500 * time.Millisecond // HAProxy's inter and agent-inter
+)
+
+const (
+	checkEvery   = 500 * time.Millisecond // HAProxy's inter and agent-inter
+	shortRate    = 300                    // new short clients per second, through HAProxy
+	longSessions = 300                    // each echoes a numbered line every 200 ms
 )
 
 func TestMultiHost(t *testing.T) {
@@ -64,7 +64,7 @@ func TestMultiHost(t *testing.T) {
 	t.Logf("set-up: %v (network, 3 batond, HAProxy with all servers UP)", time.Since(start).Round(time.Millisecond))
 
 	tr := startTraffic(t, hp.addr, n.hostOf)
-	tr.ramp(t, 300, 300)
+	tr.ramp(t, shortRate, longSessions)
 
 	spreadByCapacity(t, tr, hp, hosts)
 	if os.Getenv("MH_NODRAIN") == "" {
@@ -75,6 +75,9 @@ func TestMultiHost(t *testing.T) {
 	linkDown(t, tr, hp, n, hosts[2], hosts[:2])
 
 	tot := tr.finish(t)
+	if tot.rate < 0.97*shortRate {
+		t.Errorf("short clients came at %.0f/s, want %d/s", tot.rate, shortRate)
+	}
 	realAddresses(t, tot)
 	t.Logf("multi-host totals: %s", tot)
 	t.Logf("multi-host test: %v in all", time.Since(start).Round(time.Millisecond))
@@ -97,113 +100,6 @@ func needMultiHostTools(t *testing.T) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The network: a bridge in the root namespace and one namespace per host on a veth pair.
-
-type testNet struct {
-	id       string // random suffix of every name, so that concurrent runs cannot collide
-	bridge   string
-	bridgeIP string
-	hosts    []*nsHost
-	inodes   map[uint64]string // network namespace inode -> host name (see hostOf)
-	pidHost  sync.Map          // pid -> host name, cached
-}
-
-type nsHost struct {
-	netns string // ip netns name
-	veth  string // root end, on the bridge
-	peer  string // namespace end
-	ip    string
-}
-
-// ipCmd runs ip(8) and fails the test with its output.
-func ipCmd(t *testing.T, args ...string) {
-	t.Helper()
-	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-		t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-}
-
-// newTestNet makes the bridge 10.77.N.1/24 and n namespaces at 10.77.N.11, .12, ... on it,
-// with N a /24 no route of this machine uses yet. Everything is deleted at cleanup.
-func newTestNet(t *testing.T, n int) *testNet {
-	t.Helper()
-	b := make([]byte, 3)
-	rand.Read(b)
-	id := hex.EncodeToString(b)
-	subnet := freeSubnet(t)
-	tn := &testNet{id: id, bridge: "btb" + id, bridgeIP: fmt.Sprintf("10.77.%d.1", subnet), inodes: map[uint64]string{}}
-	t.Cleanup(tn.remove)
-	ipCmd(t, "link", "add", tn.bridge, "type", "bridge")
-	ipCmd(t, "addr", "add", tn.bridgeIP+"/24", "dev", tn.bridge)
-	ipCmd(t, "link", "set", tn.bridge, "up")
-	for i := 1; i <= n; i++ {
-		h := &nsHost{
-			netns: fmt.Sprintf("baton-%s-h%d", id, i),
-			veth:  fmt.Sprintf("btv%sh%d", id, i),
-			peer:  fmt.Sprintf("btp%sh%d", id, i),
-			ip:    fmt.Sprintf("10.77.%d.%d", subnet, 10+i),
-		}
-		tn.hosts = append(tn.hosts, h)
-		ipCmd(t, "netns", "add", h.netns)
-		ipCmd(t, "link", "add", h.veth, "type", "veth", "peer", "name", h.peer, "netns", h.netns)
-		ipCmd(t, "link", "set", h.veth, "master", tn.bridge, "up")
-		ipCmd(t, "-n", h.netns, "addr", "add", h.ip+"/24", "dev", h.peer)
-		ipCmd(t, "-n", h.netns, "link", "set", h.peer, "up")
-		ipCmd(t, "-n", h.netns, "link", "set", "lo", "up")
-		var st syscall.Stat_t
-		if err := syscall.Stat("/run/netns/"+h.netns, &st); err != nil {
-			t.Fatal(err)
-		}
-		tn.inodes[st.Ino] = fmt.Sprintf("h%d", i)
-	}
-	return tn
-}
-
-// freeSubnet picks N for 10.77.N.0/24 that no address or route of this machine uses.
-func freeSubnet(t *testing.T) int {
-	t.Helper()
-	out, err := exec.Command("ip", "-4", "route", "show", "table", "all").CombinedOutput()
-	if err != nil {
-		t.Fatalf("ip route: %v\n%s", err, out)
-	}
-	for i := 0; i < 50; i++ {
-		r, _ := rand.Int(rand.Reader, big.NewInt(250))
-		n := int(r.Int64()) + 2
-		if !strings.Contains(string(out), fmt.Sprintf("10.77.%d.", n)) {
-			return n
-		}
-	}
-	t.Fatal("no free 10.77.N.0/24 after 50 tries")
-	return 0
-}
-
-// remove deletes what newTestNet made (deleting a namespace deletes the veth pair in it).
-func (tn *testNet) remove() {
-	for _, h := range tn.hosts {
-		exec.Command("ip", "netns", "delete", h.netns).Run()
-		exec.Command("ip", "link", "delete", h.veth).Run() // gone already, unless the move failed
-	}
-	exec.Command("ip", "link", "delete", tn.bridge).Run()
-}
-
-// hostOf names the host whose namespace pid runs in ("?" if it is gone or none of ours).
-func (tn *testNet) hostOf(pid int) string {
-	if v, ok := tn.pidHost.Load(pid); ok {
-		return v.(string)
-	}
-	var st syscall.Stat_t
-	if err := syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st); err != nil {
-		return "?"
-	}
-	name, ok := tn.inodes[st.Ino]
-	if !ok {
-		return "?"
-	}
-	tn.pidHost.Store(pid, name)
-	return name
-}
-
-// ---------------------------------------------------------------------------------------------
 // The hosts: one batond each, started inside its namespace.
 
 type host struct {
@@ -215,6 +111,19 @@ type host struct {
 }
 
 func (h *host) addr(port int) string { return net.JoinHostPort(h.ns.ip, strconv.Itoa(port)) }
+
+// healthz asks the host's metrics listener whether it takes clients.
+func (h *host) healthz(t *testing.T) (int, string) {
+	t.Helper()
+	hc := &http.Client{Timeout: 5 * time.Second}
+	resp, err := hc.Get("http://" + h.addr(metricsPort) + "/healthz")
+	if err != nil {
+		t.Fatalf("%s /healthz: %v", h.name, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
 
 // start runs batond in the host's namespace (ip netns exec execs it: the pid is batond's)
 // and waits until it serves. balancer is the only address PROXY headers are accepted from. The gateway helpers (status, ctl, crash, restart, stop) work on
@@ -284,445 +193,6 @@ func peerWorker() int {
 }
 
 // ---------------------------------------------------------------------------------------------
-// HAProxy, in the root namespace.
-
-type haproxy struct {
-	addr   string // where clients connect (127.0.0.1)
-	sock   string // stats socket
-	cmd    *exec.Cmd
-	log    logFile
-	exited chan struct{}
-}
-
-// haproxyConfig is the configuration the README shows. Weights are relative: an agent reply
-// "N%" scales the server's configured weight, so each host's weight is its total capacity
-// (workers x capacity / 8) and the agent's percentage of free capacity steers from there.
-// option redispatch with retries sends a client whose connect to a dead host fails to
-// another host at once, instead of failing it, during the check interval in which HAProxy
-// does not know yet.
-func haproxyConfig(listen, sock string, hosts []*host) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, `global
-    maxconn 4000
-    stats socket %s mode 600 level admin
-
-defaults
-    mode tcp
-    timeout connect 1s
-    timeout client 60s
-    timeout server 60s
-    timeout check 1s
-    retries 3
-    option redispatch 1
-
-listen baton
-    bind %s
-    balance leastconn
-    default-server send-proxy-v2 check inter %dms fall 2 rise 2 agent-check agent-port %d agent-inter %dms
-`, sock, listen, checkEvery.Milliseconds(), agentPort, checkEvery.Milliseconds())
-	for _, h := range hosts {
-		fmt.Fprintf(&b, "    server %s %s weight %d\n", h.name, h.addr(gamePort), h.workers*200/8)
-	}
-	return b.String()
-}
-
-func startHAProxy(t *testing.T, bridgeIP string, hosts []*host) *haproxy {
-	t.Helper()
-	dir := t.TempDir()
-	hp := &haproxy{addr: freeLoopbackAddr(t), sock: filepath.Join(dir, "haproxy.sock"), log: logFile{filepath.Join(dir, "haproxy.log")}}
-	cfg := filepath.Join(dir, "haproxy.cfg")
-	if err := os.WriteFile(cfg, []byte(haproxyConfig(hp.addr, hp.sock, hosts)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(hp.log.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	hp.cmd = exec.Command("haproxy", "-db", "-f", cfg)
-	hp.cmd.Stdout, hp.cmd.Stderr = logf, logf
-	if err := hp.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	hp.exited = make(chan struct{})
-	go func() { hp.cmd.Wait(); close(hp.exited) }()
-	t.Cleanup(func() {
-		hp.cmd.Process.Kill()
-		<-hp.exited
-		if t.Failed() {
-			t.Logf("haproxy config:\n%s\nhaproxy log:\n%s", haproxyConfig(hp.addr, hp.sock, hosts), hp.log)
-		}
-	})
-	waitFor(t, "HAProxy's stats socket", 10*time.Second, func() (bool, string) {
-		select {
-		case <-hp.exited:
-			t.Fatalf("haproxy exited:\n%s", hp.log)
-		default:
-		}
-		_, err := hp.stats()
-		return err == nil, fmt.Sprint(err)
-	})
-	return hp
-}
-
-// freeLoopbackAddr returns 127.0.0.1:PORT with a port free a moment ago.
-func freeLoopbackAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-// serverStat is one server's row of HAProxy's "show stat".
-type serverStat struct {
-	status string // UP, DOWN, DRAIN, MAINT, "UP 1/2", ...
-	weight int
-	total  int // sessions HAProxy sent it (stot)
-}
-
-// stats asks HAProxy's stats socket for its servers.
-func (hp *haproxy) stats() (map[string]serverStat, error) {
-	c, err := net.DialTimeout("unix", hp.sock, 2*time.Second)
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(c, "show stat\n"); err != nil {
-		return nil, err
-	}
-	b, err := io.ReadAll(c)
-	if err != nil {
-		return nil, err
-	}
-	rows, err := csv.NewReader(strings.NewReader(strings.TrimPrefix(string(b), "# "))).ReadAll()
-	if err != nil || len(rows) == 0 {
-		return nil, fmt.Errorf("show stat: %v: %q", err, b)
-	}
-	col := map[string]int{}
-	for i, name := range rows[0] {
-		col[name] = i
-	}
-	out := map[string]serverStat{}
-	for _, r := range rows[1:] {
-		if len(r) < len(rows[0]) || r[col["svname"]] == "FRONTEND" || r[col["svname"]] == "BACKEND" {
-			continue
-		}
-		w, _ := strconv.Atoi(r[col["weight"]])
-		n, _ := strconv.Atoi(r[col["stot"]])
-		out[r[col["svname"]]] = serverStat{status: r[col["status"]], weight: w, total: n}
-	}
-	return out, nil
-}
-
-// waitStatus waits until HAProxy shows server name with a status that starts with want.
-func (hp *haproxy) waitStatus(t *testing.T, name, want string, d time.Duration) {
-	t.Helper()
-	waitFor(t, fmt.Sprintf("HAProxy to see %s %s", name, want), d, func() (bool, string) {
-		st, err := hp.stats()
-		if err != nil {
-			return false, err.Error()
-		}
-		return strings.HasPrefix(st[name].status, want), fmt.Sprintf("%+v", st)
-	})
-}
-
-// ---------------------------------------------------------------------------------------------
-// The load generator.
-
-// traffic keeps up the load through HAProxy: short clients at a steady rate (connect, read
-// the greeting, echo a line, close) and long sessions (echo a numbered line every 200 ms and
-// check every answer). Every outcome is counted in the phase during which it happened.
-type traffic struct {
-	addr   string
-	hostOf func(pid int) string
-	stop   chan struct{}
-	wg     sync.WaitGroup
-
-	mu       sync.Mutex
-	phase    string
-	byPhase  map[string]*outcomes
-	phases   []string         // in order, for the log
-	perHost  map[string]int64 // short clients served, by host (from the greeting's pid)
-	sessOn   map[string]int   // live sessions by host
-	cutHost  string           // a host whose link is down: its sessions may be cut
-	notes    []string         // the first failures, for the log
-	addrSeen map[string]int   // greetings with a client address, by worker kind
-	addrBad  map[string]int   // ... whose address is not the client's
-}
-
-// outcomes are one phase's outcomes.
-type outcomes struct {
-	ok     int64 // short clients served
-	failed int64 // short clients that failed (connect, greeting or echo)
-	broken int64 // long sessions that failed
-	cut    int64 // sessions and clients on a host whose link is down (not baton's failures)
-}
-
-func (c outcomes) String() string {
-	return fmt.Sprintf("%d ok, %d failed, %d sessions broken, %d cut by a dead link", c.ok, c.failed, c.broken, c.cut)
-}
-
-func startTraffic(t *testing.T, addr string, hostOf func(int) string) *traffic {
-	tr := &traffic{
-		addr: addr, hostOf: hostOf, stop: make(chan struct{}),
-		byPhase: map[string]*outcomes{}, perHost: map[string]int64{}, sessOn: map[string]int{},
-		addrSeen: map[string]int{}, addrBad: map[string]int{},
-	}
-	tr.setPhase("ramp")
-	t.Cleanup(func() {
-		select {
-		case <-tr.stop:
-		default:
-			close(tr.stop)
-			tr.wg.Wait()
-		}
-	})
-	return tr
-}
-
-const (
-	maxRun     = 4 * time.Minute        // bounds every loop of the load generator
-	shortVisit = 500 * time.Millisecond // how long a short client stays
-)
-
-// ramp opens n long sessions, then starts short clients at rate per second. The sessions come
-// first and alone, so that leastconn spreads them exactly by weight: a host that starts with
-// a few sessions more than its share would rightly get fewer new clients for the rest of the
-// test, and blur the spread measured later.
-func (tr *traffic) ramp(t *testing.T, rate, n int) {
-	t.Helper()
-	opened := make(chan bool, n)
-	for i := 0; i < n; i++ {
-		tr.wg.Add(1)
-		go tr.session(i, opened)
-		time.Sleep(2 * time.Millisecond)
-	}
-	ok := 0
-	for i := 0; i < n; i++ {
-		if <-opened {
-			ok++
-		}
-	}
-	tr.mu.Lock()
-	t.Logf("%d long sessions open: %v", ok, tr.sessOn)
-	tr.mu.Unlock()
-	if ok != n {
-		t.Fatalf("only %d of %d sessions could open: %v", ok, n, tr.notes)
-	}
-	tr.wg.Add(1)
-	go tr.shortClients(rate)
-	time.Sleep(time.Second) // short clients at their steady state
-}
-
-func (tr *traffic) setPhase(p string) {
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	tr.phase = p
-	if tr.byPhase[p] == nil {
-		tr.byPhase[p] = &outcomes{}
-		tr.phases = append(tr.phases, p)
-	}
-}
-
-// record outcomes one outcome in the current phase.
-func (tr *traffic) record(f func(c *outcomes), note string) {
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	f(tr.byPhase[tr.phase])
-	if note != "" && len(tr.notes) < 30 {
-		tr.notes = append(tr.notes, tr.phase+": "+note)
-	}
-}
-
-// phaseCounts returns a copy of the outcomes of phase p.
-func (tr *traffic) phaseCounts(p string) outcomes {
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	if c := tr.byPhase[p]; c != nil {
-		return *c
-	}
-	return outcomes{}
-}
-
-// served returns a copy of the short clients served per host so far.
-func (tr *traffic) served() map[string]int64 {
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	m := map[string]int64{}
-	for k, v := range tr.perHost {
-		m[k] = v
-	}
-	return m
-}
-
-func (tr *traffic) shortClients(rate int) {
-	defer tr.wg.Done()
-	var inflight sync.WaitGroup
-	defer inflight.Wait()
-	tick := time.NewTicker(time.Second / time.Duration(rate))
-	defer tick.Stop()
-	for i := 0; i < rate*int(maxRun/time.Second); i++ {
-		select {
-		case <-tr.stop:
-			return
-		case <-tick.C:
-		}
-		inflight.Add(1)
-		go func() {
-			defer inflight.Done()
-			tr.shortClient()
-		}()
-	}
-}
-
-func (tr *traffic) shortClient() {
-	c, err := dial(tr.addr)
-	if err != nil {
-		tr.record(func(c *outcomes) { c.failed++ }, "connect: "+err.Error())
-		return
-	}
-	defer c.c.Close()
-	host := tr.greeted(c)
-	// A short visit, not an instant one: leastconn balances the connections open at once, so
-	// with many in flight (~150) the arrivals split like the open connections, by weight; with
-	// a handful, a difference of a few long sessions would decide where they all go.
-	time.Sleep(shortVisit)
-	if err := c.echo("ping"); err != nil {
-		tr.lost(host, func(c *outcomes) { c.failed++ }, fmt.Sprintf("client on %s (%s): %v", host, c.greeting, err))
-		return
-	}
-	tr.record(func(c *outcomes) { c.ok++ }, "")
-}
-
-// greeted outcomes a new client on its host and checks the client address its worker saw.
-func (tr *traffic) greeted(c *client) string {
-	_, pid := c.worker()
-	host := tr.hostOf(pid)
-	kind, seen := greetingKind(c.greeting), greetingField(c.greeting, "client")
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	tr.perHost[host]++
-	if seen != "" {
-		tr.addrSeen[kind]++
-		if want := c.c.LocalAddr().String(); seen != want {
-			tr.addrBad[kind]++
-			if len(tr.notes) < 30 {
-				tr.notes = append(tr.notes, fmt.Sprintf("%s worker saw client %s, not %s", kind, seen, want))
-			}
-		}
-	}
-	return host
-}
-
-// lost outcomes a failure, as cut if its host's link is down.
-func (tr *traffic) lost(host string, f func(c *outcomes), note string) {
-	tr.mu.Lock()
-	cut := tr.cutHost != "" && tr.cutHost == host
-	tr.mu.Unlock()
-	if cut {
-		tr.record(func(c *outcomes) { c.cut++ }, "")
-		return
-	}
-	tr.record(f, note)
-}
-
-// session is one long session: it echoes a numbered line every 200 ms until stopped.
-func (tr *traffic) session(i int, opened chan<- bool) {
-	defer tr.wg.Done()
-	c, err := dial(tr.addr)
-	if err != nil {
-		tr.record(func(c *outcomes) { c.broken++ }, fmt.Sprintf("session %d: connect: %v", i, err))
-		opened <- false
-		return
-	}
-	defer c.c.Close()
-	_, pid := c.worker()
-	host := tr.hostOf(pid)
-	tr.mu.Lock()
-	tr.sessOn[host]++
-	tr.mu.Unlock()
-	opened <- true
-	tick := time.NewTicker(200 * time.Millisecond)
-	defer tick.Stop()
-	for k := 0; k < int(maxRun/(200*time.Millisecond)); k++ {
-		if err := c.echo(fmt.Sprintf("session %d line %d", i, k)); err != nil {
-			tr.lost(host, func(c *outcomes) { c.broken++ }, fmt.Sprintf("session %d on %s (%s) at line %d: %v", i, host, c.greeting, k, err))
-			return
-		}
-		select {
-		case <-tr.stop:
-			return
-		case <-tick.C:
-		}
-	}
-}
-
-// totals is what the load generator saw over the whole test.
-type totals struct {
-	byPhase  map[string]outcomes
-	phases   []string
-	all      outcomes
-	perHost  map[string]int64
-	sessOn   map[string]int
-	addrSeen map[string]int
-	addrBad  map[string]int
-	notes    []string
-}
-
-func (t totals) String() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "short clients %d ok / %d failed; long sessions %v, %d broken; %d cut by the dead link; short clients by host %v; client addresses checked %v, wrong %v",
-		t.all.ok, t.all.failed, t.sessOn, t.all.broken, t.all.cut, t.perHost, t.addrSeen, t.addrBad)
-	for _, p := range t.phases {
-		fmt.Fprintf(&b, "\n  %-10s %s", p, t.byPhase[p])
-	}
-	return b.String()
-}
-
-// finish stops the load (sessions answer one last time first) and returns the totals.
-func (tr *traffic) finish(t *testing.T) totals {
-	t.Helper()
-	tr.setPhase("end")
-	time.Sleep(500 * time.Millisecond)
-	close(tr.stop)
-	tr.wg.Wait()
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	tot := totals{byPhase: map[string]outcomes{}, phases: tr.phases, perHost: tr.perHost, sessOn: tr.sessOn, addrSeen: tr.addrSeen, addrBad: tr.addrBad, notes: tr.notes}
-	for p, c := range tr.byPhase {
-		tot.byPhase[p] = *c
-		tot.all.ok += c.ok
-		tot.all.failed += c.failed
-		tot.all.broken += c.broken
-		tot.all.cut += c.cut
-	}
-	if len(tr.notes) > 0 {
-		t.Logf("first failures:\n  %s", strings.Join(tr.notes, "\n  "))
-	}
-	return tot
-}
-
-// greetingField returns the value after key in a greeting "a · key value · ...".
-func greetingField(greeting, key string) string {
-	for _, part := range strings.Split(greeting, " · ") {
-		if v, ok := strings.CutPrefix(part, key+" "); ok {
-			return v
-		}
-	}
-	return ""
-}
-
-// greetingKind is the worker kind a greeting names: "go", "python" or "demo".
-func greetingKind(greeting string) string {
-	kind, _, _ := strings.Cut(strings.TrimPrefix(greeting, "baton "), " ")
-	return kind
-}
-
-// ---------------------------------------------------------------------------------------------
 // The scenarios.
 
 // spreadByCapacity: the host with twice the capacity gets about twice the clients, counted by
@@ -774,16 +244,21 @@ func spreadByCapacity(t *testing.T, tr *traffic, hp *haproxy, hosts []*host) {
 	}
 }
 
-// drainHost: a drained host gets no new clients within two agent intervals, its sessions play
-// on, nothing fails; undrain brings it back.
+// drainHost: a drained host gets no new clients from two agent intervals after the drain (the
+// agent says "drain" at HAProxy's next check, and a client already on its way is greeted
+// within 300 ms), its sessions play on, nothing fails, and /healthz says why; undrain brings
+// it back.
 func drainHost(t *testing.T, tr *traffic, hp *haproxy, h *host) {
 	t.Helper()
 	tr.setPhase("drain")
 	if code, out := h.g.ctl("drain", "-host"); code != 0 {
 		t.Fatalf("batonctl drain -host: exit %d: %s", code, out)
 	}
-	time.Sleep(2*checkEvery + 300*time.Millisecond) // two agent intervals, and in-flight greetings
+	time.Sleep(2*checkEvery + 300*time.Millisecond)
 	hp.waitStatus(t, h.name, "DRAIN", time.Second)
+	if code, body := h.healthz(t); code != 503 || !strings.HasPrefix(body, "drained") {
+		t.Errorf("/healthz of drained %s: %d %q, want 503 drained", h.name, code, body)
+	}
 	from := tr.served()[h.name]
 	time.Sleep(3 * time.Second)
 	if n := tr.served()[h.name] - from; n != 0 {
@@ -793,6 +268,9 @@ func drainHost(t *testing.T, tr *traffic, hp *haproxy, h *host) {
 		t.Fatalf("batonctl undrain: exit %d: %s", code, out)
 	}
 	hp.waitStatus(t, h.name, "UP", 4*checkEvery)
+	if code, body := h.healthz(t); code != 200 {
+		t.Errorf("/healthz of undrained %s: %d %q, want 200", h.name, code, body)
+	}
 	from = tr.served()[h.name]
 	waitFor(t, h.name+" to get new clients after undrain", 3*time.Second, func() (bool, string) {
 		n := tr.served()[h.name] - from
@@ -800,7 +278,7 @@ func drainHost(t *testing.T, tr *traffic, hp *haproxy, h *host) {
 	})
 	time.Sleep(time.Second)
 	c := tr.phaseCounts("drain")
-	t.Logf("drain -host %s: %s", h.name, c)
+	t.Logf("drain -host %s and undrain: %s; closed by %s's gateway so far: %v", h.name, c, h.name, h.g.status().Gateway.Closed)
 	if c.failed+c.broken != 0 {
 		t.Errorf("drain: %s", c)
 	}
@@ -896,6 +374,7 @@ func linkDown(t *testing.T, tr *traffic, hp *haproxy, n *testNet, h *host, other
 		t.Errorf("link down: failures on the hosts that are up: %s", c)
 	}
 	ipCmd(t, "link", "set", h.ns.veth, "up")
+	hp.waitStatus(t, h.name, "UP", 10*checkEvery)
 }
 
 // realAddresses: the Go and the Python workers saw the client addresses HAProxy accepted
