@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -23,7 +24,7 @@ import (
 // namespace with its own address on a bridge the test makes, behind a real HAProxy
 // (balance leastconn, send-proxy-v2, agent-check) in the root namespace, under continuous load:
 // short clients at a steady rate and long sessions that echo a numbered line every 200 ms.
-// Each scenario is a function; the load generator outcomes per phase, so a failure is charged
+// Each scenario is a function; the load generator counts outcomes per phase, so a failure is charged
 // to the scenario during which it happened.
 
 // Fixed ports inside each host's namespace: every host has its own network stack, so they
@@ -67,18 +68,19 @@ func TestMultiHost(t *testing.T) {
 	tr.ramp(t, shortRate, longSessions)
 
 	spreadByCapacity(t, tr, hp, hosts)
-	if os.Getenv("MH_NODRAIN") == "" {
-		drainHost(t, tr, hp, hosts[1])
-	}
+	drainHost(t, tr, hp, hosts[1])
 	reloadHost(t, tr, hosts[0])
 	killHost(t, tr, hp, hosts[1])
-	linkDown(t, tr, hp, n, hosts[2], hosts[:2])
+	linkDown(t, tr, hp, hosts[2], hosts[:2])
 
 	tot := tr.finish(t)
 	if tot.rate < 0.97*shortRate {
 		t.Errorf("short clients came at %.0f/s, want %d/s", tot.rate, shortRate)
 	}
 	realAddresses(t, tot)
+	if bad := tot.all.failed + tot.all.broken - tot.byPhase["kill"].failed; bad != 0 {
+		t.Errorf("%d failures outside the kill -9 window", bad)
+	}
 	t.Logf("multi-host totals: %s", tot)
 	t.Logf("multi-host test: %v in all", time.Since(start).Round(time.Millisecond))
 }
@@ -252,7 +254,8 @@ func drainHost(t *testing.T, tr *traffic, hp *haproxy, h *host) {
 	t.Helper()
 	tr.setPhase("drain")
 	if code, out := h.g.ctl("drain", "-host"); code != 0 {
-		t.Fatalf("batonctl drain -host: exit %d: %s", code, out)
+		t.Errorf("batonctl drain -host: exit %d: %s", code, out)
+		return // the other scenarios still run
 	}
 	time.Sleep(2*checkEvery + 300*time.Millisecond)
 	hp.waitStatus(t, h.name, "DRAIN", time.Second)
@@ -323,10 +326,22 @@ const maxKillFailures = 25
 func killHost(t *testing.T, tr *traffic, hp *haproxy, h *host) {
 	t.Helper()
 	tr.setPhase("kill")
+	pids := workerPIDs(h.g.status())
 	h.g.crash()
 	hp.waitStatus(t, h.name, "DOWN", 10*checkEvery)
 	h.g.restart()
 	hp.waitStatus(t, h.name, "UP", 10*checkEvery)
+	// The design's promise (adoption): the same workers serve again, and no fresh ones start.
+	// Checked without stopping the test: the sessions and clients below are what item 5 asks.
+	var now []int
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if now = workerPIDs(h.g.status()); fmt.Sprint(now) == fmt.Sprint(pids) {
+			break
+		}
+	}
+	if fmt.Sprint(now) != fmt.Sprint(pids) {
+		t.Errorf("%s after the restart runs workers %v, want the adopted %v only", h.name, now, pids)
+	}
 	from := tr.served()[h.name]
 	waitFor(t, h.name+" to serve new clients after its restart", 5*time.Second, func() (bool, string) {
 		n := tr.served()[h.name] - from
@@ -343,10 +358,20 @@ func killHost(t *testing.T, tr *traffic, hp *haproxy, h *host) {
 	}
 }
 
+// workerPIDs lists the pids of a status's workers, sorted.
+func workerPIDs(st admin.Status) []int {
+	var pids []int
+	for _, w := range st.Workers {
+		pids = append(pids, w.PID)
+	}
+	sort.Ints(pids)
+	return pids
+}
+
 // linkDown: with a host's link down, HAProxy marks it down and new clients go to the others;
 // sessions on the other hosts are unaffected (those on the dead host are not counted: no
 // gateway can keep a session over a dead link).
-func linkDown(t *testing.T, tr *traffic, hp *haproxy, n *testNet, h *host, others []*host) {
+func linkDown(t *testing.T, tr *traffic, hp *haproxy, h *host, others []*host) {
 	t.Helper()
 	tr.setPhase("link down")
 	tr.mu.Lock()
@@ -388,8 +413,5 @@ func realAddresses(t *testing.T, tot totals) {
 		if tot.addrBad[kind] != 0 {
 			t.Errorf("%s workers saw the wrong client address %d times of %d", kind, tot.addrBad[kind], tot.addrSeen[kind])
 		}
-	}
-	if bad := tot.all.failed + tot.all.broken - tot.byPhase["kill"].failed; bad != 0 {
-		t.Errorf("%d failures outside the kill -9 window", bad)
 	}
 }
