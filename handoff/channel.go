@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"unsafe"
@@ -374,30 +375,65 @@ func Listen(path string, mode os.FileMode) (*net.UnixListener, error) {
 // binds a temporary name, sets the mode, then renames it into place, so that the socket is never
 // reachable with the umask's looser mode. A stale socket at path (nobody listening) is replaced;
 // a live one is an error wrapping ErrInUse, because another process owns it. The listener does
-// not unlink the path on Close: the next batond may inherit it (tableflip).
+// not unlink the path on Close: the next batond may inherit it (tableflip). Errors name path,
+// never the temporary name, which means nothing to an operator.
 func ListenUnix(network, path string, mode os.FileMode) (*net.UnixListener, error) {
+	if len(path) > maxSocketPath {
+		return nil, &os.PathError{Op: "listen", Path: path, Err: fmt.Errorf("%w: %d bytes, a Unix socket path has at most %d", ErrPathTooLong, len(path), maxSocketPath)}
+	}
 	if c, err := net.Dial(network, path); err == nil {
 		c.Close()
 		return nil, fmt.Errorf("%s: %w", path, ErrInUse)
 	}
-	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".%s.%d.tmp", filepath.Base(path), os.Getpid()))
+	dir, pid := filepath.Dir(path), strconv.Itoa(os.Getpid())
+	tmp := filepath.Join(dir, "."+filepath.Base(path)+"."+pid+".tmp")
+	if len(tmp) > maxSocketPath {
+		tmp = filepath.Join(dir, ".baton."+pid) // a long base name: a short temporary one
+	}
 	_ = os.Remove(tmp)
 	l, err := net.ListenUnix(network, &net.UnixAddr{Name: tmp, Net: network})
 	if err != nil {
-		return nil, err
+		return nil, atPath("listen", path, err)
 	}
 	l.SetUnlinkOnClose(false)
 	if err := os.Chmod(tmp, mode); err != nil {
 		l.Close()
 		os.Remove(tmp)
-		return nil, err
+		return nil, atPath("chmod", path, err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		l.Close()
 		os.Remove(tmp)
-		return nil, err
+		return nil, atPath("listen", path, err)
 	}
 	return l, nil
+}
+
+// maxSocketPath is the longest path a Unix socket can be bound to (sun_path, less its NUL).
+const maxSocketPath = len(unix.RawSockaddrUnix{}.Path) - 1
+
+// ErrPathTooLong says a Unix socket path does not fit in sun_path.
+var ErrPathTooLong = errors.New("socket path too long")
+
+// atPath restates an error about ListenUnix's temporary name as one about path: the cause
+// (an errno, so errors.Is(err, fs.ErrPermission) still works) with the real path.
+func atPath(op, path string, err error) error {
+	var oe *net.OpError
+	var pe *os.PathError
+	var le *os.LinkError
+	switch {
+	case errors.As(err, &oe):
+		err = oe.Err
+		var se *os.SyscallError
+		if errors.As(err, &se) {
+			err = se.Err
+		}
+	case errors.As(err, &pe):
+		err = pe.Err
+	case errors.As(err, &le):
+		err = le.Err
+	}
+	return &os.PathError{Op: op, Path: path, Err: err}
 }
 
 // ErrInUse says another live process serves the socket path.

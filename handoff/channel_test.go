@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
@@ -563,5 +564,58 @@ func expectConn(t *testing.T, msg []byte, id uint64) {
 	var c ConnInfo
 	if typ != TypeConn || ParseConn(body, &c) != nil || c.ID != id {
 		t.Fatalf("got %v %+v, want CONN %d", typ, c, id)
+	}
+}
+
+// ListenUnix binds a temporary name and renames it: its errors must name the path asked for,
+// never the temporary name, and keep their cause; a long base name must not make the
+// temporary name too long for a path that fits.
+func TestListenUnixErrorsNameThePath(t *testing.T) {
+	dir := t.TempDir()
+	check := func(what, path string, err error, cause error) {
+		t.Helper()
+		if err == nil {
+			t.Fatalf("%s: no error", what)
+		}
+		if !strings.Contains(err.Error(), path) || strings.Contains(err.Error(), ".tmp") || strings.Contains(err.Error(), ".baton.") {
+			t.Errorf("%s: %q does not name %s alone", what, err, path)
+		}
+		if cause != nil && !errors.Is(err, cause) {
+			t.Errorf("%s: %v is not %v", what, err, cause)
+		}
+		t.Logf("%s: %v", what, err)
+	}
+	missing := filepath.Join(dir, "missing", "w.sock")
+	_, err := Listen(missing, 0o600)
+	check("missing directory", missing, err, fs.ErrNotExist)
+
+	isDir := filepath.Join(dir, "a-directory")
+	if err := os.Mkdir(isDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Listen(isDir, 0o600)
+	check("a directory in the way", isDir, err, nil)
+
+	tooLong := filepath.Join(dir, strings.Repeat("x", maxSocketPath-len(dir)))
+	_, err = Listen(tooLong, 0o600)
+	check("too long", tooLong, err, ErrPathTooLong)
+
+	// Exactly as long as a socket path can be: the usual temporary name would not fit.
+	longest := filepath.Join(dir, strings.Repeat("y", maxSocketPath-1-len(dir)))
+	if len(longest) != maxSocketPath {
+		t.Fatalf("test path is %d bytes, want %d", len(longest), maxSocketPath)
+	}
+	l, err := Listen(longest, 0o600)
+	if err != nil {
+		t.Fatalf("listen on a %d-byte path: %v", len(longest), err)
+	}
+	defer l.Close()
+	ch, err := Dial(longest)
+	if err != nil {
+		t.Fatalf("dial the %d-byte path: %v", len(longest), err)
+	}
+	ch.Close()
+	if ents, _ := os.ReadDir(dir); len(ents) != 2 {
+		t.Errorf("%d entries in the directory, want 2 (no temporary name left): %v", len(ents), ents)
 	}
 }

@@ -39,7 +39,11 @@ type Config struct {
 	// AcceptCoalesce is the shortest interval between two wake-ups of an accept loop while
 	// connections keep arriving (see acceptor.accept); 0 wakes for each connection [0].
 	AcceptCoalesce time.Duration
-	Logger         hclog.Logger
+	// SummaryInterval: events that can happen per connection (clients closed by the gateway,
+	// accept failures, re-dispatches) are logged as one line per kind and interval, with the
+	// count and the cause, the first one after a quiet interval at once (see logsum.go) [10s].
+	SummaryInterval time.Duration
+	Logger          hclog.Logger
 }
 
 func (c *Config) defaults() {
@@ -57,6 +61,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxAttempts <= 0 {
 		c.MaxAttempts = 3
+	}
+	if c.SummaryInterval <= 0 {
+		c.SummaryInterval = 10 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
@@ -93,9 +100,13 @@ type Gateway struct {
 	hs          *headerStage // PROXY headers being read (proxyproto.go); nil until needed
 	handoffLat  histogram    // accepted → acked (latency.go)
 	queueWait   histogram    // accepted → handed to a worker, for connections that waited
-	wake        chan struct{}
-	quit        chan struct{}
-	done        chan struct{}
+	// beat is when (since start) the housekeeping goroutine last went round its loop, which
+	// takes the dispatch lock: see Alive.
+	beat atomic.Int64
+	wake chan struct{}
+	quit chan struct{}
+	done chan struct{}
+	sum  summary // owned by housekeeping, then by Close
 
 	mu        sync.Mutex
 	backends  []*Backend
@@ -109,6 +120,7 @@ type Gateway struct {
 	free      []*clientConn  // recycled, so that a handoff allocates nothing (see newConnLocked)
 	kills     sync.WaitGroup // fail's kill-and-redispatch of failed backends; joined by Close
 	closed    bool           // Close has begun: kills started from now on are not joined
+	causes    causes         // why the events counted for the log summary happened
 }
 
 // maxFree bounds the recycled clientConns: a burst of in-flight connections should not pin its
@@ -227,12 +239,16 @@ func (g *Gateway) Serve(l *Listener) error {
 			if !temporary(err) {
 				return fmt.Errorf("proxy: accept on %s: %w", l.name, err)
 			}
+			// Counted and logged by the summary (one line per interval, not one per failure).
+			g.mu.Lock()
+			g.causes.acceptErr, g.causes.acceptOn = err, l.name
+			g.mu.Unlock()
+			g.stats.acceptBackoffs.Add(1)
 			if backoff == 0 {
 				backoff = acceptBackoffMin
 			} else if backoff *= 2; backoff > acceptBackoffMax {
 				backoff = acceptBackoffMax
 			}
-			g.log.Warn("accept failed; backing off", "listener", l.name, "error", err, "backoff", backoff)
 			select {
 			case <-time.After(backoff):
 			case <-g.quit:
@@ -338,11 +354,12 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 }
 
 // settleLocked readies c to be handed to b: the fd's blocking mode as b wants it, the attempt
-// counted. An error (logged here) means the socket is unusable; the caller closes it.
+// counted. An error means the socket is unusable; the caller closes it (the log summary says
+// why, with the last such error).
 func (g *Gateway) settleLocked(b *Backend, c *clientConn, now time.Time) error {
 	if want := b.info.Nonblock; c.nonblock != want {
 		if err := setNonblock(c.fd, want); err != nil {
-			g.log.Error("cannot set the socket's blocking mode; closing it", "client", c.info.Client, "error", err)
+			g.causes.socketErr = err
 			return err
 		}
 		c.nonblock = want
@@ -418,8 +435,10 @@ func (g *Gateway) housekeeping() {
 			if !late {
 				g.checkTimeouts()
 			}
+			g.flushSummary(now, false)
 		}
 		g.runQueue(&scratch)
+		g.beat.Store(int64(time.Since(g.start)))
 	}
 }
 
@@ -461,12 +480,15 @@ func (g *Gateway) checkTimeouts() {
 	}
 	clear(g.waiting[len(keep):])
 	g.waiting = keep
+	if len(expired) > 0 {
+		// Why nobody took them, as it is now: the summary line says it (one per interval).
+		g.causes.noWorker = g.availabilityLocked()
+	}
 	g.mu.Unlock()
 	for _, f := range fails {
 		g.fail(f.b, f.err, handoff.CodeStalled)
 	}
 	for _, c := range expired {
-		g.log.Warn("no worker available; closing connection", "client", c.info.Client, "waited", now.Sub(c.since))
 		g.closeConn(c, ReasonNoWorker)
 	}
 	for _, b := range pings {
@@ -569,6 +591,8 @@ func (g *Gateway) Close() {
 	for _, c := range w {
 		g.closeConn(c, ReasonShutdown)
 	}
+	// Housekeeping has ended: what its summary has not said yet is said now.
+	g.flushSummary(time.Now(), true)
 }
 
 // Stats returns a snapshot of the counters.

@@ -31,7 +31,11 @@ type stats struct {
 	acked        atomic.Uint64
 	redispatched atomic.Uint64
 	acceptErrors atomic.Uint64
-	closed       [numReasons]atomic.Uint64
+	// acceptBackoffs counts the accept errors that made a loop back off (EMFILE, ENFILE, ...),
+	// the ones worth an operator's attention; the rest (a client gone before accept) are
+	// retried at once and only counted in acceptErrors.
+	acceptBackoffs atomic.Uint64
+	closed         [numReasons]atomic.Uint64
 }
 
 // Stats is a snapshot of the gateway's counters.

@@ -427,6 +427,7 @@ type status struct {
 		State      string `json:"state"`
 		Clients    int    `json:"clients"`
 		Restarts   int    `json:"restarts"`
+		Adopted    bool   `json:"adopted"`
 	} `json:"workers"`
 	Clients  int `json:"clients"`
 	Draining int `json:"draining"`
@@ -443,7 +444,7 @@ func (st status) String() string {
 	fmt.Fprintf(&b, "batond pid %d · generation %d · %d clients · %d draining · accepted %d acked %d closed %v in flight %d",
 		st.PID, st.Generation, st.Clients, st.Draining, st.Gateway.Accepted, st.Gateway.Acked, st.Gateway.Closed, st.Gateway.InFlight)
 	for _, w := range st.Workers {
-		fmt.Fprintf(&b, "\n  gen %d slot %d pid %d %s clients %d restarts %d", w.Generation, w.Slot, w.PID, w.State, w.Clients, w.Restarts)
+		fmt.Fprintf(&b, "\n  gen %d slot %d pid %d %s clients %d restarts %d adopted %v", w.Generation, w.Slot, w.PID, w.State, w.Clients, w.Restarts, w.Adopted)
 	}
 	return b.String()
 }

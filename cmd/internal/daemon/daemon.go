@@ -171,6 +171,9 @@ func run(cfg *Config, log hclog.Logger) error {
 	if err := d.start(sigs); err != nil {
 		return err
 	}
+	// Fed from here on, while the gateway works; the next batond feeds it after a reload.
+	stopWatchdog := d.startWatchdog()
+	defer stopWatchdog()
 	for {
 		select {
 		case s := <-sigs:
@@ -184,6 +187,7 @@ func run(cfg *Config, log hclog.Logger) error {
 			return nil
 		case <-upg.Exit():
 			log.Info("the next batond is serving; handing over")
+			stopWatchdog() // the next batond feeds it now
 			// Stop taking admin connections at once (the next batond answers them now); the
 			// reload request that brought us here still gets its answer.
 			d.adm.StopAccepting()
