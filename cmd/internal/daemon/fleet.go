@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -29,6 +30,7 @@ import (
 // FleetConfig is the fleet part of batond's configuration.
 type FleetConfig struct {
 	ProxyProtocol bool           // every public listener expects a PROXY v1/v2 header
+	ProxyListen   []string       // or only these (-listen addresses; baton.toml proxy_listen)
 	ProxyFrom     []netip.Prefix // balancers allowed to send one (empty: anyone)
 	ProxyTimeout  time.Duration  // a header must arrive within this
 	Agent         string         // HAProxy agent-check address ("" = none)
@@ -74,6 +76,7 @@ func (c *FleetConfig) flags(fs *flag.FlagSet) {
 // fileFleet are the fleet keys of baton.toml.
 type fileFleet struct {
 	ProxyProtocol *bool     `toml:"proxy_protocol"`
+	ProxyListen   []string  `toml:"proxy_listen"`
 	ProxyFrom     []string  `toml:"proxy_from"`
 	ProxyTimeout  *duration `toml:"proxy_timeout"`
 	Agent         *string   `toml:"agent"`
@@ -83,6 +86,9 @@ type fileFleet struct {
 func (f *fileFleet) apply(c *FleetConfig, set map[string]bool, path string, text []byte) error {
 	if f.ProxyProtocol != nil && !set["proxy-protocol"] {
 		c.ProxyProtocol = *f.ProxyProtocol
+	}
+	if len(f.ProxyListen) > 0 && !set["proxy-protocol"] {
+		c.ProxyListen = f.ProxyListen
 	}
 	if len(f.ProxyFrom) > 0 && !set["proxy-from"] {
 		c.ProxyFrom = nil
@@ -118,8 +124,8 @@ type fleet struct {
 // public ones.
 func (d *daemon) openFleet() error {
 	c := d.cfg.Fleet
-	if c.ProxyProtocol {
-		for _, l := range d.lns {
+	for _, l := range d.lns {
+		if c.ProxyProtocol || slices.Contains(c.ProxyListen, l.Name()) {
 			l.ExpectProxy(proxy.ProxyProtocol{From: c.ProxyFrom, Timeout: c.ProxyTimeout})
 		}
 	}
