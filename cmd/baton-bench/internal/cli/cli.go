@@ -137,16 +137,18 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 		interval, every, lead, tail, openTimeout, settle               time.Duration
 		counts, reloadCmd                                              string
 		middle                                                         pidList
-		verify                                                         bool
+		verify, proxyV2                                                bool
 	)
 	switch name {
 	case "storm":
 		fs.IntVar(&conns, "c", 32, "closed loop: connections in flight")
 		fs.Float64Var(&rate, "rate", 0, "open loop: connections per second (0: closed loop)")
 		fs.IntVar(&maxIn, "max-inflight", 4096, "open loop: most connections in flight")
+		fs.BoolVar(&proxyV2, "proxy-v2", false, "send a PROXY v2 header (made-up client 203.0.113.x, the real destination) in the same write as each request")
 	case "sessions":
 		fs.IntVar(&sessN, "n", 100, "sessions")
 		fs.DurationVar(&interval, "interval", 0, "one request per session every this long (0: ping-pong at full speed)")
+		fs.BoolVar(&proxyV2, "proxy-v2", false, "send a PROXY v2 header (made-up client 203.0.113.x, the real destination) before each session's first bytes")
 	case "bulk":
 		fs.IntVar(&chunk, "chunk", 64<<10, "bytes per write")
 	case "idle":
@@ -189,10 +191,10 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 		switch name {
 		case "storm":
 			r, err = load.Storm(load.StormConfig{Addr: c.addr, Proto: proto, Open: rate > 0, Conns: conns, Rate: rate,
-				MaxInflight: maxIn, Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label})
+				MaxInflight: maxIn, Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label, ProxyV2: proxyV2})
 		case "sessions":
 			r, err = load.Sessions(load.SessionsConfig{Addr: c.addr, Proto: proto, Sessions: sessN, Interval: interval,
-				Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label})
+				Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label, ProxyV2: proxyV2})
 		case "bulk":
 			r, err = load.Bulk(load.BulkConfig{Addr: c.addr, Warmup: c.warmup, Duration: c.duration, Chunk: chunk, ServerPIDs: c.pids, Label: c.label})
 		case "idle":

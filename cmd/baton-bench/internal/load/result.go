@@ -14,13 +14,14 @@ import (
 // Result is the outcome of one scenario run (or the medians of several: see Median). Latencies
 // are in microseconds, CPU times in seconds. Its JSON form is what the suite reads.
 type Result struct {
-	Scenario string  `json:"scenario"`         // storm, sessions, bulk, idle, reload
-	Mode     string  `json:"mode,omitempty"`   // storm: closed or open
-	Label    string  `json:"label,omitempty"`  // free text from -label (the configuration)
-	Proto    string  `json:"proto,omitempty"`  // echo or lobby
-	Runs     int     `json:"runs"`             // measurement runs this result summarises
-	Conns    int     `json:"conns,omitempty"`  // storm: concurrency (closed); sessions: sessions
-	Target   float64 `json:"target,omitempty"` // storm open-loop: connections/s asked for
+	Scenario string  `json:"scenario"`           // storm, sessions, bulk, idle, reload
+	Mode     string  `json:"mode,omitempty"`     // storm: closed or open
+	Label    string  `json:"label,omitempty"`    // free text from -label (the configuration)
+	Proto    string  `json:"proto,omitempty"`    // echo or lobby
+	Runs     int     `json:"runs"`               // measurement runs this result summarises
+	Conns    int     `json:"conns,omitempty"`    // storm: concurrency (closed); sessions: sessions
+	Target   float64 `json:"target,omitempty"`   // storm open-loop: connections/s asked for
+	ProxyV2  bool    `json:"proxy_v2,omitempty"` // every connection began with a PROXY v2 header
 
 	Window float64 `json:"window_s"` // length of the measured window
 	Ops    int64   `json:"ops"`      // completed in the window: connections, messages
@@ -184,6 +185,9 @@ func (r *Result) String() string {
 	name := r.Scenario
 	if r.Mode != "" {
 		name += "/" + r.Mode
+	}
+	if r.ProxyV2 {
+		name += "+pp2"
 	}
 	if r.Label != "" {
 		fmt.Fprintf(&b, "%-10s ", r.Label)
