@@ -30,6 +30,8 @@ scenarios (each prints one result line; -runs N prints the medians of N runs):
              addresses); RSS and fds of the -middle process per held connection
   reload     an open-loop storm and paced sessions while -cmd runs -reloads times;
              failed connects and broken sessions per reload
+  scrape     -n GETs of -url (a Prometheus /metrics) one after the other; the server's CPU
+             and the time to the last byte per scrape
 
 servers and helpers:
   echo               the Go echo server (-reuseport: share a port between processes; -rw: copy
@@ -55,7 +57,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	cmd, rest := args[0], args[1:]
 	var err error
 	switch cmd {
-	case "storm", "sessions", "bulk", "idle", "reload":
+	case "storm", "sessions", "bulk", "idle", "reload", "scrape":
 		err = scenario(cmd, rest, stdout, stderr)
 	case "idle-child":
 		err = load.IdleChild(rest, os.Stdin, stdout)
@@ -133,9 +135,10 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 
 	var (
 		conns, sessN, chunk, maxIn, procs, nsrc, conc, reloads, passes int
+		scrapes, warm                                                  int
 		rate                                                           float64
 		interval, every, lead, tail, openTimeout, settle               time.Duration
-		counts, reloadCmd                                              string
+		counts, reloadCmd, scrapeURL, want                             string
 		middle                                                         pidList
 		verify, proxyV2                                                bool
 	)
@@ -161,6 +164,11 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 		fs.DurationVar(&openTimeout, "open-timeout", 120*time.Second, "give up on a count after this long")
 		fs.DurationVar(&settle, "settle", time.Second, "wait this long after a count is reached before reading memory")
 		fs.IntVar(&passes, "passes", 1, "fill the counts this many times (closing everything in between; later passes show the cost without one-time growth)")
+	case "scrape":
+		fs.StringVar(&scrapeURL, "url", "", "the `URL` to scrape (http://127.x.y.z:port/metrics)")
+		fs.IntVar(&scrapes, "n", 50, "scrapes measured")
+		fs.IntVar(&warm, "warm", 3, "scrapes before the measured ones")
+		fs.StringVar(&want, "want", "baton_", "every body must contain this")
 	case "reload":
 		fs.StringVar(&reloadCmd, "cmd", "", "reload `command` (run with sh -c)")
 		fs.IntVar(&reloads, "reloads", 5, "reloads to run")
@@ -209,6 +217,9 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 			r, err = load.Idle(load.IdleConfig{Addr: c.addr, Proto: proto, Counts: levels, Procs: procs, Sources: nsrc,
 				Conc: conc, Verify: verify, Timeout: c.timeout, OpenTimeout: openTimeout, Settle: settle,
 				Middle: middle, ServerPIDs: c.pids, Passes: passes, Label: c.label})
+		case "scrape":
+			r, err = load.Scrape(load.ScrapeConfig{URL: scrapeURL, Warmup: warm, Scrapes: scrapes, Want: want,
+				Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label})
 		case "reload":
 			r, err = load.Reload(load.ReloadConfig{Addr: c.addr, Proto: proto, Command: reloadCmd, Reloads: reloads,
 				Every: every, Lead: lead, Tail: tail, Rate: rate, Sessions: sessN, Interval: interval,

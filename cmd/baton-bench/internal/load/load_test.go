@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"strings"
@@ -422,5 +424,28 @@ func TestProxyPrefixAllocatesNothing(t *testing.T) {
 	req := []byte("baton-bench ping\n")
 	if a := testing.AllocsPerRun(100, func() { pp.with(req) }); a != 0 {
 		t.Errorf("%v allocations per connection", a)
+	}
+}
+
+func TestScrape(t *testing.T) {
+	body := "# HELP baton_connections_accepted_total x\nbaton_connections_accepted_total 3\n"
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, body) }))
+	defer srv.Close()
+	r, err := Scrape(ScrapeConfig{URL: srv.URL + "/metrics", Warmup: 1, Scrapes: 20, Want: "baton_", ServerPIDs: []int{os.Getpid()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Ops != 20 || r.Errors != 0 || r.Bytes != len(body) || r.P50 <= 0 || r.ServerProcs != 1 || !strings.Contains(r.String(), "20 scrapes") {
+		t.Errorf("%+v", r)
+	}
+	r, err = Scrape(ScrapeConfig{URL: srv.URL + "/metrics", Scrapes: 3, Want: "go_goroutines"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Ops != 0 || r.Errors != 3 {
+		t.Errorf("a body without the wanted metric counted: %+v", r)
+	}
+	if _, err := Scrape(ScrapeConfig{URL: "http://10.0.0.1:9100/metrics", Scrapes: 1}); err == nil {
+		t.Error("a URL off loopback accepted")
 	}
 }

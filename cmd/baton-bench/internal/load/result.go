@@ -46,6 +46,7 @@ type Result struct {
 	OthersBusy  float64 `json:"others_busy"`
 	ServerProcs int     `json:"server_procs,omitempty"`
 	MBps        float64 `json:"mb_per_s,omitempty"` // bulk: bytes echoed back per second ÷ 1e6
+	Bytes       int     `json:"bytes,omitempty"`    // scrape: size of the last body
 
 	Idle   []IdleLevel   `json:"idle,omitempty"`
 	Reload *ReloadResult `json:"reload,omitempty"`
@@ -221,6 +222,9 @@ func (r *Result) String() string {
 	case "bulk":
 		fmt.Fprintf(&b, " %.1f MB/s", r.MBps)
 		cpu("MB")
+	case "scrape":
+		fmt.Fprintf(&b, " %d scrapes of %d B: %.0f/s · time to last byte p50 %s p99 %s", r.Ops, r.Bytes, r.PerSec, us(r.P50), us(r.P99))
+		cpu("scrape")
 	case "idle":
 		for _, l := range r.Idle {
 			fmt.Fprintf(&b, " · ")
