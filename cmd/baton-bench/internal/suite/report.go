@@ -440,6 +440,17 @@ func refillText(v float64) string {
 	return fmt.Sprintf("; %s B when refilled", f1(v))
 }
 
+// signedIn is v in mt's unit, with its sign.
+func signedIn(mt metric, v float64) string {
+	switch {
+	case math.IsNaN(v):
+		return "–"
+	case v < 0:
+		return "−" + format(mt, -v)
+	}
+	return "+" + format(mt, v)
+}
+
 func signed(v float64) string {
 	if math.IsNaN(v) {
 		return "–"
@@ -793,7 +804,7 @@ func (r *report) proxyMarkdown(b *strings.Builder) {
 			for _, x := range v.ByRound {
 				rounds = append(rounds, ratio(x))
 			}
-			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s |\n", v.Label, v.Unit, format(*mt, v.Den), format(*mt, v.Num), ratio(v.Ratio), signed(v.Diff), strings.Join(rounds, ", "))
+			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s |\n", v.Label, v.Unit, format(*mt, v.Den), format(*mt, v.Num), ratio(v.Ratio), signedIn(*mt, v.Diff), strings.Join(rounds, ", "))
 		}
 		b.WriteString("\n")
 	}
@@ -802,7 +813,7 @@ func (r *report) proxyMarkdown(b *strings.Builder) {
 		for _, x := range c.Rounds {
 			rounds = append(rounds, f0(x))
 		}
-		fmt.Fprintf(b, "One Prometheus scrape of batond's /metrics (2 workers, after the storms; %d scrapes in a row over one connection): %s µs of batond's CPU (rounds: %s), %s µs to the last byte (p50), %s bytes.\n\n",
+		fmt.Fprintf(b, "One Prometheus scrape of batond's /metrics (2 workers, after the storms; %d scrapes in a row over one connection): %s µs of CPU (batond and its idle workers; rounds: %s), %s µs to the last byte (p50), %s bytes.\n\n",
 			r.Plan.Scrapes, f0(c.Median), strings.Join(rounds, ", "), f0(r.med("scrape_p50", "DP")), f0(r.med("scrape_bytes", "DP")))
 	}
 }

@@ -197,7 +197,7 @@ func TestReportProxy(t *testing.T) {
 		t.Error("a metric neither measured compared")
 	}
 	md := r.Markdown(true)
-	for _, want := range []string{"| DP÷D |", "| PROXY v2: DP against D |", "| 0.92 | -800.0 | 0.91, 0.92, 0.93 |", "900 µs of batond's CPU (rounds: 800, 900, 1,000)", "12,345 bytes"} {
+	for _, want := range []string{"| DP÷D |", "| PROXY v2: DP against D |", "| 0.92 | −800 | 0.91, 0.92, 0.93 |", "| 60.0 | 68.0 | 1.13 | +8.0 |", "900 µs of CPU (batond and its idle workers; rounds: 800, 900, 1,000)", "12,345 bytes"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)
 		}
