@@ -222,7 +222,13 @@ func (g *Gateway) Serve(l *Listener) error {
 		if err != nil {
 			return err
 		}
-		take = func(fd int, client, local netip.AddrPort) { hs.add(l, fd, client, local, time.Now()) }
+		peek := make([]byte, maxHeader)
+		take = func(fd int, client, local netip.AddrPort) {
+			if hs.inline(l, fd, client, local, peek, bu) {
+				return
+			}
+			hs.add(l, fd, client, local, time.Now())
+		}
 	}
 	backoff := time.Duration(0)
 	var lastProd time.Time

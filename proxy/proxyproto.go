@@ -205,6 +205,67 @@ func (h *headerStage) add(l *Listener, fd int, client, local netip.AddrPort, now
 	}
 }
 
+// errPeerGone: the connection was reset or closed before its header came.
+var errPeerGone = errors.New("proxy protocol: the connection ended before its header")
+
+// takeHeader peeks at fd's first bytes and, once the header is all there, parses it and consumes
+// exactly it. done is false while more bytes are needed (nothing was consumed).
+func takeHeader(fd int, buf []byte, client, local netip.AddrPort) (c, lo netip.AddrPort, done bool, err error) {
+	n, _, err := unix.Recvfrom(fd, buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	switch {
+	case errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR):
+		return client, local, false, nil
+	case err != nil || n == 0:
+		return client, local, true, errPeerGone
+	}
+	hl, err := headerLen(buf[:n])
+	if err == nil && (hl == 0 || hl > n) {
+		return client, local, false, nil
+	}
+	if err == nil {
+		client, local, err = parseHeader(buf[:hl], client, local)
+	}
+	if err == nil {
+		// The header's bytes are in the socket: this read takes them and nothing else.
+		if m, rerr := unix.Read(fd, buf[:hl]); rerr != nil || m != hl {
+			err = fmt.Errorf("proxy protocol: consuming the header: %d of %d bytes, %v", m, hl, rerr)
+		}
+	}
+	return client, local, true, err
+}
+
+// reasonFor is the close reason of a header that failed.
+func reasonFor(err error) CloseReason {
+	if errors.Is(err, errLocal) {
+		return ReasonProxyLocal
+	}
+	return ReasonProxyInvalid
+}
+
+// inline deals with a new connection's header in the accept loop when it can do so without
+// waiting: the header usually comes in the client's first segment, often before the accept.
+// It peeks without blocking; a complete header is consumed and the connection joins the burst
+// (bu) with the header's addresses; a peer not allowed or a bad header is closed and counted.
+// It returns false, having done nothing, when the header is not all there yet: then the
+// header stage waits for it.
+func (h *headerStage) inline(l *Listener, fd int, client, local netip.AddrPort, buf []byte, bu *burst) bool {
+	if !l.pp.allowed(client.Addr()) {
+		h.g.refuse(fd, ReasonProxyUntrusted)
+		return true
+	}
+	c, lo, done, err := takeHeader(fd, buf, client, local)
+	switch {
+	case !done:
+		return false
+	case err != nil:
+		h.g.log.Debug("proxy protocol: no valid header; closing", "peer", client, "error", err)
+		h.g.refuse(fd, reasonFor(err))
+	default:
+		bu.add(fd, c, lo)
+	}
+	return true
+}
+
 // run serves the epoll set until close: each readable connection is peeked at; a complete
 // header is consumed and the connection dispatched; expired ones are closed.
 func (h *headerStage) run() {
@@ -235,37 +296,15 @@ func (h *headerStage) run() {
 	}
 }
 
-// read peeks at p's bytes; once the header is complete it consumes exactly the header.
+// read takes p's header once it is all there and dispatches the connection.
 func (h *headerStage) read(p *pendingHeader) {
-	n, _, err := unix.Recvfrom(p.fd, h.buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
-	if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
-		return
-	}
-	if err != nil || n == 0 {
-		h.drop(p, ReasonProxyInvalid) // reset, or closed before its header
-		return
-	}
-	hl, err := headerLen(h.buf[:n])
-	if err == nil && (hl == 0 || hl > n) {
-		return // more to come
-	}
-	var client, local netip.AddrPort
-	if err == nil {
-		client, local, err = parseHeader(h.buf[:hl], p.client, p.local)
-	}
-	if err == nil {
-		// The header's bytes are in the socket: this read takes them and nothing else.
-		if m, rerr := unix.Read(p.fd, h.buf[:hl]); rerr != nil || m != hl {
-			err = fmt.Errorf("proxy protocol: consuming the header: %d of %d bytes, %v", m, hl, rerr)
-		}
-	}
+	client, local, done, err := takeHeader(p.fd, h.buf, p.client, p.local)
 	switch {
-	case errors.Is(err, errLocal):
-		h.drop(p, ReasonProxyLocal)
-		return
+	case !done:
+		return // more to come
 	case err != nil:
-		h.g.log.Debug("proxy protocol: bad header; closing", "peer", p.client, "error", err)
-		h.drop(p, ReasonProxyInvalid)
+		h.g.log.Debug("proxy protocol: no valid header; closing", "peer", p.client, "error", err)
+		h.drop(p, reasonFor(err))
 		return
 	}
 	h.forget(p)
