@@ -145,6 +145,10 @@ func (b *Backend) Live() int {
 	return b.live
 }
 
+// Capacity returns the most connections the worker takes at once (its HELLO's, or the
+// gateway's default). It never changes.
+func (b *Backend) Capacity() int { return b.capacity }
+
 // Status returns a snapshot.
 func (b *Backend) Status() BackendStatus {
 	b.g.mu.Lock()
@@ -330,6 +334,7 @@ func (b *Backend) onAck(m *msgScratch, now time.Time) (handoff.ErrorCode, error)
 			close(c.selfCheck)
 		} else {
 			clients++
+			b.g.handoffLat.observe(now.Sub(c.since))
 		}
 		b.g.freeConnLocked(c)
 	}

@@ -95,6 +95,11 @@ type Gateway struct {
 	// lastAccept is when (since start) a connection was last accepted: while that is recent,
 	// backend readers poll instead of parking (see Backend.recv).
 	lastAccept atomic.Int64
+	// hostDrained: an operator drained the host (drain.go): balancers are told so.
+	hostDrained atomic.Bool
+	hs          *headerStage // PROXY headers being read (proxyproto.go); nil until needed
+	handoffLat  histogram    // accepted → acked (latency.go)
+	queueWait   histogram    // accepted → handed to a worker, for connections that waited
 	// beat is when (since start) the housekeeping goroutine last went round its loop, which
 	// takes the dispatch lock: see Alive.
 	beat atomic.Int64
@@ -210,6 +215,21 @@ func (g *Gateway) Serve(l *Listener) error {
 	defer g.serving.Done()
 	a := newAcceptor(l, g.cfg.AcceptCoalesce)
 	bu := newBurst()
+	take := bu.add
+	if l.pp != nil {
+		// A PROXY listener's connections wait for their header off this loop.
+		hs, err := g.headers()
+		if err != nil {
+			return err
+		}
+		peek := make([]byte, maxHeader)
+		take = func(fd int, client, local netip.AddrPort) {
+			if hs.inline(l, fd, client, local, peek, bu) {
+				return
+			}
+			hs.add(l, fd, client, local, time.Now())
+		}
+	}
 	backoff := time.Duration(0)
 	var lastProd time.Time
 	for {
@@ -243,20 +263,22 @@ func (g *Gateway) Serve(l *Listener) error {
 			continue
 		}
 		backoff = 0
-		bu.add(fd, client, local)
+		take(fd, client, local)
 		// Everything else already in the backlog goes in the same burst, so that each worker
 		// gets this wake-up's connections in one message (and is woken once for them). An
 		// error here ends the burst; if it is not the empty backlog, the next accept reports it.
-		for len(bu.acc) < maxBurst {
+		for n := 1; n < maxBurst; n++ {
 			fd, client, local, err = a.tryAccept()
 			if err != nil {
 				break
 			}
-			bu.add(fd, client, local)
+			take(fd, client, local)
 		}
 		now := time.Now()
 		g.lastAccept.Store(int64(now.Sub(g.start)))
-		g.dispatchBurst(l, bu, now)
+		if len(bu.acc) > 0 {
+			g.dispatchBurst(l, bu, now)
+		}
 		if now.Sub(lastProd) >= pollEvery {
 			lastProd = now
 			g.prodReaders()
@@ -347,6 +369,9 @@ func (g *Gateway) settleLocked(b *Backend, c *clientConn, now time.Time) error {
 			return err
 		}
 		c.nonblock = want
+	}
+	if c.queued && c.attempts == 0 {
+		g.queueWait.observe(now.Sub(c.since))
 	}
 	c.sentAt = now
 	c.attempts++
@@ -559,6 +584,12 @@ func (g *Gateway) Close() {
 	g.closed = true // no kills.Add after this: Add racing with Wait is not allowed
 	g.mu.Unlock()
 	g.kills.Wait()
+	g.mu.Lock()
+	hs := g.hs
+	g.mu.Unlock()
+	if hs != nil {
+		hs.close()
+	}
 	g.mu.Lock()
 	w := g.waiting
 	g.waiting = nil

@@ -31,6 +31,7 @@ type Listener struct {
 	closed atomic.Bool    // Close was called: an accept error then means "stop", not a failure
 	done   chan struct{}  // closed by Close: ends a coalescing pause at once
 	once   sync.Once
+	pp     *ProxyProtocol // set by ExpectProxy: every connection starts with a PROXY header
 }
 
 // NewListener wraps a TCP listener (from systemd, tableflip or net.Listen). Close closes both

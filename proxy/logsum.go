@@ -172,6 +172,15 @@ func (g *Gateway) flushSummary(now time.Time, final bool) {
 		case ReasonSocket:
 			level = hclog.Error
 			msg = fmt.Sprintf("closed %s whose socket could not be prepared for its worker: %v", clients(n), c.socketErr)
+		case ReasonProxyUntrusted:
+			msg = fmt.Sprintf("closed %s of a PROXY listener from addresses not among -proxy-from", clients(n))
+		case ReasonProxyInvalid:
+			msg = fmt.Sprintf("closed %s of a PROXY listener that sent no valid PROXY header", clients(n))
+		case ReasonProxyTimeout:
+			msg = fmt.Sprintf("closed %s of a PROXY listener whose header did not arrive within -proxy-timeout", clients(n))
+		case ReasonProxyLocal:
+			level = hclog.Debug // the balancer's own health checks: expected, every few seconds
+			msg = fmt.Sprintf("closed %s carrying a PROXY LOCAL header (the balancer's health checks)", clients(n))
 		}
 		g.log.Log(level, msg, "count", n, "reason", reason.String())
 	}

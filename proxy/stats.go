@@ -8,15 +8,20 @@ type CloseReason int
 
 // Reasons for a gateway-side close.
 const (
-	ReasonNoWorker   CloseReason = iota // waited the queue timeout with no worker available
-	ReasonShutdown                      // batond stopped while the connection waited
-	ReasonRetries                       // handed to too many workers that failed before acking
-	ReasonWorkerLost                    // its worker failed and could not be confirmed dead
-	ReasonSocket                        // the socket could not be prepared for its worker (fcntl)
+	ReasonNoWorker       CloseReason = iota // waited the queue timeout with no worker available
+	ReasonShutdown                          // batond stopped while the connection waited
+	ReasonRetries                           // handed to too many workers that failed before acking
+	ReasonWorkerLost                        // its worker failed and could not be confirmed dead
+	ReasonSocket                            // the socket could not be prepared for its worker (fcntl)
+	ReasonProxyUntrusted                    // a PROXY listener's peer is not among the allowed balancers
+	ReasonProxyInvalid                      // no valid PROXY header (garbage, or closed before one)
+	ReasonProxyTimeout                      // no complete PROXY header within its timeout
+	ReasonProxyLocal                        // a PROXY LOCAL header: the balancer's own health check
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error"}
+var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error",
+	"proxy_untrusted", "proxy_invalid", "proxy_timeout", "proxy_local"}
 
 func (r CloseReason) String() string { return reasonNames[r] }
 

@@ -35,8 +35,12 @@ const (
 	Removed      Kind = "removed" // a worker of another generation is gone
 )
 
-// Load is where a worker's client count is read from (the gateway's Backend).
-type Load interface{ Clients() int }
+// Load is where a worker's live client count and capacity are read from (the gateway's
+// Backend).
+type Load interface {
+	Clients() int
+	Capacity() int
+}
 
 // Worker is one worker as status shows it.
 type Worker struct {
@@ -46,7 +50,8 @@ type Worker struct {
 	State         State     `json:"state"`
 	Adopted       bool      `json:"adopted,omitempty"`   // taken back after a batond crash
 	Connected     bool      `json:"connected"`           // its registration channel is up
-	Clients       int       `json:"clients"`             // connections handed to it (read from its Load)
+	Clients       int       `json:"clients"`             // live connections (read from its Load)
+	Capacity      int       `json:"capacity,omitempty"`  // most connections it takes (from its Load)
 	Restarts      int       `json:"restarts"`            // of this slot, in this generation
 	Started       time.Time `json:"started,omitzero"`    // process start (or registration)
 	Uptime        string    `json:"uptime"`              // since Started, at the snapshot
@@ -169,7 +174,7 @@ func (r *Roster) Watch() ([]Worker, <-chan struct{}) {
 	now := time.Now()
 	for i := range out {
 		if loads[i] != nil {
-			out[i].Clients = loads[i].Clients()
+			out[i].Clients, out[i].Capacity = loads[i].Clients(), loads[i].Capacity()
 		}
 		if !out[i].Started.IsZero() && out[i].PID != 0 {
 			out[i].Uptime = now.Sub(out[i].Started).Round(time.Second).String()

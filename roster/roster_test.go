@@ -7,7 +7,8 @@ import (
 
 type fixedLoad int
 
-func (f fixedLoad) Clients() int { return int(f) }
+func (f fixedLoad) Clients() int  { return int(f) }
+func (f fixedLoad) Capacity() int { return 100 }
 
 func TestUpdatesArePublished(t *testing.T) {
 	r := New()
@@ -27,7 +28,7 @@ func TestUpdatesArePublished(t *testing.T) {
 		t.Fatal("Watch's channel did not close on a change")
 	}
 	ws = r.Snapshot()
-	if ws[0].State != Ready || ws[1].Clients != 7 || ws[1].Uptime == "" {
+	if ws[0].State != Ready || ws[1].Clients != 7 || ws[1].Capacity != 100 || ws[1].Uptime == "" {
 		t.Fatalf("snapshot %+v", ws)
 	}
 	r.Remove(b)

@@ -34,21 +34,21 @@ func (s *Supervisor) admitOwn(ch *handoff.Channel, info proxy.BackendInfo, welco
 		s.rejectPeer(ch, peer, handoff.CodeSlot, fmt.Sprintf("slot %d does not exist (%d workers)", info.Slot, len(s.slots)))
 		return
 	}
-	sl := s.slots[info.Slot]
-	adopted := false
+	sl, adopted := s.slotOfLocked(info, peer), false
 	switch {
-	case sl.proc == nil && sl.adoptable:
-		sl.proc, sl.started, adopted = peer, time.Now(), true
-	case sl.proc != nil && (sl.proc.PID() == info.PID || (peer.Group() != 0 && peer.Group() == sl.proc.Group())):
+	case sl != nil:
 		peer.Close() // the slot's own process, or its launcher's child: sl.proc stands for both
+	case s.slots[info.Slot].proc == nil && s.slots[info.Slot].adoptable:
+		sl, adopted = s.slots[info.Slot], true
+		sl.proc, sl.started = peer, time.Now()
 	case s.cfg.Adopt:
 		s.mu.Unlock()
 		s.admitOther(ch, info, welcome, peer)
 		return
 	default:
 		owner, group := 0, 0
-		if sl.proc != nil {
-			owner, group = sl.proc.PID(), sl.proc.Group()
+		if p := s.slots[info.Slot].proc; p != nil {
+			owner, group = p.PID(), p.Group()
 		}
 		s.mu.Unlock()
 		reason := fmt.Sprintf("slot %d belongs to pid %d (process group %d), not pid %d (process group %d)", info.Slot, owner, group, info.PID, peer.Group())
@@ -79,6 +79,24 @@ func (s *Supervisor) admitOwn(ch *handoff.Channel, info proxy.BackendInfo, welco
 	case sl.reg <- struct{}{}:
 	default:
 	}
+}
+
+// slotOfLocked returns the slot (serving, or drained and replaced) whose worker the peer is:
+// its process, or a member of its process group.
+func (s *Supervisor) slotOfLocked(info proxy.BackendInfo, peer *Process) *slot {
+	is := func(sl *slot) bool {
+		return sl.n == info.Slot && sl.proc != nil &&
+			(sl.proc.PID() == info.PID || (peer.Group() != 0 && peer.Group() == sl.proc.Group()))
+	}
+	if sl := s.slots[info.Slot]; is(sl) {
+		return sl
+	}
+	for sl := range s.retired {
+		if is(sl) {
+			return sl
+		}
+	}
+	return nil
 }
 
 // rejectPeer rejects a registration whose process handle was already opened.

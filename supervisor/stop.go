@@ -99,6 +99,14 @@ func (s *Supervisor) finish(drain time.Duration) (procs []*Process, release func
 			ds = append(ds, drainee{sl.entry, sl.backend})
 		}
 	}
+	for sl := range s.retired {
+		if sl.proc != nil {
+			procs = append(procs, sl.proc)
+		}
+		if sl.backend != nil {
+			ds = append(ds, drainee{sl.entry, sl.backend})
+		}
+	}
 	for b, o := range s.others {
 		ds = append(ds, drainee{o.entry, b})
 		if p, err := o.proc.dup(); err == nil {

@@ -80,6 +80,7 @@ type Supervisor struct {
 	mu       sync.Mutex
 	slots    []*slot
 	others   map[*proxy.Backend]*other // registered workers of other generations
+	retired  map[*slot]struct{}        // drained and replaced slots whose worker still runs
 	stopping bool
 	paused   bool          // registrations held back while a newer batond starts
 	resume   chan struct{} // closed by ResumeRegistrations
@@ -99,6 +100,8 @@ type slot struct {
 	started   time.Time
 	failures  int           // consecutive quick failures
 	adoptable bool          // waiting for a survivor of a crashed batond to re-register
+	drained   bool          // an operator drained its worker: restart at once when it ends
+	retired   bool          // replaced by a fresh worker: it ends with its worker
 	reg       chan struct{} // poked when a backend registers for this slot
 }
 
@@ -135,7 +138,7 @@ func New(cfg Config, gw *proxy.Gateway) *Supervisor {
 	}
 	s := &Supervisor{
 		cfg: cfg, gw: gw, log: cfg.Logger, roster: cfg.Roster, out: newOutputs(),
-		others: map[*proxy.Backend]*other{}, admits: map[*net.UnixConn]struct{}{}, quit: make(chan struct{}),
+		others: map[*proxy.Backend]*other{}, retired: map[*slot]struct{}{}, admits: map[*net.UnixConn]struct{}{}, quit: make(chan struct{}),
 	}
 	for i := 0; i < cfg.Workers; i++ {
 		e := s.roster.Add(roster.Created, roster.Worker{Slot: i, Generation: cfg.Generation, State: roster.Starting})
@@ -187,14 +190,14 @@ func ResolveCommand(args []string) ([]string, error) {
 func (s *Supervisor) Start() {
 	for _, sl := range s.slots {
 		s.wg.Add(1)
-		go s.runSlot(sl)
+		go s.runSlot(sl, s.cfg.Adopt)
 	}
 }
 
-func (s *Supervisor) runSlot(sl *slot) {
+func (s *Supervisor) runSlot(sl *slot, adopt bool) {
 	defer s.wg.Done()
 	log := s.log.Named(fmt.Sprintf("slot%d", sl.n))
-	if s.cfg.Adopt {
+	if adopt {
 		if proc := s.awaitAdoption(sl); proc != nil {
 			err := s.supervise(sl, proc, adoptedRun(proc), log)
 			proc.Close()
@@ -233,15 +236,22 @@ func (s *Supervisor) afterExit(sl *slot, err error, log hclog.Logger) bool {
 	uptime := time.Since(sl.started)
 	b, proc := sl.backend, sl.proc
 	sl.backend, sl.proc = nil, nil
-	stopping := s.stopping
-	if uptime >= s.cfg.Backoff.Healthy {
+	stopping, retired, drained := s.stopping, sl.retired, sl.drained
+	if uptime >= s.cfg.Backoff.Healthy || drained {
 		sl.failures = 0
 	}
 	delay := s.cfg.Backoff.Delay(sl.failures)
-	if !stopping {
+	if !stopping && !drained {
 		sl.failures++
 	}
+	if drained {
+		delay, sl.drained = 0, false // drained on purpose: no crash, no wait
+		err = fmt.Errorf("drained: %w", err)
+	}
 	crashloop := sl.failures >= s.cfg.Backoff.CrashLoop
+	if retired {
+		delete(s.retired, sl)
+	}
 	s.mu.Unlock()
 	s.roster.SetLoad(sl.entry, nil) // its clients went with it
 	if b != nil {
@@ -249,6 +259,10 @@ func (s *Supervisor) afterExit(sl *slot, err error, log hclog.Logger) bool {
 	}
 	if proc != nil && !stopping {
 		s.reapGroup(proc, log)
+	}
+	if retired {
+		s.roster.Remove(sl.entry) // its slot has a newer worker
+		return false
 	}
 	if stopping {
 		s.roster.Update(sl.entry, roster.Exited, func(w *roster.Worker) { w.State, w.Connected = roster.Stopped, false })

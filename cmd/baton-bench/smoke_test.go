@@ -15,7 +15,7 @@ import (
 
 // TestSmoke runs `bench/run --smoke` end to end: it builds batond, batonctl, the Go echo
 // example and baton-bench, starts every configuration (direct, SO_REUSEPORT, HAProxy, baton
-// with Go and with Python workers, the Python lobby directly), runs every scenario tiny, and
+// with Go workers, plain and behind PROXY v2, with Python workers, the Python lobby directly), runs every scenario tiny, and
 // writes the table, results.json and plot.svg. It needs haproxy, python3 and taskset: in CI
 // (CI=true) their absence is a failure naming the package to install, elsewhere a skip.
 func TestSmoke(t *testing.T) {
@@ -52,9 +52,10 @@ func TestSmoke(t *testing.T) {
 		Runs []struct {
 			Config, Scenario, Error string
 			Result                  *struct {
-				Ops  int64   `json:"ops"`
-				MBps float64 `json:"mb_per_s"`
-				Idle []struct {
+				Ops     int64   `json:"ops"`
+				MBps    float64 `json:"mb_per_s"`
+				ProxyV2 bool    `json:"proxy_v2"`
+				Idle    []struct {
 					Pass, Target, Held int
 					Reached            bool
 				}
@@ -79,6 +80,9 @@ func TestSmoke(t *testing.T) {
 			continue
 		}
 		res := r.Result
+		if r.Config == "DP" && r.Scenario != "scrape" && !res.ProxyV2 {
+			t.Errorf("%s: sent without PROXY headers", name)
+		}
 		switch {
 		case r.Scenario == "bulk" && res.MBps <= 0:
 			t.Errorf("%s: no bytes echoed", name)
@@ -99,7 +103,7 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("%s: nothing completed", name)
 		}
 	}
-	for _, want := range []string{"A storm-sat", "A idle", "B reload", "C storm-open", "C reload", "D sessions-1", "D reload", "D8 idle", "E sessions-100", "E reload", "F storm-sat", "D bulk", "A2 bulk"} {
+	for _, want := range []string{"A storm-sat", "A idle", "B reload", "C storm-open", "C reload", "D sessions-1", "D reload", "D8 idle", "E sessions-100", "E reload", "F storm-sat", "D bulk", "A2 bulk", "DP storm-sat", "DP storm-open", "DP sessions-1", "DP scrape"} {
 		if !seen[want] {
 			t.Errorf("no %s measurement", want)
 		}
@@ -111,7 +115,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"| metric | unit |", "| issue 5 goal |", "server side pinned to CPU 0"} {
+	for _, want := range []string{"| metric | unit |", "| issue 5 goal |", "server side pinned to CPU 0", "| PROXY v2: DP against D |", "One Prometheus scrape of batond's /metrics"} {
 		if !strings.Contains(string(md), want) {
 			t.Errorf("results.md lacks %q", want)
 		}

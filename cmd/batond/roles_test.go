@@ -28,6 +28,8 @@ func runRole(spec string) int {
 		return intruder()
 	case "printer":
 		return printer()
+	case "peer":
+		return peerWorker()
 	}
 	if scoped {
 		if slot != os.Getenv("BATON_WORKER") {

@@ -43,6 +43,8 @@ type Status struct {
 	Clients     int                       `json:"clients"`
 	Draining    int                       `json:"draining"`
 	Runtime     Runtime                   `json:"runtime"`
+	HostDrained bool                      `json:"host_drained"` // balancers are told to send no new clients
+	Handoff     Latency                   `json:"handoff_latency"`
 }
 
 // Source is what the server asks for data and actions.
@@ -54,6 +56,7 @@ type Source interface {
 	StartReload() (<-chan struct{}, error)
 	// LastReload is the record of the latest reload (State ReloadNone if there was none).
 	LastReload() ReloadRecord
+	Steerer
 }
 
 // ReloadState is where a reload stands.
@@ -115,6 +118,7 @@ func Handler(src Source) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, src.LastReload())
 	})
+	fleetRoutes(mux, src)
 	return mux
 }
 

@@ -90,6 +90,8 @@ func (c *Client) do(ctx context.Context, method, path string, out any, refused *
 		return json.Unmarshal(body, out)
 	case resp.StatusCode == http.StatusConflict && refused != nil && json.Unmarshal(body, refused) == nil:
 		return fmt.Errorf("%w: %s", ErrReloadRefused, refused.Error)
+	case resp.StatusCode == http.StatusBadRequest && refused != nil && json.Unmarshal(body, refused) == nil:
+		return fmt.Errorf("%w: %s", ErrBadRequest, refused.Error)
 	default:
 		return fmt.Errorf("batond: %s: %s", resp.Status, body)
 	}

@@ -9,7 +9,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
-	"text/tabwriter"
+
 	"time"
 
 	"github.com/baton-gw/baton/cmd/internal/admin"
@@ -80,7 +80,11 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	top := newCommand("batonctl", "batonctl [-admin PATH] [-timeout D] COMMAND [flags]",
 		"Talks to a running batond over its admin socket.\n\ncommands:\n"+
 			"  status    what batond is doing, and its workers by generation\n"+
-			"  reload    start the batond binary on disk as the next generation and wait for the outcome\n\n"+
+			"  reload    start the batond binary on disk as the next generation and wait for the outcome\n"+
+			"  drain     drain a worker (SLOT), every worker (-all) or the host (-host)\n"+
+			"  undrain   end a host drain; drained slots get fresh workers now\n"+
+			"  workers   one line per worker, for scripts\n"+
+			"  top       a live view of workers, clients, rates and handoff latency (q quits)\n\n"+
 			"Run 'batonctl COMMAND -h' for a command's flags.\n\n"+exitStatuses)
 	adminPath := top.fs.String("admin", "/run/baton/admin.sock", "batond's admin socket `path`")
 	timeout := top.fs.Duration("timeout", 10*time.Second, "wait this long for an answer (status, reload -status)")
@@ -101,6 +105,14 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return status(c, *timeout, rest, stdout, stderr)
 	case "reload":
 		return reload(c, *timeout, rest, stdout, stderr)
+	case "drain":
+		return drain(c, *timeout, rest, stdout, stderr)
+	case "undrain":
+		return undrain(c, *timeout, rest, stdout, stderr)
+	case "workers":
+		return workers(c, *timeout, rest, stdout, stderr)
+	case "top":
+		return topView(c, *timeout, rest, stdout, stderr)
 	default:
 		return usageError(stderr, "batonctl", fmt.Sprintf("unknown command %q", cmd))
 	}
@@ -137,22 +149,8 @@ func printStatus(w io.Writer, st admin.Status) {
 	fmt.Fprintf(w, "batond pid %d · generation %d · listening on %s\n", st.PID, st.Generation, strings.Join(st.Listeners, ", "))
 	fmt.Fprintf(w, "%d clients · %d draining workers · accepted %d · handed off %d · closed by gateway %d · in flight %d\n\n",
 		st.Clients, st.Draining, g.Accepted, g.Acked, g.ClosedTotal(), g.InFlight)
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "GEN\tSLOT\tPID\tSTATE\tCLIENTS\tRESTARTS\tUPTIME\tLAST EXIT")
-	for _, x := range st.Workers {
-		pid := "-"
-		if x.PID != 0 {
-			pid = fmt.Sprint(x.PID)
-		}
-		up := x.Uptime
-		if up == "" {
-			up = "-"
-		}
-		state := string(x.State)
-		if x.Adopted {
-			state += ", adopted" // taken back after a batond crash
-		}
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d\t%d\t%s\t%s\n", x.Generation, x.Slot, pid, state, x.Clients, x.Restarts, up, x.LastExit)
+	if st.HostDrained {
+		fmt.Fprintln(w, "host drained: balancers are told to send no new clients")
 	}
-	tw.Flush()
+	workerTable(w, st)
 }

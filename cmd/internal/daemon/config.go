@@ -38,6 +38,7 @@ type fileConfig struct {
 	AllowUIDs      []uint32  `toml:"allow_uid"`
 	LogLevel       *string   `toml:"log_level"`
 	LogJSON        *bool     `toml:"log_json"`
+	fileFleet
 }
 
 type duration struct{ time.Duration }
@@ -121,6 +122,9 @@ func loadFile(path string, c *Config, set map[string]bool) error {
 	apply("allow-uid", len(f.AllowUIDs) > 0, func() { c.AllowUIDs = f.AllowUIDs })
 	apply("log-level", f.LogLevel != nil, func() { c.LogLevel = *f.LogLevel })
 	apply("log-json", f.LogJSON != nil, func() { c.LogJSON = *f.LogJSON })
+	if err := f.fileFleet.apply(&c.Fleet, set, path, text); err != nil {
+		return err
+	}
 	if len(c.Command) == 0 && len(f.Command) > 0 {
 		c.Command = f.Command
 	}

@@ -67,3 +67,25 @@ func TestConfigErrorsNameFileAndLine(t *testing.T) {
 		t.Errorf("missing file: %v", err)
 	}
 }
+
+func TestFleetConfig(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.toml")
+	os.WriteFile(good, []byte("proxy_listen = [\"127.0.0.1:7000\"]\nproxy_from = [\"10.0.0.1\", \"192.0.2.0/24\"]\nagent = \"127.0.0.1:7001\"\nmetrics = \"127.0.0.1:7002\"\n"), 0o600)
+	c, err := ParseFlags([]string{"-config", good}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := c.Fleet
+	if f.ProxyProtocol || len(f.ProxyListen) != 1 || len(f.ProxyFrom) != 2 || f.ProxyFrom[0].String() != "10.0.0.1/32" || f.Agent != "127.0.0.1:7001" || f.Metrics != "127.0.0.1:7002" || f.ProxyTimeout != 3*time.Second {
+		t.Fatalf("fleet config %+v", f)
+	}
+	bad := filepath.Join(dir, "bad.toml")
+	os.WriteFile(bad, []byte("workers = 2\nproxy_from = [\"nonsense\"]\n"), 0o600)
+	if _, err := ParseFlags([]string{"-config", bad}, io.Discard); err == nil || !strings.Contains(err.Error(), bad+":2:") {
+		t.Fatalf("bad proxy_from: %v, want the file and line 2", err)
+	}
+	if _, err := ParseFlags([]string{"-proxy-from", "10.0.0.300"}, io.Discard); err == nil {
+		t.Fatal("a bad -proxy-from must be refused")
+	}
+}

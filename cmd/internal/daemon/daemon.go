@@ -126,6 +126,10 @@ type daemon struct {
 	admL   *net.UnixListener
 	adm    *admin.Server
 	adopt  bool // the last generation did not stop cleanly: its workers are adopted
+	fleet  fleet
+	// hostDrainAtReady: the host was drained when the last batond left (a file in the state
+	// directory); the drain resumes once this one serves (its own probe must get through).
+	hostDrainAtReady bool
 
 	life      lifecycle
 	rl        reloads
@@ -226,11 +230,17 @@ func (d *daemon) start(sigs <-chan os.Signal) error {
 			}
 		}()
 	}
+	if d.hostDrainAtReady {
+		d.gw.SetHostDrain(true)
+		d.log.Info("the host is drained (batonctl undrain ends it)")
+	}
 	d.notify.ready(os.Getpid(), d.statusLine())
 	ctx, cancel := context.WithCancel(context.Background())
 	d.statusCancel, d.statusDone = cancel, make(chan struct{})
+	waitFleet := d.serveFleet(ctx)
 	go func() {
 		defer close(d.statusDone)
+		defer waitFleet()
 		d.statusLoop(ctx)
 	}()
 	d.log.Info("serving", "listen", d.listenerNames(), "workers", d.cfg.Workers, "generation", d.gen, "pid", os.Getpid())
@@ -303,6 +313,9 @@ func (d *daemon) setup(act activated) error {
 		return fmt.Errorf("admin socket: %w", err)
 	}
 	d.adm = admin.NewServer(d.admL, d, d.log.Named("admin"))
+	if err := d.openFleet(); err != nil {
+		return err
+	}
 	d.gw = proxy.New(proxy.Config{
 		HandoffTimeout:  cfg.HandoffTimeout,
 		AcceptCoalesce:  cfg.AcceptCoalesce,
@@ -401,6 +414,7 @@ func (d *daemon) Status() admin.Status {
 			s.Draining++
 		}
 	}
+	s.HostDrained, s.Handoff = d.gw.HostDrained(), d.handoffLatency()
 	d.setPhase(&s)
 	return s
 }

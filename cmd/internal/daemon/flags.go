@@ -37,7 +37,8 @@ type Config struct {
 	LogLevel       string
 	LogJSON        bool
 	Command        []string // empty: built-in demo workers
-	Version        bool     // -version: print the version and exit
+	Fleet          FleetConfig
+	Version        bool // -version: print the version and exit
 }
 
 // maxAcceptCoalesce bounds -accept-coalesce: it is added to a connection's handoff at high
@@ -93,6 +94,7 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 	fs.Var(uidFlag{&c.AllowUIDs}, "allow-uid", "also allow workers running as this `uid` to register (repeatable)")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
 	fs.BoolVar(&c.LogJSON, "log-json", false, "log JSON lines")
+	c.Fleet.flags(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: batond [flags] [-- worker-command args...]\n\n"+
 			"With no worker command, batond runs built-in demo workers (a small echo lobby).\n\nflags:\n")
@@ -130,6 +132,8 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 		return nil, fmt.Errorf("%w: -capacity must be at least 1, not %d", ErrUsage, c.Capacity)
 	case c.HandoffTimeout <= 0 || c.QueueTimeout <= 0 || c.StartTimeout <= 0 || c.ReadyTimeout <= 0 || c.DrainTimeout <= 0 || c.StopTimeout <= 0 || c.AdoptWindow <= 0:
 		return nil, fmt.Errorf("%w: timeouts must be positive", ErrUsage)
+	case c.Fleet.ProxyTimeout <= 0:
+		return nil, fmt.Errorf("%w: -proxy-timeout must be positive", ErrUsage)
 	case c.AcceptCoalesce < 0 || c.AcceptCoalesce > maxAcceptCoalesce:
 		return nil, fmt.Errorf("%w: -accept-coalesce must be between 0 and %v, not %v", ErrUsage, maxAcceptCoalesce, c.AcceptCoalesce)
 	}

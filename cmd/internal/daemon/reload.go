@@ -114,6 +114,7 @@ func (d *daemon) reload() {
 		d.notify.ready(os.Getpid(), d.statusLine())
 		d.log.Error("reload failed; still serving", "error", err)
 	}
+	d.countReload(err, rec.Finished.Sub(rec.Started))
 	d.rl.mu.Lock()
 	if err == nil {
 		d.rl.rec = rec // the file is the new batond's now
@@ -176,4 +177,5 @@ func (d *daemon) succeededAsChild() {
 	rec := d.rl.rec
 	rec.State, rec.Finished = admin.ReloadSucceeded, time.Now()
 	d.setReloadLocked(rec)
+	d.countReload(nil, rec.Finished.Sub(rec.Started)) // the reload that made this batond
 }

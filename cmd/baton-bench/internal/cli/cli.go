@@ -30,6 +30,8 @@ scenarios (each prints one result line; -runs N prints the medians of N runs):
              addresses); RSS and fds of the -middle process per held connection
   reload     an open-loop storm and paced sessions while -cmd runs -reloads times;
              failed connects and broken sessions per reload
+  scrape     -n GETs of -url (a Prometheus /metrics) one after the other; the server's CPU
+             and the time to the last byte per scrape
 
 servers and helpers:
   echo               the Go echo server (-reuseport: share a port between processes; -rw: copy
@@ -55,7 +57,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	cmd, rest := args[0], args[1:]
 	var err error
 	switch cmd {
-	case "storm", "sessions", "bulk", "idle", "reload":
+	case "storm", "sessions", "bulk", "idle", "reload", "scrape":
 		err = scenario(cmd, rest, stdout, stderr)
 	case "idle-child":
 		err = load.IdleChild(rest, os.Stdin, stdout)
@@ -133,20 +135,23 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 
 	var (
 		conns, sessN, chunk, maxIn, procs, nsrc, conc, reloads, passes int
+		scrapes, warm                                                  int
 		rate                                                           float64
 		interval, every, lead, tail, openTimeout, settle               time.Duration
-		counts, reloadCmd                                              string
+		counts, reloadCmd, scrapeURL, want                             string
 		middle                                                         pidList
-		verify                                                         bool
+		verify, proxyV2                                                bool
 	)
 	switch name {
 	case "storm":
 		fs.IntVar(&conns, "c", 32, "closed loop: connections in flight")
 		fs.Float64Var(&rate, "rate", 0, "open loop: connections per second (0: closed loop)")
 		fs.IntVar(&maxIn, "max-inflight", 4096, "open loop: most connections in flight")
+		fs.BoolVar(&proxyV2, "proxy-v2", false, "send a PROXY v2 header (made-up client 203.0.113.x, the real destination) in the same write as each request")
 	case "sessions":
 		fs.IntVar(&sessN, "n", 100, "sessions")
 		fs.DurationVar(&interval, "interval", 0, "one request per session every this long (0: ping-pong at full speed)")
+		fs.BoolVar(&proxyV2, "proxy-v2", false, "send a PROXY v2 header (made-up client 203.0.113.x, the real destination) before each session's first bytes")
 	case "bulk":
 		fs.IntVar(&chunk, "chunk", 64<<10, "bytes per write")
 	case "idle":
@@ -159,6 +164,11 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 		fs.DurationVar(&openTimeout, "open-timeout", 120*time.Second, "give up on a count after this long")
 		fs.DurationVar(&settle, "settle", time.Second, "wait this long after a count is reached before reading memory")
 		fs.IntVar(&passes, "passes", 1, "fill the counts this many times (closing everything in between; later passes show the cost without one-time growth)")
+	case "scrape":
+		fs.StringVar(&scrapeURL, "url", "", "the `URL` to scrape (http://127.x.y.z:port/metrics)")
+		fs.IntVar(&scrapes, "n", 50, "scrapes measured")
+		fs.IntVar(&warm, "warm", 3, "scrapes before the measured ones")
+		fs.StringVar(&want, "want", "baton_", "every body must contain this")
 	case "reload":
 		fs.StringVar(&reloadCmd, "cmd", "", "reload `command` (run with sh -c)")
 		fs.IntVar(&reloads, "reloads", 5, "reloads to run")
@@ -189,10 +199,10 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 		switch name {
 		case "storm":
 			r, err = load.Storm(load.StormConfig{Addr: c.addr, Proto: proto, Open: rate > 0, Conns: conns, Rate: rate,
-				MaxInflight: maxIn, Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label})
+				MaxInflight: maxIn, Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label, ProxyV2: proxyV2})
 		case "sessions":
 			r, err = load.Sessions(load.SessionsConfig{Addr: c.addr, Proto: proto, Sessions: sessN, Interval: interval,
-				Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label})
+				Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label, ProxyV2: proxyV2})
 		case "bulk":
 			r, err = load.Bulk(load.BulkConfig{Addr: c.addr, Warmup: c.warmup, Duration: c.duration, Chunk: chunk, ServerPIDs: c.pids, Label: c.label})
 		case "idle":
@@ -207,6 +217,9 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 			r, err = load.Idle(load.IdleConfig{Addr: c.addr, Proto: proto, Counts: levels, Procs: procs, Sources: nsrc,
 				Conc: conc, Verify: verify, Timeout: c.timeout, OpenTimeout: openTimeout, Settle: settle,
 				Middle: middle, ServerPIDs: c.pids, Passes: passes, Label: c.label})
+		case "scrape":
+			r, err = load.Scrape(load.ScrapeConfig{URL: scrapeURL, Warmup: warm, Scrapes: scrapes, Want: want,
+				Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label})
 		case "reload":
 			r, err = load.Reload(load.ReloadConfig{Addr: c.addr, Proto: proto, Command: reloadCmd, Reloads: reloads,
 				Every: every, Lead: lead, Tail: tail, Rate: rate, Sessions: sessN, Interval: interval,

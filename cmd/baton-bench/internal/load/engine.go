@@ -35,6 +35,8 @@ type conn struct {
 	begin int64 // engine time the current operation began
 	need  int   // bytes (echo) or lines (line protocol) still expected for the current reply
 	phase int   // the scenario's own states
+	// owed: the PROXY header has not been sent yet (sessions with ProxyV2).
+	owed bool
 }
 
 // engine is an epoll loop over non-blocking client sockets. Not safe for concurrent use: one

@@ -2,12 +2,18 @@ package load
 
 import (
 	"bufio"
+	"bytes"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
 	"os"
 	"strings"
 	"testing"
 	"time"
+
+	proxyproto "github.com/pires/go-proxyproto"
 )
 
 // TestMain lets the idle scenario re-execute this test binary as its load-generator processes.
@@ -281,5 +287,165 @@ func TestMedian(t *testing.T) {
 	m := Median(rs)
 	if m.PerSec != 20 || m.P50 != 2 || m.Errors != 3 || m.Runs != 3 {
 		t.Errorf("%+v", m)
+	}
+}
+
+// proxyServer expects a PROXY v2 header first, checks it with go-proxyproto (the library batond
+// parses it with), records what came in the connection's first read, then serves the rest as
+// echo or lobby. Its channel gets one report per connection.
+type proxyReport struct {
+	src, dst  netip.AddrPort
+	firstRead int // bytes in the first read: header and request together when they came in one write
+	err       error
+}
+
+func proxyServer(t *testing.T, lobby bool) (string, chan proxyReport) {
+	reports := make(chan proxyReport, 100000)
+	addr := server(t, func(c net.Conn) {
+		// Like batond, it serves (and the lobby greets) only once the header is in.
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		first := make([]byte, 4096)
+		n, err := c.Read(first)
+		if err != nil {
+			reports <- proxyReport{err: err}
+			return
+		}
+		br := bufio.NewReader(io.MultiReader(bytes.NewReader(first[:n]), c))
+		h, err := proxyproto.Read(br)
+		if err != nil {
+			reports <- proxyReport{err: err}
+			return
+		}
+		src, dst, _ := h.TCPAddrs()
+		reports <- proxyReport{src: src.AddrPort(), dst: dst.AddrPort(), firstRead: n}
+		c.SetReadDeadline(time.Time{})
+		if lobby {
+			io.WriteString(c, "welcome to the baton lobby\nwhat is your name?\n")
+			sc := bufio.NewScanner(br)
+			for sc.Scan() {
+				io.WriteString(c, "pong\n")
+			}
+			return
+		}
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := br.Read(buf)
+			if err != nil {
+				return
+			}
+			if _, err := c.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+	})
+	return addr, reports
+}
+
+// checkProxyReports drains reports and checks every header: a made-up client in
+// 203.0.113.0/24, the real destination, and (sameWrite) the request in the header's segment.
+func checkProxyReports(t *testing.T, name, addr string, reports chan proxyReport, sameWrite int) int {
+	t.Helper()
+	dst := netip.MustParseAddrPort(addr)
+	testNet := netip.MustParsePrefix("203.0.113.0/24")
+	n := 0
+	for {
+		select {
+		case r := <-reports:
+			n++
+			switch {
+			case r.err != nil:
+				t.Errorf("%s: header: %v", name, r.err)
+			case !testNet.Contains(r.src.Addr()) || r.dst != dst:
+				t.Errorf("%s: header says %v → %v, want 203.0.113.x → %v", name, r.src, r.dst, dst)
+			case sameWrite > 0 && r.firstRead < proxyV2Len+sameWrite:
+				t.Errorf("%s: first read %d bytes, want the header and the request (%d)", name, r.firstRead, proxyV2Len+sameWrite)
+			}
+		default:
+			return n
+		}
+	}
+}
+
+func TestStormProxyV2(t *testing.T) {
+	for _, pn := range []string{"echo", "lobby"} {
+		addr, reports := proxyServer(t, pn == "lobby")
+		p := proto(t, pn)
+		r, err := Storm(StormConfig{Addr: addr, Proto: p, Conns: 4, Warmup: 50 * time.Millisecond,
+			Duration: 300 * time.Millisecond, ProxyV2: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Ops == 0 || r.Errors != 0 || !r.ProxyV2 || !strings.Contains(r.String(), "+pp2") {
+			t.Errorf("%s: %+v (%v)", pn, r, r.ErrorKinds)
+		}
+		if n := checkProxyReports(t, pn, addr, reports, len(p.Storm)); n < int(r.Ops) {
+			t.Errorf("%s: %d headers for %d connections", pn, n, r.Ops)
+		}
+	}
+}
+
+func TestSessionsProxyV2(t *testing.T) {
+	for _, pn := range []string{"echo", "lobby"} {
+		addr, reports := proxyServer(t, pn == "lobby")
+		p := proto(t, pn)
+		r, err := Sessions(SessionsConfig{Addr: addr, Proto: p, Sessions: 5, Warmup: 50 * time.Millisecond,
+			Duration: 200 * time.Millisecond, ProxyV2: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Ops == 0 || r.Errors != 0 || !r.ProxyV2 {
+			t.Errorf("%s: %+v", pn, r)
+		}
+		same := len(p.Session)
+		if p.greeting() > 0 {
+			same = 0 // the header goes alone, before the greeting
+		}
+		if n := checkProxyReports(t, pn, addr, reports, same); n != 5 {
+			t.Errorf("%s: %d headers for 5 sessions", pn, n)
+		}
+	}
+}
+
+func TestProxyV2HeaderParses(t *testing.T) {
+	src, dst := netip.MustParseAddrPort("203.0.113.7:4242"), netip.MustParseAddrPort("127.0.0.1:7000")
+	h, err := proxyproto.Read(bufio.NewReader(bytes.NewReader(append(ProxyV2Header(src, dst), "rest"...))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, d, ok := h.TCPAddrs()
+	if !ok || s.AddrPort() != src || d.AddrPort() != dst || h.Version != 2 || !h.Command.IsProxy() {
+		t.Errorf("parsed %+v", h)
+	}
+}
+
+func TestProxyPrefixAllocatesNothing(t *testing.T) {
+	dst, _ := parseDst("127.0.0.1:7000")
+	pp := newProxyPrefix(dst)
+	req := []byte("baton-bench ping\n")
+	if a := testing.AllocsPerRun(100, func() { pp.with(req) }); a != 0 {
+		t.Errorf("%v allocations per connection", a)
+	}
+}
+
+func TestScrape(t *testing.T) {
+	body := "# HELP baton_connections_accepted_total x\nbaton_connections_accepted_total 3\n"
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, body) }))
+	defer srv.Close()
+	r, err := Scrape(ScrapeConfig{URL: srv.URL + "/metrics", Warmup: 1, Scrapes: 20, Want: "baton_", ServerPIDs: []int{os.Getpid()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Ops != 20 || r.Errors != 0 || r.Bytes != len(body) || r.P50 <= 0 || r.ServerProcs != 1 || !strings.Contains(r.String(), "20 scrapes") {
+		t.Errorf("%+v", r)
+	}
+	r, err = Scrape(ScrapeConfig{URL: srv.URL + "/metrics", Scrapes: 3, Want: "go_goroutines"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Ops != 0 || r.Errors != 3 {
+		t.Errorf("a body without the wanted metric counted: %+v", r)
+	}
+	if _, err := Scrape(ScrapeConfig{URL: "http://10.0.0.1:9100/metrics", Scrapes: 1}); err == nil {
+		t.Error("a URL off loopback accepted")
 	}
 }

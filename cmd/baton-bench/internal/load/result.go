@@ -14,13 +14,14 @@ import (
 // Result is the outcome of one scenario run (or the medians of several: see Median). Latencies
 // are in microseconds, CPU times in seconds. Its JSON form is what the suite reads.
 type Result struct {
-	Scenario string  `json:"scenario"`         // storm, sessions, bulk, idle, reload
-	Mode     string  `json:"mode,omitempty"`   // storm: closed or open
-	Label    string  `json:"label,omitempty"`  // free text from -label (the configuration)
-	Proto    string  `json:"proto,omitempty"`  // echo or lobby
-	Runs     int     `json:"runs"`             // measurement runs this result summarises
-	Conns    int     `json:"conns,omitempty"`  // storm: concurrency (closed); sessions: sessions
-	Target   float64 `json:"target,omitempty"` // storm open-loop: connections/s asked for
+	Scenario string  `json:"scenario"`           // storm, sessions, bulk, idle, reload
+	Mode     string  `json:"mode,omitempty"`     // storm: closed or open
+	Label    string  `json:"label,omitempty"`    // free text from -label (the configuration)
+	Proto    string  `json:"proto,omitempty"`    // echo or lobby
+	Runs     int     `json:"runs"`               // measurement runs this result summarises
+	Conns    int     `json:"conns,omitempty"`    // storm: concurrency (closed); sessions: sessions
+	Target   float64 `json:"target,omitempty"`   // storm open-loop: connections/s asked for
+	ProxyV2  bool    `json:"proxy_v2,omitempty"` // every connection began with a PROXY v2 header
 
 	Window float64 `json:"window_s"` // length of the measured window
 	Ops    int64   `json:"ops"`      // completed in the window: connections, messages
@@ -45,6 +46,7 @@ type Result struct {
 	OthersBusy  float64 `json:"others_busy"`
 	ServerProcs int     `json:"server_procs,omitempty"`
 	MBps        float64 `json:"mb_per_s,omitempty"` // bulk: bytes echoed back per second ÷ 1e6
+	Bytes       int     `json:"bytes,omitempty"`    // scrape: size of the last body
 
 	Idle   []IdleLevel   `json:"idle,omitempty"`
 	Reload *ReloadResult `json:"reload,omitempty"`
@@ -185,6 +187,9 @@ func (r *Result) String() string {
 	if r.Mode != "" {
 		name += "/" + r.Mode
 	}
+	if r.ProxyV2 {
+		name += "+pp2"
+	}
 	if r.Label != "" {
 		fmt.Fprintf(&b, "%-10s ", r.Label)
 	}
@@ -217,6 +222,9 @@ func (r *Result) String() string {
 	case "bulk":
 		fmt.Fprintf(&b, " %.1f MB/s", r.MBps)
 		cpu("MB")
+	case "scrape":
+		fmt.Fprintf(&b, " %d scrapes of %d B: %.0f/s · time to last byte p50 %s p99 %s", r.Ops, r.Bytes, r.PerSec, us(r.P50), us(r.P99))
+		cpu("scrape")
 	case "idle":
 		for _, l := range r.Idle {
 			fmt.Fprintf(&b, " · ")

@@ -26,6 +26,10 @@ type SessionsConfig struct {
 	SetupTimeout time.Duration // all sessions must be established within this
 	ServerPIDs   []int
 	Label        string
+	// ProxyV2 sends a PROXY v2 header (a made-up client, the real destination) before each
+	// session's first bytes: in the same write as its first request, or alone on connect when
+	// the server speaks first (a greeting: it is handed the client only after the header).
+	ProxyV2 bool
 }
 
 func (c *SessionsConfig) defaults() error {
@@ -56,6 +60,7 @@ type sessions struct {
 	e        *engine
 	p        *Proto
 	dst      *unix.SockaddrInet4
+	pp       *proxyPrefix // nil: no PROXY header
 	timeout  int64
 	interval int64
 	conns    []*conn
@@ -91,6 +96,7 @@ func (s *sessions) open(now int64) bool {
 		c := s.conns[s.opened]
 		s.opened++
 		c.phase = phConnecting
+		c.owed = s.pp != nil
 		if err := s.e.dial(c, s.dst, netip.Addr{}); err != nil {
 			s.setupFail(c, err)
 			continue
@@ -106,6 +112,18 @@ func (s *sessions) open(now int64) bool {
 func (s *sessions) connected(c *conn, now int64) {
 	c.connected = true
 	if g := s.p.greeting(); g > 0 {
+		if c.owed {
+			hdr := s.pp.with(nil)
+			n, err := unix.Write(c.fd, hdr)
+			if err == nil && n < len(hdr) {
+				err = io.ErrShortWrite
+			}
+			if err != nil {
+				s.setupFail(c, sysErr("write", err))
+				return
+			}
+			c.owed = false
+		}
 		c.phase, c.need = phGreeting, g
 		return
 	}
@@ -136,8 +154,13 @@ func (s *sessions) send(c *conn, now int64) {
 		c.phase = phReady
 		return
 	}
-	n, err := unix.Write(c.fd, s.p.Session)
-	if err == nil && n < len(s.p.Session) {
+	req := s.p.Session
+	if c.owed {
+		req = s.pp.with(req)
+		c.owed = false
+	}
+	n, err := unix.Write(c.fd, req)
+	if err == nil && n < len(req) {
 		err = io.ErrShortWrite
 	}
 	if err != nil {
@@ -280,6 +303,10 @@ func Sessions(cfg SessionsConfig) (*Result, error) {
 	e.nodelay = true
 	res := &Result{Scenario: "sessions", Label: cfg.Label, Proto: cfg.Proto.Name, Runs: 1, Conns: cfg.Sessions}
 	s := newSessions(e, cfg.Proto, dst, cfg.Sessions, cfg.Interval, cfg.Timeout, res)
+	if cfg.ProxyV2 {
+		s.pp = newProxyPrefix(dst)
+		res.ProxyV2 = true
+	}
 	s.stopAt = 1 << 62
 	setupDeadline := e.now() + int64(cfg.SetupTimeout)
 	err = e.run(setupDeadline, func(now int64) (int64, bool) {

@@ -28,6 +28,9 @@ type StormConfig struct {
 	Timeout     time.Duration // per connection, connect to reply
 	ServerPIDs  []int         // roots of the server-side process trees whose CPU is measured
 	Label       string
+	// ProxyV2 sends a PROXY v2 header (a made-up client, the real destination) in front of
+	// the request, in the same write, as a balancer does; the reply is still the request's.
+	ProxyV2 bool
 }
 
 func (c *StormConfig) defaults() error {
@@ -57,6 +60,7 @@ type storm struct {
 	e       *engine
 	p       *Proto
 	dst     *unix.SockaddrInet4
+	pp      *proxyPrefix // nil: no PROXY header
 	timeout int64
 	free    []*conn
 
@@ -106,12 +110,16 @@ func (s *storm) start(now int64) {
 }
 
 func (s *storm) send(c *conn, now int64) bool {
-	n, err := unix.Write(c.fd, s.p.Storm)
+	req := s.p.Storm
+	if s.pp != nil {
+		req = s.pp.with(req)
+	}
+	n, err := unix.Write(c.fd, req)
 	if err != nil {
 		s.fail(c, sysErr("write", err))
 		return false
 	}
-	if n < len(s.p.Storm) {
+	if n < len(req) {
 		s.fail(c, sysErr("write", io.ErrShortWrite))
 		return false
 	}
@@ -241,6 +249,10 @@ func Storm(cfg StormConfig) (*Result, error) {
 	s := &storm{e: e, p: cfg.Proto, dst: dst, timeout: int64(cfg.Timeout), res: res,
 		closed: !cfg.Open, conns: cfg.Conns, interval: 1e9 / max(cfg.Rate, 1e-9), next: float64(t0), maxInflight: cfg.MaxInflight,
 		from: t0 + int64(cfg.Warmup), to: t0 + int64(cfg.Warmup+cfg.Duration)}
+	if cfg.ProxyV2 {
+		s.pp = newProxyPrefix(dst)
+		res.ProxyV2 = true
+	}
 	s.stopAt = s.to
 	var marked, ended bool
 	var d cpuDelta

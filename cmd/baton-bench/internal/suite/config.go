@@ -30,11 +30,15 @@ type server struct {
 	roots  []int  // roots of the server-side process trees (CPU and memory are summed over them)
 	middle []int  // the middle box, if any (batond, haproxy)
 	reload string // the reload command, "" if the configuration has none
+	// proxy: every connection must begin with a PROXY v2 header (as from a balancer).
+	proxy bool
+	// metrics is the Prometheus /metrics URL, "" if the configuration serves none.
+	metrics string
 }
 
 // config is one configuration of the comparison.
 type config struct {
-	ID    string // A, A2, B, C, D, D8, E, F
+	ID    string // A, A2, B, C, D, DP, D8, E, F
 	Name  string // short column title
 	Desc  string // what runs
 	Proto string // echo or lobby
@@ -52,6 +56,7 @@ const (
 	scBulk      = "bulk"
 	scIdle      = "idle"
 	scReload    = "reload"
+	scScrape    = "scrape"
 )
 
 var goScenarios = []string{scStormSat, scStormOpen, scSess1, scSess100, scBulk, scIdle}
@@ -67,11 +72,13 @@ func configs() []*config {
 			Desc: "two `baton-bench echo -reuseport` processes sharing the port (SO_REUSEPORT); reload = restart each in turn"},
 		{ID: "C", Name: "haproxy", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: startHAProxy,
 			Desc: "HAProxy (Debian package) `mode tcp`, `balance leastconn`, 1 thread, in front of two direct echo workers; reload = a new `haproxy -x <stats socket> -sf <old pid>` (seamless: listener handed over)"},
-		{ID: "D", Name: "baton", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: batonStarter(2, false),
+		{ID: "D", Name: "baton", Proto: "echo", Scenarios: append(goScenarios[:len(goScenarios):len(goScenarios)], scReload), start: batonStarter(batonOpts{workers: 2}),
 			Desc: "batond with 2 examples/go/echo workers (-capacity 19000); reload = `batonctl reload`"},
-		{ID: "D8", Name: "baton 8w", Proto: "echo", Scenarios: []string{scIdle}, start: batonStarter(8, false),
+		{ID: "DP", Name: "baton+PROXY", Proto: "echo", Scenarios: []string{scStormSat, scStormOpen, scSess1, scScrape}, start: batonStarter(batonOpts{workers: 2, proxy: true, metrics: true}),
+			Desc: "D with `-proxy-protocol -proxy-from 127.0.0.1` (every connection begins with a PROXY v2 header from a made-up client in 203.0.113.0/24, sent in the same write as the request, as a balancer does) and `-metrics` (scraped only in the scrape scenario, after the others)"},
+		{ID: "D8", Name: "baton 8w", Proto: "echo", Scenarios: []string{scIdle}, start: batonStarter(batonOpts{workers: 8}),
 			Desc: "batond with 8 examples/go/echo workers (idle only: 100,000 sessions need ≥ 6 workers under the 20,000-fd cap)"},
-		{ID: "E", Name: "baton-py", Proto: "lobby", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100, scReload}, start: batonStarter(2, true),
+		{ID: "E", Name: "baton-py", Proto: "lobby", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100, scReload}, start: batonStarter(batonOpts{workers: 2, python: true}),
 			Desc: "batond with 2 examples/python/lobby.py workers; reload = `batonctl reload`"},
 		{ID: "F", Name: "py direct", Proto: "lobby", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100}, start: startPyDirect,
 			Desc: "examples/python/lobby.py --direct (plain asyncio.start_server), one process (E′ of the issue)"},
@@ -232,7 +239,16 @@ func startHAProxy(e *env, p *procs, dir string) (*server, error) {
 	return &server{addr: addr, proto: "echo", roots: append([]int{cmd.Process.Pid}, roots...), middle: []int{cmd.Process.Pid}, reload: reload}, nil
 }
 
-func batonStarter(workers int, python bool) func(e *env, p *procs, dir string) (*server, error) {
+// batonOpts is what differs between the batond configurations.
+type batonOpts struct {
+	workers int
+	python  bool // examples/python/lobby.py workers instead of examples/go/echo
+	proxy   bool // -proxy-protocol, headers accepted from 127.0.0.1 (where the load comes from)
+	metrics bool // -metrics on a free port
+}
+
+func batonStarter(o batonOpts) func(e *env, p *procs, dir string) (*server, error) {
+	workers, python := o.workers, o.python
 	return func(e *env, p *procs, dir string) (*server, error) {
 		port, err := freePort()
 		if err != nil {
@@ -243,7 +259,20 @@ func batonStarter(workers int, python bool) func(e *env, p *procs, dir string) (
 		pidfile := filepath.Join(dir, "batond.pid")
 		args := []string{e.path("batond"), "-listen", addr, "-workers", strconv.Itoa(workers),
 			"-capacity", "19000", "-socket", filepath.Join(dir, "workers.sock"), "-admin", admin,
-			"-pidfile", pidfile, "-log-level", "warn", "-stop-timeout", "3s", "-drain-timeout", "2m", "--"}
+			"-pidfile", pidfile, "-log-level", "warn", "-stop-timeout", "3s", "-drain-timeout", "2m"}
+		if o.proxy {
+			args = append(args, "-proxy-protocol", "-proxy-from", "127.0.0.1")
+		}
+		metricsURL := ""
+		if o.metrics {
+			mport, err := freePort()
+			if err != nil {
+				return nil, err
+			}
+			args = append(args, "-metrics", "127.0.0.1:"+strconv.Itoa(mport))
+			metricsURL = "http://127.0.0.1:" + strconv.Itoa(mport) + "/metrics"
+		}
+		args = append(args, "--")
 		proto := "echo"
 		if python {
 			proto = "lobby"
@@ -262,11 +291,11 @@ func batonStarter(workers int, python bool) func(e *env, p *procs, dir string) (
 		if err != nil {
 			return nil, err
 		}
-		if err := waitServing(addr, proto, 10*time.Second, alive(p, cmd, "batond")); err != nil {
+		if err := waitServingAs(addr, proto, o.proxy, 10*time.Second, alive(p, cmd, "batond")); err != nil {
 			return nil, err
 		}
 		reload := fmt.Sprintf("%s -admin %s reload -timeout 60s", shq(e.path("batonctl")), shq(admin))
-		return &server{addr: addr, proto: proto, roots: []int{pid}, middle: []int{pid}, reload: reload}, nil
+		return &server{addr: addr, proto: proto, roots: []int{pid}, middle: []int{pid}, reload: reload, proxy: o.proxy, metrics: metricsURL}, nil
 	}
 }
 

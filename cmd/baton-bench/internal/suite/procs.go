@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"slices"
@@ -14,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/baton-gw/baton/cmd/baton-bench/internal/load"
 	"github.com/baton-gw/baton/cmd/baton-bench/internal/procstat"
 )
 
@@ -179,13 +181,19 @@ func freePort() (int, error) {
 // waitServing waits until addr answers: for echo, a probe byte comes back; for lobby, the
 // greeting line arrives.
 func waitServing(addr, proto string, d time.Duration, alive func() error) error {
+	return waitServingAs(addr, proto, false, d, alive)
+}
+
+// waitServingAs is waitServing for a listener that expects a PROXY v2 header (proxy) before
+// the client's bytes: the probes send one, in the same write as their first bytes.
+func waitServingAs(addr, proto string, proxy bool, d time.Duration, alive func() error) error {
 	deadline := time.Now().Add(d)
 	var last error
 	for time.Now().Before(deadline) {
 		if err := alive(); err != nil {
 			return err
 		}
-		last = probe(addr, proto)
+		last = probe(addr, proto, proxy)
 		if last == nil {
 			return nil
 		}
@@ -194,15 +202,28 @@ func waitServing(addr, proto string, d time.Duration, alive func() error) error 
 	return fmt.Errorf("%s not serving after %v: %w", addr, d, last)
 }
 
-func probe(addr, proto string) error {
+func probe(addr, proto string, proxy bool) error {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(2 * time.Second))
+	var hdr []byte
+	if proxy {
+		dst, err := netip.ParseAddrPort(addr)
+		if err != nil {
+			return err
+		}
+		hdr = load.ProxyV2Header(netip.MustParseAddrPort("203.0.113.1:40000"), dst)
+	}
 	buf := make([]byte, 512)
 	if proto == "lobby" {
+		if len(hdr) > 0 {
+			if _, err := c.Write(hdr); err != nil {
+				return err
+			}
+		}
 		n, err := c.Read(buf)
 		if err != nil {
 			return err
@@ -212,7 +233,7 @@ func probe(addr, proto string) error {
 		}
 		return nil
 	}
-	if _, err := c.Write([]byte("?")); err != nil {
+	if _, err := c.Write(append(hdr, '?')); err != nil {
 		return err
 	}
 	if n, err := c.Read(buf); err != nil || n != 1 || buf[0] != '?' {

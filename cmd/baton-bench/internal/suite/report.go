@@ -161,6 +161,12 @@ func metrics(pl plan) []metric {
 				}
 				return float64(r.Reload.ReloadErrors)
 			}},
+		metric{Key: "scrape_cpu", Label: fmt.Sprintf("one /metrics scrape (%d in a row): server CPU", pl.Scrapes), Unit: "µs", sc: scScrape,
+			get: func(r *load.Result) float64 { return r.ServerCPUPer }},
+		metric{Key: "scrape_p50", Label: "one /metrics scrape: time to the last byte p50", Unit: "µs", sc: scScrape,
+			get: func(r *load.Result) float64 { return r.P50 }},
+		metric{Key: "scrape_bytes", Label: "one /metrics scrape: body", Unit: "B", sc: scScrape,
+			get: func(r *load.Result) float64 { return float64(r.Bytes) }},
 	)
 	return m
 }
@@ -199,6 +205,7 @@ type report struct {
 	Table   map[string]map[string]cell      `json:"table"` // metric key → config id → cell
 	CDFs    map[string]map[string][]float64 `json:"cdfs"`  // scenario → config → median CDF (µs at stats.CDFPoints)
 	Goals   []goal                          `json:"goals"`
+	Proxy   []versus                        `json:"proxy,omitempty"` // DP against D: what PROXY v2 costs
 	Runs    []run                           `json:"runs"`
 	order   []string
 }
@@ -243,7 +250,48 @@ func buildReport(m Machine, pl plan, cfgs []*config, runs []run) *report {
 		r.CDFs[sc] = byCfg
 	}
 	r.Goals = r.goals()
+	if slices.Contains(r.order, "D") && slices.Contains(r.order, "DP") {
+		r.Proxy = r.versus("DP", "D", []string{"storm_sat_rate", "storm_sat_cpu", "storm_sat_p50", "storm_open_cpu", "storm_open_p50", "storm_open_p99", "sess1_p50"})
+	}
 	return r
+}
+
+// versus is one metric of one configuration against another: the medians, their ratio and
+// difference, and the ratio round by round (the spread a reader judges the ratio by).
+type versus struct {
+	Key     string    `json:"key"`
+	Label   string    `json:"label"`
+	Unit    string    `json:"unit"`
+	Num     float64   `json:"num"` // median of the configuration measured
+	Den     float64   `json:"den"` // median of the one it is measured against
+	Ratio   float64   `json:"ratio"`
+	Diff    float64   `json:"diff"`
+	ByRound []float64 `json:"by_round"` // num ÷ den within each round
+}
+
+func (r *report) versus(num, den string, keys []string) []versus {
+	var out []versus
+	for _, key := range keys {
+		mt := r.metric(key)
+		if mt == nil {
+			continue
+		}
+		n, d := r.med(key, num), r.med(key, den)
+		if math.IsNaN(n) || math.IsNaN(d) {
+			continue
+		}
+		out = append(out, versus{Key: key, Label: mt.Label, Unit: mt.Unit, Num: n, Den: d, Ratio: n / d, Diff: n - d, ByRound: r.pairedRatios(key, num, den)})
+	}
+	return out
+}
+
+func (r *report) metric(key string) *metric {
+	for i := range r.Metrics {
+		if r.Metrics[i].Key == key {
+			return &r.Metrics[i]
+		}
+	}
+	return nil
 }
 
 // med returns the median of metric key for config id (NaN if absent).
@@ -346,14 +394,21 @@ func (r *report) goals() []goal {
 // between rounds (the same configuration measured 1.7x apart in one run), and a configuration
 // is compared most fairly with the other measured minutes apart in the same round.
 func (r *report) paired(key, num, den string) string {
-	var mt *metric
-	for i := range r.Metrics {
-		if r.Metrics[i].Key == key {
-			mt = &r.Metrics[i]
-		}
+	var parts []string
+	for _, x := range r.pairedRatios(key, num, den) {
+		parts = append(parts, ratio(x))
 	}
-	if mt == nil {
+	if len(parts) < 2 {
 		return ""
+	}
+	return " (round by round: " + strings.Join(parts, ", ") + ")"
+}
+
+// pairedRatios is num's metric divided by den's, for each round that has both.
+func (r *report) pairedRatios(key, num, den string) []float64 {
+	mt := r.metric(key)
+	if mt == nil {
+		return nil
 	}
 	byRound := func(id string) map[int]float64 {
 		m := map[int]float64{}
@@ -367,18 +422,15 @@ func (r *report) paired(key, num, den string) string {
 		return m
 	}
 	n, d := byRound(num), byRound(den)
-	var parts []string
+	var out []float64
 	for round := 1; round <= r.Plan.Rounds; round++ {
 		if a, ok := n[round]; ok {
 			if b, ok := d[round]; ok {
-				parts = append(parts, ratio(a/b))
+				out = append(out, a/b)
 			}
 		}
 	}
-	if len(parts) < 2 {
-		return ""
-	}
-	return " (round by round: " + strings.Join(parts, ", ") + ")"
+	return out
 }
 
 func refillText(v float64) string {
@@ -386,6 +438,17 @@ func refillText(v float64) string {
 		return ""
 	}
 	return fmt.Sprintf("; %s B when refilled", f1(v))
+}
+
+// signedIn is v in mt's unit, with its sign.
+func signedIn(mt metric, v float64) string {
+	switch {
+	case math.IsNaN(v):
+		return "–"
+	case v < 0:
+		return "−" + format(mt, -v)
+	}
+	return "+" + format(mt, v)
 }
 
 func signed(v float64) string {
@@ -514,7 +577,7 @@ func (r *report) Markdown(full bool) string {
 	}
 	type rc struct{ name, num, den string }
 	var ratios []rc
-	for _, x := range []rc{{"D÷A", "D", "A"}, {"D÷A2", "D", "A2"}, {"D÷C", "D", "C"}, {"E÷F", "E", "F"}} {
+	for _, x := range []rc{{"D÷A", "D", "A"}, {"D÷A2", "D", "A2"}, {"D÷C", "D", "C"}, {"DP÷D", "DP", "D"}, {"E÷F", "E", "F"}} {
 		if has(x.num) && has(x.den) {
 			ratios = append(ratios, x)
 		}
@@ -568,6 +631,7 @@ func (r *report) Markdown(full bool) string {
 		}
 		b.WriteString("\n")
 	}
+	r.proxyMarkdown(&b)
 	if fails := r.failures(); fails > 0 {
 		fmt.Fprintf(&b, "**%d measurements failed:**\n\n", fails)
 		for _, x := range r.Runs {
@@ -644,7 +708,7 @@ func (r *report) write(dir string) error {
 	return os.WriteFile(filepath.Join(dir, "plot.svg"), []byte(r.SVG()), 0o644)
 }
 
-var colors = map[string]string{"A": "#1f77b4", "A2": "#7fb2dc", "B": "#17becf", "C": "#d62728", "D": "#2ca02c", "D8": "#8fd175", "E": "#9467bd", "F": "#ff7f0e"}
+var colors = map[string]string{"A": "#1f77b4", "A2": "#7fb2dc", "B": "#17becf", "C": "#d62728", "D": "#2ca02c", "DP": "#1b6e1b", "D8": "#8fd175", "E": "#9467bd", "F": "#ff7f0e"}
 
 // SVG draws the plot: rates and CPU as bars, latencies by percentile.
 func (r *report) SVG() string {
@@ -674,7 +738,7 @@ func (r *report) SVG() string {
 		}
 		return out
 	}
-	goIDs := []string{"A", "A2", "B", "C", "D"}
+	goIDs := []string{"A", "A2", "B", "C", "D", "DP"}
 	pyIDs := []string{"E", "F"}
 	at := func(col, row int) (float64, float64) { return float64(col) * pw, 40 + float64(row)*ph }
 	x, y := at(0, 0)
@@ -728,4 +792,28 @@ func plotCount(v float64) string {
 		return fmt.Sprintf("%.1fk", v/1000)
 	}
 	return fmt.Sprintf("%.0f", v)
+}
+
+// proxyMarkdown writes what PROXY v2 costs (DP against D) and what a /metrics scrape costs.
+func (r *report) proxyMarkdown(b *strings.Builder) {
+	if len(r.Proxy) > 0 {
+		b.WriteString("| PROXY v2: DP against D | unit | D baton | DP baton+PROXY | DP÷D | DP−D | DP÷D round by round |\n|---|---|---:|---:|---:|---:|---|\n")
+		for _, v := range r.Proxy {
+			mt := r.metric(v.Key)
+			var rounds []string
+			for _, x := range v.ByRound {
+				rounds = append(rounds, ratio(x))
+			}
+			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s |\n", v.Label, v.Unit, format(*mt, v.Den), format(*mt, v.Num), ratio(v.Ratio), signedIn(*mt, v.Diff), strings.Join(rounds, ", "))
+		}
+		b.WriteString("\n")
+	}
+	if c, ok := r.Table["scrape_cpu"]["DP"]; ok {
+		var rounds []string
+		for _, x := range c.Rounds {
+			rounds = append(rounds, f0(x))
+		}
+		fmt.Fprintf(b, "One Prometheus scrape of batond's /metrics (2 workers, after the storms; %d scrapes in a row over one connection): %s µs of CPU (batond and its idle workers; rounds: %s), %s µs to the last byte (p50), %s bytes.\n\n",
+			r.Plan.Scrapes, f0(c.Median), strings.Join(rounds, ", "), f0(r.med("scrape_p50", "DP")), f0(r.med("scrape_bytes", "DP")))
+	}
 }

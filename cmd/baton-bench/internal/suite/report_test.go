@@ -151,3 +151,60 @@ func TestShq(t *testing.T) {
 		t.Error("unknown mode accepted")
 	}
 }
+
+func TestReportProxy(t *testing.T) {
+	pl, err := plans("full")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfgs []*config
+	for _, c := range configs() {
+		if c.ID == "D" || c.ID == "DP" {
+			cfgs = append(cfgs, c)
+		}
+	}
+	var runs []run
+	add := func(cfg, sc string, round int, r *load.Result) {
+		runs = append(runs, run{Config: cfg, Scenario: sc, Round: round, Result: r})
+	}
+	for round := 1; round <= 3; round++ {
+		k := float64(round)
+		// D: 10,000 conn/s and 60 µs a connection; DP: 9,000 + 100k conn/s and 66 µs + k.
+		add("D", scStormSat, round, &load.Result{PerSec: 10000, P50: 100, ServerCPUPer: 60})
+		add("DP", scStormSat, round, &load.Result{PerSec: 9000 + 100*k, P50: 110, ServerCPUPer: 66 + k, ProxyV2: true})
+		add("D", scStormOpen, round, &load.Result{PerSec: 4000, P50: 50, P99: 200, ServerCPUPer: 80})
+		add("DP", scStormOpen, round, &load.Result{PerSec: 4000, P50: 60, P99: 210, ServerCPUPer: 88, ProxyV2: true})
+		add("D", scSess1, round, &load.Result{P50: 20})
+		add("DP", scSess1, round, &load.Result{P50: 20, ProxyV2: true})
+		add("DP", scScrape, round, &load.Result{Ops: 300, ServerCPUPer: 700 + 100*k, P50: 900, Bytes: 12345})
+	}
+	r := buildReport(Machine{}, pl, cfgs, runs)
+	got := map[string]versus{}
+	for _, v := range r.Proxy {
+		got[v.Key] = v
+	}
+	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
+	if v := got["storm_sat_rate"]; !near(v.Ratio, 0.92) || len(v.ByRound) != 3 || !near(v.ByRound[0], 0.91) || !near(v.ByRound[2], 0.93) {
+		t.Errorf("storm rate DP÷D: %+v", v)
+	}
+	if v := got["storm_sat_cpu"]; v.Diff != 8 || v.Num != 68 {
+		t.Errorf("storm CPU DP−D: %+v", v)
+	}
+	if v := got["storm_open_p50"]; !near(v.Ratio, 1.2) {
+		t.Errorf("open-loop p50 DP÷D: %+v", v)
+	}
+	if _, ok := got["sess_rate"]; ok {
+		t.Error("a metric neither measured compared")
+	}
+	md := r.Markdown(true)
+	for _, want := range []string{"| DP÷D |", "| PROXY v2: DP against D |", "| 0.92 | −800 | 0.91, 0.92, 0.93 |", "| 60.0 | 68.0 | 1.13 | +8.0 |", "900 µs of CPU (batond and its idle workers; rounds: 800, 900, 1,000)", "12,345 bytes"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	// Without DP, nothing of it.
+	r = buildReport(Machine{}, pl, cfgs[:1], runs)
+	if len(r.Proxy) != 0 || strings.Contains(r.Markdown(true), "PROXY v2: DP") {
+		t.Error("a PROXY comparison without DP")
+	}
+}

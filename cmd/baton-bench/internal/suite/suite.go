@@ -56,6 +56,7 @@ type plan struct {
 	ReloadRate   float64       `json:"reload_rate"`
 	ReloadPyRate float64       `json:"reload_py_rate"`
 	ReloadSess   int           `json:"reload_sessions"`
+	Scrapes      int           `json:"scrapes"` // /metrics scrapes measured (CPU is read in clock ticks: enough to fill many)
 	// QuietBudget bounds the time the whole run may spend waiting for the machine to be quiet
 	// before a measurement (and on repeating measurements made under outside load).
 	QuietBudget time.Duration `json:"quiet_budget"`
@@ -68,13 +69,13 @@ func plans(mode string) (plan, error) {
 			Rate: 4000, PyRate: 1000, Sessions: 2500 * time.Millisecond, SessN: 100, Bulk: 2 * time.Second,
 			IdleCounts: []int{10000, 100000}, IdleProcs: 8, IdleSrc: 16, IdleSettle: time.Second, IdlePasses: 1,
 			Reloads: 5, ReloadsPy: 3, ReloadEvery: 2 * time.Second, ReloadLead: time.Second, ReloadTail: time.Second,
-			ReloadRate: 2000, ReloadPyRate: 500, ReloadSess: 50, QuietBudget: 4 * time.Minute}, nil
+			ReloadRate: 2000, ReloadPyRate: 500, ReloadSess: 50, Scrapes: 300, QuietBudget: 4 * time.Minute}, nil
 	case "smoke":
 		return plan{Mode: mode, Rounds: 1, Warmup: 100 * time.Millisecond, Storm: 300 * time.Millisecond, StormConc: 8,
 			Rate: 1000, PyRate: 300, Sessions: 300 * time.Millisecond, SessN: 10, Bulk: 300 * time.Millisecond,
 			IdleCounts: []int{200, 1000}, IdleProcs: 2, IdleSrc: 2, IdleSettle: 100 * time.Millisecond, IdlePasses: 2,
 			Reloads: 1, ReloadsPy: 1, ReloadEvery: 500 * time.Millisecond, ReloadLead: 300 * time.Millisecond, ReloadTail: 300 * time.Millisecond,
-			ReloadRate: 300, ReloadPyRate: 100, ReloadSess: 5, QuietBudget: 5 * time.Second}, nil
+			ReloadRate: 300, ReloadPyRate: 100, ReloadSess: 5, Scrapes: 10, QuietBudget: 5 * time.Second}, nil
 	}
 	return plan{}, fmt.Errorf("unknown mode %q (full, smoke)", mode)
 }
@@ -100,8 +101,8 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	repo := fs.String("repo", ".", "the repository `dir` (for examples/python/lobby.py)")
 	out := fs.String("out", "bench/out", "output `dir`: results.md, results.json, plot.svg")
 	rounds := fs.Int("rounds", 0, "rounds (0: the mode's)")
-	only := fs.String("configs", "", "comma-separated configuration ids to run (default all: A,A2,B,C,D,D8,E,F)")
-	onlySc := fs.String("scenarios", "", "comma-separated scenarios to run (default all: storm-sat, storm-open, sessions-1, sessions-100, bulk, idle, reload)")
+	only := fs.String("configs", "", "comma-separated configuration ids to run (default all: A,A2,B,C,D,DP,D8,E,F)")
+	onlySc := fs.String("scenarios", "", "comma-separated scenarios to run (default all: storm-sat, storm-open, sessions-1, sessions-100, bulk, idle, reload, scrape)")
 	rev := fs.String("rev", "", "the baton revision measured (shown in the results)")
 	from := fs.String("from", "", "measure nothing: read this results.json and write the table and plot again (to -out)")
 	serverCPU := fs.Int("server-cpu", 0, "CPU the server side is pinned to (taskset); -1: no pinning")
@@ -359,6 +360,16 @@ func runScenario(e *env, pl plan, c *config, srv *server, sc, dir string) run {
 		return []string{"-server-pids", strings.Join(s, ",")}
 	}
 	warm := []string{"-warmup", pl.Warmup.String()}
+	if srv.proxy {
+		switch sc {
+		case scStormSat, scStormOpen, scSess1, scSess100:
+			warm = append(warm, "-proxy-v2") // every connection begins with a header, as from a balancer
+		case scScrape: // the metrics listener does not expect PROXY
+		default:
+			r.Error = sc + " does not send PROXY headers"
+			return r
+		}
+	}
 	bound := time.Minute
 	switch sc {
 	case scStormSat:
@@ -389,6 +400,17 @@ func runScenario(e *env, pl plan, c *config, srv *server, sc, dir string) run {
 		args = slices.Concat([]string{"idle"}, args, pids(), mid, []string{"-counts", strings.Join(counts, ","),
 			"-procs", strconv.Itoa(pl.IdleProcs), "-src", strconv.Itoa(pl.IdleSrc), "-timeout", "3s", "-settle", pl.IdleSettle.String(), "-passes", strconv.Itoa(pl.IdlePasses)})
 		bound = time.Duration(pl.IdlePasses) * 5 * time.Minute
+	case scScrape:
+		if srv.metrics == "" {
+			r.Error = "no metrics listener in this configuration"
+			return r
+		}
+		// Only batond's CPU: it answers the scrape from the state it keeps, the workers idle.
+		var mid []string
+		for _, p := range srv.middle {
+			mid = append(mid, strconv.Itoa(p))
+		}
+		args = slices.Concat([]string{"scrape"}, args, []string{"-server-pids", strings.Join(mid, ","), "-url", srv.metrics, "-n", strconv.Itoa(pl.Scrapes)})
 	case scReload:
 		if srv.reload == "" {
 			r.Error = "no reload command for this configuration"

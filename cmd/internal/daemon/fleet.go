@@ -1,0 +1,268 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/baton-gw/baton/agent"
+	"github.com/baton-gw/baton/cmd/internal/admin"
+	"github.com/baton-gw/baton/metrics"
+	"github.com/baton-gw/baton/proxy"
+	"github.com/baton-gw/baton/roster"
+	"github.com/baton-gw/baton/supervisor"
+)
+
+// What batond offers a fleet of hosts behind a balancer: PROXY protocol on the public
+// listeners, HAProxy's agent-check, Prometheus metrics with a health endpoint, and drains of a
+// worker or of the whole host.
+
+// FleetConfig is the fleet part of batond's configuration.
+type FleetConfig struct {
+	ProxyProtocol bool           // every public listener expects a PROXY v1/v2 header
+	ProxyListen   []string       // or only these (-listen addresses; baton.toml proxy_listen)
+	ProxyFrom     []netip.Prefix // balancers allowed to send one (empty: anyone)
+	ProxyTimeout  time.Duration  // a header must arrive within this
+	Agent         string         // HAProxy agent-check address ("" = none)
+	Metrics       string         // Prometheus /metrics and /healthz address ("" = none)
+}
+
+type prefixFlag struct{ v *[]netip.Prefix }
+
+func (p prefixFlag) String() string { return "" }
+func (p prefixFlag) Set(s string) error {
+	pr, err := parsePrefix(s)
+	if err != nil {
+		return err
+	}
+	*p.v = append(*p.v, pr)
+	return nil
+}
+
+// parsePrefix takes a network (10.0.0.0/8) or a single address (10.0.0.1).
+func parsePrefix(s string) (netip.Prefix, error) {
+	if !strings.Contains(s, "/") {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("not an address or network: %q", s)
+		}
+		return netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()), nil
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("not an address or network: %q", s)
+	}
+	return p.Masked(), nil
+}
+
+func (c *FleetConfig) flags(fs *flag.FlagSet) {
+	fs.BoolVar(&c.ProxyProtocol, "proxy-protocol", false, "every public listener expects a PROXY protocol v1/v2 header (from a balancer) before the client's bytes")
+	fs.Var(prefixFlag{&c.ProxyFrom}, "proxy-from", "accept PROXY headers only from this `network` or address (repeatable; default: any)")
+	fs.DurationVar(&c.ProxyTimeout, "proxy-timeout", 3*time.Second, "a PROXY header must arrive within this after connect")
+	fs.StringVar(&c.Agent, "agent", "", "answer HAProxy's agent-check on this TCP `address`")
+	fs.StringVar(&c.Metrics, "metrics", "", "serve Prometheus /metrics and /healthz on this TCP `address`")
+}
+
+// fileFleet are the fleet keys of baton.toml.
+type fileFleet struct {
+	ProxyProtocol *bool     `toml:"proxy_protocol"`
+	ProxyListen   []string  `toml:"proxy_listen"`
+	ProxyFrom     []string  `toml:"proxy_from"`
+	ProxyTimeout  *duration `toml:"proxy_timeout"`
+	Agent         *string   `toml:"agent"`
+	Metrics       *string   `toml:"metrics"`
+}
+
+func (f *fileFleet) apply(c *FleetConfig, set map[string]bool, path string, text []byte) error {
+	if f.ProxyProtocol != nil && !set["proxy-protocol"] {
+		c.ProxyProtocol = *f.ProxyProtocol
+	}
+	if len(f.ProxyListen) > 0 && !set["proxy-protocol"] {
+		c.ProxyListen = f.ProxyListen
+	}
+	if len(f.ProxyFrom) > 0 && !set["proxy-from"] {
+		c.ProxyFrom = nil
+		for _, s := range f.ProxyFrom {
+			p, err := parsePrefix(s)
+			if err != nil {
+				return fmt.Errorf("%w: %s:%d: proxy_from: %v", ErrConfig, path, lineOf(text, "proxy_from"), err)
+			}
+			c.ProxyFrom = append(c.ProxyFrom, p)
+		}
+	}
+	if f.ProxyTimeout != nil && !set["proxy-timeout"] {
+		c.ProxyTimeout = f.ProxyTimeout.Duration
+	}
+	if f.Agent != nil && !set["agent"] {
+		c.Agent = *f.Agent
+	}
+	if f.Metrics != nil && !set["metrics"] {
+		c.Metrics = *f.Metrics
+	}
+	return nil
+}
+
+// fleet is the running part: its listeners (inherited across reloads like the public ones)
+// and the reload counts metrics report.
+type fleet struct {
+	agentL, metricsL net.Listener
+	mu               sync.Mutex
+	reloads          metrics.Reloads
+}
+
+// openFleet opens or inherits the agent and metrics listeners and sets PROXY protocol on the
+// public ones.
+func (d *daemon) openFleet() error {
+	c := d.cfg.Fleet
+	for _, l := range d.lns {
+		if c.ProxyProtocol || slices.Contains(c.ProxyListen, l.Name()) {
+			l.ExpectProxy(proxy.ProxyProtocol{From: c.ProxyFrom, Timeout: c.ProxyTimeout})
+		}
+	}
+	var err error
+	if c.Agent != "" {
+		if d.fleet.agentL, err = d.upg.Listen("tcp", c.Agent); err != nil {
+			return fmt.Errorf("agent-check listener %s: %w", c.Agent, err)
+		}
+	}
+	if c.Metrics != "" {
+		if d.fleet.metricsL, err = d.upg.Listen("tcp", c.Metrics); err != nil {
+			return fmt.Errorf("metrics listener %s: %w", c.Metrics, err)
+		}
+	}
+	return d.loadHostDrain()
+}
+
+// serveFleet answers agent checks and scrapes until ctx ends; the returned function waits for
+// both servers to finish.
+func (d *daemon) serveFleet(ctx context.Context) (wait func()) {
+	var wg sync.WaitGroup
+	if l := d.fleet.agentL; l != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := agent.NewServer(l, d, d.log.Named("agent")).Serve(ctx); err != nil {
+				d.log.Error("agent-check listener", "error", err)
+			}
+		}()
+	}
+	if l := d.fleet.metricsL; l != nil {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", metrics.Handler(d))
+		mux.HandleFunc("GET /healthz", d.healthz)
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ErrorLog: d.log.Named("metrics").StandardLogger(nil)}
+		stop := context.AfterFunc(ctx, func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(sctx)
+		})
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer stop()
+			if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+				d.log.Error("metrics listener", "error", err)
+			}
+		}()
+	}
+	return wg.Wait
+}
+
+// healthz says whether this host can take clients, for balancers without agent-check: 200
+// with the count of serving workers, or 503 with the reason.
+func (d *daemon) healthz(w http.ResponseWriter, _ *http.Request) {
+	ws := d.Workers()
+	ready := supervisor.ReadyIn(ws, d.gen)
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	switch {
+	case d.gw.HostDrained():
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, "drained: the host takes no new clients")
+	case ready == 0:
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, "down: no ready workers")
+	default:
+		fmt.Fprintf(w, "ready: %d of %d workers serve generation %d\n", ready, d.cfg.Workers, d.gen)
+	}
+}
+
+// Sources for agent and metrics.
+
+func (d *daemon) Workers() []roster.Worker                      { return d.sup.Status() }
+func (d *daemon) Generation() uint64                            { return d.gen }
+func (d *daemon) HostDrained() bool                             { return d.gw.HostDrained() }
+func (d *daemon) Gateway() proxy.Stats                          { return d.gw.Stats() }
+func (d *daemon) Latencies() (proxy.Histogram, proxy.Histogram) { return d.gw.Latencies() }
+
+func (d *daemon) Reloads() metrics.Reloads {
+	d.fleet.mu.Lock()
+	defer d.fleet.mu.Unlock()
+	return d.fleet.reloads
+}
+
+// countReload records a reload's outcome for metrics.
+func (d *daemon) countReload(err error, took time.Duration) {
+	d.fleet.mu.Lock()
+	defer d.fleet.mu.Unlock()
+	if err != nil {
+		d.fleet.reloads.Failed++
+	} else {
+		d.fleet.reloads.Succeeded++
+	}
+	d.fleet.reloads.LastDuration = took
+}
+
+// Host drain lasts across reloads and restarts: it is a file in the state directory.
+
+const hostDrainFile = "host-drained"
+
+func (d *daemon) loadHostDrain() error {
+	_, err := os.Stat(filepath.Join(d.cfg.stateDir(), hostDrainFile))
+	switch {
+	case err == nil:
+		d.hostDrainAtReady = true
+	case !errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("host drain state: %w", err)
+	}
+	return nil
+}
+
+// SetHostDrain drains the whole host (on) or ends that, and remembers it.
+func (d *daemon) SetHostDrain(on bool) error {
+	p := filepath.Join(d.cfg.stateDir(), hostDrainFile)
+	var err error
+	if on {
+		err = os.WriteFile(p, []byte(time.Now().UTC().Format(time.RFC3339)+"\n"), 0o600)
+	} else if err = os.Remove(p); errors.Is(err, os.ErrNotExist) {
+		err = nil
+	}
+	if err != nil {
+		return fmt.Errorf("host drain state %s: %w", p, err)
+	}
+	d.gw.SetHostDrain(on)
+	d.log.Info("host drain", "drained", on)
+	return nil
+}
+
+// Steering (admin.Steerer).
+
+func (d *daemon) DrainSlot(slot int, replace bool) error { return d.sup.DrainSlot(slot, replace) }
+func (d *daemon) DrainAll(replace bool) int              { return d.sup.DrainAll(replace) }
+func (d *daemon) Undrain() int                           { return d.sup.Undrain() }
+func (d *daemon) Metrics() http.Handler                  { return metrics.Handler(d) }
+
+// handoffLatency summarises the gateway's handoff latency for status.
+func (d *daemon) handoffLatency() admin.Latency {
+	h, _ := d.gw.Latencies()
+	return admin.Latency{Count: h.Count, P50: h.Quantile(0.5), P99: h.Quantile(0.99)}
+}
