@@ -102,8 +102,15 @@ func (c collector) workers(ch chan<- prometheus.Metric) {
 	byState := map[roster.State]int{}
 	byGen := map[uint64]int{}
 	draining, drainingCli := 0, 0
+	// Two workers can share a slot and generation (a drained worker beside its successor): their
+	// values are summed per label set, as a registry refuses the same labels twice.
+	type key struct {
+		slot int
+		gen  uint64
+	}
+	clients, capacity := map[key]int{}, map[key]int{}
+	restarts := map[int]int{}
 	for _, w := range ws {
-		slot, g := strconv.Itoa(w.Slot), strconv.FormatUint(w.Generation, 10)
 		byState[w.State]++
 		byGen[w.Generation] += w.Clients
 		if w.State == roster.Draining {
@@ -111,12 +118,21 @@ func (c collector) workers(ch chan<- prometheus.Metric) {
 			drainingCli += w.Clients
 		}
 		if w.PID != 0 {
-			ch <- prometheus.MustNewConstMetric(dWorkerCli, prometheus.GaugeValue, float64(w.Clients), slot, g)
-			ch <- prometheus.MustNewConstMetric(dWorkerCap, prometheus.GaugeValue, float64(w.Capacity), slot, g)
+			k := key{w.Slot, w.Generation}
+			clients[k] += w.Clients
+			capacity[k] += w.Capacity
 		}
-		if w.Generation == gen && w.State != roster.Draining {
-			ch <- prometheus.MustNewConstMetric(dRestarts, prometheus.CounterValue, float64(w.Restarts), slot)
+		if w.Generation == gen {
+			restarts[w.Slot] = max(restarts[w.Slot], w.Restarts)
 		}
+	}
+	for k, n := range clients {
+		slot, g := strconv.Itoa(k.slot), strconv.FormatUint(k.gen, 10)
+		ch <- prometheus.MustNewConstMetric(dWorkerCli, prometheus.GaugeValue, float64(n), slot, g)
+		ch <- prometheus.MustNewConstMetric(dWorkerCap, prometheus.GaugeValue, float64(capacity[k]), slot, g)
+	}
+	for slot, n := range restarts {
+		ch <- prometheus.MustNewConstMetric(dRestarts, prometheus.CounterValue, float64(n), strconv.Itoa(slot))
 	}
 	for _, s := range states {
 		ch <- prometheus.MustNewConstMetric(dWorkers, prometheus.GaugeValue, float64(byState[s]), string(s))

@@ -18,6 +18,8 @@ func (fake) Workers() []roster.Worker {
 		{Slot: 0, Generation: 3, PID: 10, State: roster.Ready, Connected: true, Clients: 5, Capacity: 100, Restarts: 2},
 		{Slot: 1, Generation: 3, PID: 11, State: roster.CrashLoop},
 		{Slot: 0, Generation: 2, PID: 7, State: roster.Draining, Clients: 4, Capacity: 100},
+		// A drained worker beside its successor: same slot and generation.
+		{Slot: 1, Generation: 3, PID: 12, State: roster.Draining, Clients: 3, Capacity: 100},
 	}
 }
 func (fake) Generation() uint64 { return 3 }
@@ -36,6 +38,9 @@ func (fake) HostDrained() bool { return true }
 func TestScrape(t *testing.T) {
 	rec := httptest.NewRecorder()
 	Handler(fake{}).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if rec.Code != 200 {
+		t.Fatalf("scrape: %d %s", rec.Code, rec.Body)
+	}
 	body, _ := io.ReadAll(rec.Body)
 	text := string(body)
 	for _, want := range []string{
@@ -48,19 +53,23 @@ func TestScrape(t *testing.T) {
 		"baton_handoff_latency_seconds_sum 0.09",
 		`baton_worker_clients{generation="3",slot="0"} 5`,
 		`baton_worker_clients{generation="2",slot="0"} 4`,
+		`baton_worker_clients{generation="3",slot="1"} 3`,
 		`baton_generation_clients{generation="2"} 4`,
 		`baton_workers{state="crashloop"} 1`,
 		`baton_workers{state="backoff"} 0`,
 		`baton_worker_restarts_total{slot="0"} 2`,
 		`baton_reloads_total{outcome="failed"} 1`,
 		"baton_last_reload_duration_seconds 1.5",
-		"baton_draining_clients 4",
+		"baton_draining_clients 7",
 		"baton_host_drained 1",
 		"baton_generation 3",
 		"process_open_fds ",
 		"go_goroutines ",
 	} {
-		if !strings.Contains(text, want+"\n") && !strings.Contains(text, want) {
+		if !strings.HasSuffix(want, " ") {
+			want += "\n" // a whole value: "} 2" must not match "} 20"
+		}
+		if !strings.Contains(text, want) {
 			t.Errorf("scrape lacks %q", want)
 		}
 	}

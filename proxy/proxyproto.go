@@ -199,7 +199,9 @@ func (h *headerStage) add(l *Listener, fd int, client, local netip.AddrPort, now
 	h.g.mu.Lock()
 	h.g.inflight++
 	h.g.mu.Unlock()
-	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP, Fd: int32(fd)}
+	// Edge-triggered: the stage only peeks, so a partial header would keep a level-triggered
+	// socket ready (and the loop spinning) until its timeout; each new segment is a new edge.
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
 	if err := unix.EpollCtl(h.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		h.drop(p, ReasonSocket)
 	}
@@ -289,7 +291,7 @@ func (h *headerStage) run() {
 			p := h.pending[int(ev.Fd)]
 			h.mu.Unlock()
 			if p != nil {
-				h.read(p)
+				h.read(p, ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0)
 			}
 		}
 		h.expire(time.Now())
@@ -297,11 +299,14 @@ func (h *headerStage) run() {
 }
 
 // read takes p's header once it is all there and dispatches the connection.
-func (h *headerStage) read(p *pendingHeader) {
+func (h *headerStage) read(p *pendingHeader, hangup bool) {
 	client, local, done, err := takeHeader(p.fd, h.buf, p.client, p.local)
 	switch {
+	case !done && hangup:
+		h.drop(p, ReasonProxyInvalid) // the peer is done sending and the header is incomplete
+		return
 	case !done:
-		return // more to come
+		return // more to come (the next segment is a new edge)
 	case err != nil:
 		h.g.log.Debug("proxy protocol: no valid header; closing", "peer", p.client, "error", err)
 		h.drop(p, reasonFor(err))
