@@ -10,7 +10,16 @@ It speaks lines over TCP, so `nc` is a client:
 
 On connect it tells which worker hosts you (pid, slot, generation) and asks for a name. Rooms
 and names live in one worker process: players handed to another worker by batond are in other
-rooms, even if the rooms have the same name. /help lists the commands.
+rooms, even if the rooms have the same name. /help lists the commands; /stats shows this worker's
+clients, rooms and generation.
+
+What makes it a game server to copy rather than a toy:
+  - output never blocks: a broadcast queues a line on each player's transport; a player whose
+    queue passes MAX_BUFFERED (it does not read) is cut off with a reason line, and its room
+    goes on (Player.send, Lobby.overflow);
+  - --idle-timeout SECONDS drops players who send nothing for that long (default: never);
+  - on DRAIN (batond reloads) players are told and play on; on SIGTERM (batond's drain deadline,
+    or a stop) each player gets a goodbye line, and the worker exits once they are gone.
 
 --direct serves the same lobby with plain asyncio.start_server, without baton, to compare
 direct accept with handoff in benchmarks (/ping answers pong on a short path for that).
@@ -27,7 +36,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "worker" / "python"))
 
@@ -37,8 +46,10 @@ log = logging.getLogger("lobby")
 
 #: Longest line a client may send, in bytes before the newline; a longer one ends the session.
 MAX_LINE = 1024
-#: Output queued for a client that does not read; past it the client is dropped.
+#: Output queued for a client that does not read; past it the client is cut off with a reason.
 MAX_BUFFERED = 256 * 1024
+#: Seconds a cut-off (or, at shutdown, every) client gets to take its last line before a reset.
+CLOSE_GRACE = 2.0
 #: Chat lines a client may send per second (sustained), and in a burst.
 CHAT_RATE, CHAT_BURST = 10.0, 20.0
 #: Room everybody joins once named.
@@ -50,6 +61,9 @@ UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u
 
 PING, PING_CRLF, PONG = b"/ping\n", b"/ping\r\n", b"pong\n"
 
+#: What every player reads when the worker stops (SIGTERM: batond's drain deadline or stop).
+GOODBYE = "* this server is shutting down: goodbye! (reconnect to play on)"
+
 HELP = """commands:
   /name NAME   choose or change your name (letters, digits, _ and -, up to 24)
   /rooms       rooms on this worker, with player counts
@@ -57,6 +71,7 @@ HELP = """commands:
   /leave       leave your room
   /who         who is in your room
   /where       which worker process hosts you (pid, slot, generation)
+  /stats       this worker's clients, rooms and generation
   /ping        answers pong
   /quit        leave the lobby
   anything else is said to everyone in your room.
@@ -64,26 +79,42 @@ rooms and names are per worker process: players on other workers do not see your
 
 
 class Player:
-    """One connected client."""
+    """One connected client: the state the game keeps per connection.
 
-    __slots__ = ("name", "room", "writer", "tokens", "stamp")
+    Output goes through ``send``, which never blocks: it queues on the transport, and a client
+    whose queue passes MAX_BUFFERED (it does not read) is handed to ``overflow``, which cuts it
+    off. So one slow reader costs at most MAX_BUFFERED bytes and never holds up its room.
+    """
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    __slots__ = ("name", "room", "writer", "tokens", "stamp", "overflow")
+
+    def __init__(self, writer: asyncio.StreamWriter, overflow: Callable[["Player"], None]) -> None:
         self.name: Optional[str] = None
         self.room: Optional[str] = None
         self.writer = writer
         self.tokens = CHAT_BURST
         self.stamp = time.monotonic()
+        self.overflow = overflow
 
     def send(self, line: str) -> None:
-        """Queue a line; a client that lets too much pile up is dropped."""
+        """Queue a line; past MAX_BUFFERED queued bytes the client is cut off."""
         t = self.writer.transport
         if t.is_closing():
             return
         self.writer.write(line.encode("utf-8", "replace") + b"\n")
         if t.get_write_buffer_size() > MAX_BUFFERED:
-            log.info("dropping %s: not reading its output", self.name or "a client")
-            t.abort()
+            self.overflow(self)
+
+    def hang_up(self, last_line: str) -> None:
+        """Queue a last line past the bound, close, and reset the connection if the client has
+        not taken everything within CLOSE_GRACE. Later sends are dropped (the transport is
+        closing), so the queue stops growing here."""
+        t = self.writer.transport
+        if t.is_closing():
+            return
+        self.writer.write(last_line.encode("utf-8", "replace") + b"\n")
+        t.close()
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, t.abort)
 
     def may_chat(self) -> bool:
         """Token bucket: CHAT_RATE lines per second, bursts of CHAT_BURST."""
@@ -103,13 +134,17 @@ class Lobby:
     whether batond is draining it.
     """
 
-    def __init__(self, where: str, idle_timeout: float = 0.0, draining=lambda: False) -> None:
+    def __init__(self, where: str, idle_timeout: float = 0.0, draining: Callable[[], bool] = lambda: False) -> None:
         self.where = where
         self.idle_timeout = idle_timeout
         self.draining = draining
         self.rooms: Dict[str, Set[Player]] = {}
         self.names: Dict[str, Player] = {}
         self.players: Set[Player] = set()
+        # For /stats: sessions since start, and clients cut off for not reading or for idling.
+        self.served = 0
+        self.cut_slow = 0
+        self.cut_idle = 0
 
     # ---------------------------------------------------------------- state
 
@@ -163,19 +198,41 @@ class Lobby:
             if p.room is not None:
                 self.broadcast(p.room, "* %s is now known as %s" % (old, name))
 
+    def overflow(self, p: Player) -> None:
+        """p does not read its output: cut it off with a reason; its room goes on without it."""
+        log.info("cutting off %s: %d bytes queued, not reading", p.name or "a client", MAX_BUFFERED)
+        self.cut_slow += 1
+        p.hang_up("error: you are not reading (more than %d bytes queued); bye" % MAX_BUFFERED)
+        self.remove(p)  # now, not when the session ends: the room stops sending to it at once
+
     def remove(self, p: Player) -> None:
         self.leave(p, quiet=True)
         if p.name is not None and self.names.get(p.name) is p:
             del self.names[p.name]
         self.players.discard(p)
 
-    async def shutdown(self, timeout: float = 2.0) -> None:
-        """Hang up on everybody and wait (a little) for their sessions to end."""
+    async def shutdown(self, goodbye: str = GOODBYE, timeout: float = CLOSE_GRACE + 1) -> None:
+        """Say goodbye to everybody, hang up, and wait (a little) for their sessions to end.
+
+        Each player gets the goodbye line after what is already queued for it; one that does
+        not take it within CLOSE_GRACE is reset (Player.hang_up)."""
         for p in list(self.players):
-            p.writer.transport.abort()
+            p.hang_up(goodbye)
         deadline = time.monotonic() + timeout
         while self.players and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+
+    def stats(self) -> str:
+        named = sum(1 for p in self.players if p.name is not None)
+        return "stats: %s; %d clients (%d named) in %d rooms, %d since start; cut off: %d not reading, %d idle" % (
+            self.where + (", draining" if self.draining() else ""),
+            len(self.players),
+            named,
+            len(self.rooms),
+            self.served,
+            self.cut_slow,
+            self.cut_idle,
+        )
 
     def announce(self, line: str) -> None:
         for p in list(self.players):
@@ -208,6 +265,8 @@ class Lobby:
                 p.send(h)
         elif cmd == "/where":
             p.send(self.where + (", draining" if self.draining() else ""))
+        elif cmd == "/stats":
+            p.send(self.stats())
         elif cmd == "/name":
             self.rename(p, arg)
         elif cmd == "/rooms":
@@ -244,8 +303,9 @@ class Lobby:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one client (same signature as an asyncio.start_server callback)."""
-        p = Player(writer)
+        p = Player(writer, self.overflow)
         self.players.add(p)
+        self.served += 1
         try:
             p.send("welcome to the baton lobby; you are on " + self.where)
             p.send("what is your name? (letters, digits, _ and -; /help for commands)")
@@ -275,6 +335,7 @@ class Lobby:
                 p.send("error: line longer than %d bytes; bye" % MAX_LINE)
                 return
             except asyncio.TimeoutError:
+                self.cut_idle += 1
                 p.send("idle for %gs; bye" % self.idle_timeout)
                 return
             if raw == PING or raw == PING_CRLF:  # the benchmark path: keep it short
@@ -282,8 +343,8 @@ class Lobby:
                 if transport.get_write_buffer_size() > MAX_BUFFERED:
                     await writer.drain()
                 continue
-            if not self.command(p, clean(raw)):
-                return
+            if not self.command(p, clean(raw)) or transport.is_closing():
+                return  # /quit, or cut off (Lobby.overflow) by a reply to its own command
             if transport.get_write_buffer_size() > 64 * 1024:
                 await writer.drain()  # our own replies pile up: stop reading this client for now
 

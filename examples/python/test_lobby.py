@@ -232,28 +232,135 @@ class LobbyTest(unittest.IsolatedAsyncioTestCase):
         lines = await m.until("slow down")
         self.assertLessEqual(sum(1 for x in lines if x.startswith("[lobby] mia: spam")), lobby.CHAT_BURST + 2)
 
-    async def test_client_that_does_not_read_is_dropped(self):
-        p = await Client.connect(self.port)
-        self.clients.append(p)
-        p.w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await p.say("pete")
-        await p.until("pete joined")
-        p.w.transport.pause_reading()  # pete stops reading
-        server_side = self.lobby.names["pete"].writer.get_extra_info("socket")
-        server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    async def test_slow_reader_is_cut_and_room_goes_on(self):
+        """A client that never reads while others chat: it is cut off with a reason line, its
+        queue never grows past the bound, and everybody else gets every line, in order."""
         old, lobby.MAX_BUFFERED = lobby.MAX_BUFFERED, 32 * 1024
         self.addCleanup(setattr, lobby, "MAX_BUFFERED", old)
-        # Fill pete's queue through the chat of many talkers (each within its rate limit).
-        talkers = [await self.join("t%d" % i) for i in range(6)]
-        big = "z" * 900
-        deadline = time.monotonic() + 10
-        while "pete" in self.lobby.names and time.monotonic() < deadline:
-            for t in talkers:
-                await t.say(big)
-            await asyncio.sleep(0.1)
+        pete = await Client.connect(self.port)
+        self.clients.append(pete)
+        pete.w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await pete.say("pete")
+        await pete.until("pete joined")
+        pete.w.transport.pause_reading()  # pete stops reading
+        pete_transport = self.lobby.names["pete"].writer.transport
+        pete_transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+        talkers = [await self.join("t%d" % i) for i in range(4)]
+        quinn = await self.join("quinn")  # listens only
+        everyone = talkers + [quinn]
+        for c in talkers:  # drain the join notices, so what follows is chat only
+            await c.until("* quinn joined")
+        heard: List[List[str]] = [[] for _ in everyone]
+
+        async def listen(i: int) -> None:
+            while True:
+                line = await everyone[i].line(10)
+                heard[i].append(line)
+                if line == "[lobby] quinn: over":
+                    return
+
+        listeners = [asyncio.ensure_future(listen(i)) for i in range(len(everyone))]
+        self.addCleanup(lambda: [t.cancel() for t in listeners])
+        pad = "z" * 900
+        rounds, peak, cut_at, pete_data = 0, 0, None, None
+        deadline = time.monotonic() + 30
+        # Each talker says one line a round (within the chat rate); 10 rounds go on after the cut.
+        while (cut_at is None or rounds < cut_at + 10) and time.monotonic() < deadline:
+            for i, t in enumerate(talkers):
+                await t.say("t%d %d %s" % (i, rounds, pad))
+            rounds += 1
+            await asyncio.sleep(0.12)
+            peak = max(peak, pete_transport.get_write_buffer_size())
+            if cut_at is None and "pete" not in self.lobby.names:
+                cut_at = rounds
+                # pete reads now, within CLOSE_GRACE: what was queued, the reason, then EOF
+                pete.w.transport.resume_reading()
+                pete_data = asyncio.ensure_future(pete.eof(10))
+        self.assertIsNotNone(cut_at, "pete was never cut off")
+        # memory bounded: the queue passed the bound by at most one line, plus the reason
+        self.assertLessEqual(peak, lobby.MAX_BUFFERED + 2 * 1024)
+        self.assertEqual(self.lobby.cut_slow, 1)
+        tail = (await pete_data).decode().rstrip("\n").rsplit("\n", 1)[-1]
+        self.assertEqual(tail, "error: you are not reading (more than 32768 bytes queued); bye")
+
+        await quinn.say("over")
+        await asyncio.wait_for(asyncio.gather(*listeners), 20)
+        want = ["[lobby] t%d: t%d %d %s" % (i, i, k, pad) for k in range(rounds) for i in range(len(talkers))]
+        for i, lines in enumerate(heard):
+            chat = [x for x in lines if x.startswith("[lobby] t")]
+            self.assertEqual(chat, want, "player %d missed or reordered lines" % i)
+            self.assertIn("* pete left [lobby]", lines)
+        await quinn.say("/who")
+        self.assertEqual((await quinn.until("in [lobby]"))[-1], "in [lobby]: quinn, t0, t1, t2, t3")
         self.assertNotIn("pete", self.lobby.names)
-        await talkers[0].say("/who")
-        self.assertNotIn("pete", (await talkers[0].until("in [lobby]"))[-1])
+        self.assertEqual(len(self.lobby.players), len(everyone))
+
+    async def test_stats(self):
+        a = await self.join("ann")
+        b = await self.join("bea")
+        anon = await Client.connect(self.port)  # not named yet
+        self.clients.append(anon)
+        await anon.until("what is your name")
+        await b.say("/join arena")
+        await b.until("* bea joined [arena]")
+        await a.until("* bea left [lobby]")
+        await a.say("/stats")
+        self.assertEqual(
+            await a.line(),
+            "stats: worker pid %d, direct (no batond); 3 clients (2 named) in 2 rooms, 3 since start; "
+            "cut off: 0 not reading, 0 idle" % os.getpid(),
+        )
+        anon.close()
+        self.clients.remove(anon)
+        deadline = time.monotonic() + 5
+        while len(self.lobby.players) > 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await expect_stats(a, "2 clients (2 named) in 2 rooms, 3 since start")
+
+    async def test_shutdown_says_goodbye(self):
+        a = await self.join("cy")
+        b = await self.join("di")
+        await a.until("di joined")
+        await asyncio.wait_for(self.lobby.shutdown(), lobby.CLOSE_GRACE + 2)
+        for c in (a, b):
+            self.assertTrue((await c.eof()).decode().endswith(lobby.GOODBYE + "\n"))
+        self.assertEqual(self.lobby.players, set())
+
+
+async def expect_stats(c: Client, want: str) -> None:
+    await c.say("/stats")
+    line = await c.line()
+    if want not in line:
+        raise AssertionError("%r not in %r" % (want, line))
+
+
+class IdleTest(unittest.IsolatedAsyncioTestCase):
+    async def test_idle_client_is_dropped_active_one_stays(self):
+        server, lob = await lobby.serve_direct("127.0.0.1", 0, idle_timeout=0.5)
+        self.addAsyncCleanup(server.wait_closed)
+        self.addCleanup(server.close)
+        self.addAsyncCleanup(lob.shutdown)
+        port = server.sockets[0].getsockname()[1]
+        idle, busy = await Client.connect(port), await Client.connect(port)
+        self.addCleanup(idle.close)
+        self.addCleanup(busy.close)
+        for c, name in ((idle, "ida"), (busy, "bo")):
+            await c.until("what is your name")
+            await c.say(name)
+            await c.until("* %s joined" % name)
+        start = time.monotonic()
+        for _ in range(10):  # busy speaks every 0.2 s for 2 s, idle says nothing
+            await busy.say("/ping")
+            await asyncio.sleep(0.2)
+        data = (await idle.eof()).decode()
+        self.assertTrue(data.endswith("idle for 0.5s; bye\n"), data)
+        self.assertLess(time.monotonic() - start, 5)
+        await busy.say("/stats")
+        lines = await busy.until("stats:")
+        self.assertIn("* ida left [lobby]", lines)
+        self.assertIn("1 clients (1 named)", lines[-1])
+        self.assertTrue(lines[-1].endswith("cut off: 0 not reading, 1 idle"), lines[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +456,37 @@ class ProcessTest(unittest.TestCase):
         c.sendall(b"/quit\n")
         self.assertEqual(ch.expect_ids(T.CLOSED), [cid])
         self.assertEqual(p.wait(10), 0)  # drained and idle: exits
+
+    def test_lobby_stats_and_goodbye_on_sigterm(self):
+        gw = FakeGateway()
+        self.addCleanup(gw.close)
+        p, ch = self.under_gateway("lobby.py", gw)
+        conns = [gw.hand_off(ch) for _ in range(2)]
+        for i, (_, c) in enumerate(conns):
+            recv_lines(c, 2)
+            c.sendall(b"p%d\n" % i)
+            recv_lines(c, 2)  # hello, own join
+        ch.send(bw.encode_drain(60000))
+        c = conns[0][1]
+        self.assertIn("being replaced", recv_lines(c, 2)[-1])
+        c.sendall(b"/stats\n")
+        stats = recv_lines(c, 1)[0]
+        self.assertEqual(
+            stats,
+            "stats: worker pid %d, slot 5, generation 12, draining; 2 clients (2 named) in 1 rooms, "
+            "2 since start; cut off: 0 not reading, 0 idle" % p.pid,
+        )
+        p.send_signal(signal.SIGTERM)  # batond's drain deadline passed
+        for _, c in conns:
+            c.settimeout(10)
+            data = b""
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    break
+                data += d
+            self.assertTrue(data.decode().endswith(lobby.GOODBYE + "\n"), data)
+        self.assertEqual(p.wait(10), 0)
 
     def test_echo_behind_gateway(self):
         gw = FakeGateway()
