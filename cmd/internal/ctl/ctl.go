@@ -126,11 +126,8 @@ func status(c *admin.Client, timeout time.Duration, args []string, stdout, stder
 	if code, done := cmd.parse(args, 0, stdout, stderr); done {
 		return code
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	st, err := c.Status(ctx)
-	if err != nil {
-		fmt.Fprintln(stderr, "batonctl:", err)
+	st, ok := fetchStatus(c, timeout, stderr)
+	if !ok {
 		return exitFailed
 	}
 	if *asJSON {
@@ -153,4 +150,16 @@ func printStatus(w io.Writer, st admin.Status) {
 		fmt.Fprintln(w, "host drained: balancers are told to send no new clients")
 	}
 	workerTable(w, st)
+}
+
+// fetchStatus asks for the status within timeout; on failure it says why on stderr.
+func fetchStatus(c *admin.Client, timeout time.Duration, stderr io.Writer) (admin.Status, bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil {
+		fmt.Fprintln(stderr, "batonctl:", err)
+		return st, false
+	}
+	return st, true
 }

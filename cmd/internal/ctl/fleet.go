@@ -79,11 +79,8 @@ func workers(c *admin.Client, timeout time.Duration, args []string, stdout, stde
 	if code, done := cmd.parse(args, 0, stdout, stderr); done {
 		return code
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	st, err := c.Status(ctx)
-	if err != nil {
-		fmt.Fprintln(stderr, "batonctl:", err)
+	st, ok := fetchStatus(c, timeout, stderr)
+	if !ok {
 		return exitFailed
 	}
 	yes := map[bool]string{true: "yes", false: "no"}
