@@ -227,6 +227,7 @@ type sysd struct {
 // passes its death on to its child (--kill-child).
 func bootSystemd(t *testing.T, unitDir string) *sysd {
 	t.Helper()
+	heavyTest(t)
 	requireTools(t, "unshare", "nsenter", "mount", "/lib/systemd/systemd")
 	s := &sysd{t: t, pidfd: -1, exited: make(chan struct{}), out: &syncBuffer{}}
 	cmd := exec.Command("unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts", "--ipc",

@@ -44,6 +44,7 @@ const (
 func TestMultiHost(t *testing.T) {
 	start := time.Now()
 	needMultiHostTools(t)
+	heavyTest(t)
 	build(t)
 	n := newTestNet(t, 3)
 	hosts := []*host{
