@@ -90,7 +90,7 @@ func (ch *Channel) Close() error { return ch.c.Close() }
 // It sends like TrySend (a raw, non-blocking sendmsg; see doSend) and parks only on a full
 // queue.
 func (ch *Channel) Send(msg []byte) error {
-	if len(msg) > MaxMessage {
+	if tooBig(msg) {
 		return ErrTooBig
 	}
 	ch.smu.Lock()
@@ -116,7 +116,7 @@ func (ch *Channel) TrySend(msg []byte, fd int) error {
 
 // TrySendFDs is TrySend with up to MaxConns fds attached (a CONNS), in order.
 func (ch *Channel) TrySendFDs(msg []byte, fds []int) error {
-	if len(msg) > MaxMessage {
+	if tooBig(msg) {
 		return ErrTooBig
 	}
 	if len(fds) > MaxConns {
@@ -300,7 +300,7 @@ func (ch *Channel) recv(buf []byte, fds []int, fn func(uintptr) bool) (msg []byt
 	t := Type(msg[0])
 	want := 0
 	switch t {
-	case TypeConn:
+	case TypeConn, TypeHandback, TypeResume:
 		want = 1
 	case TypeConns:
 		want = ConnsCount(msg) // 0 if too short to say: the decoder reports it malformed

@@ -41,6 +41,11 @@ const (
 	TypeDrain   Type = 0x0A
 	TypeRefuse  Type = 0x0B // 1.1: only to a gateway whose WELCOME has WelcomeRefuse
 	TypeConns   Type = 0x0C // 1.2: only to a worker whose WELCOME has WelcomeBatch
+	// 1.4, only where WELCOME has WelcomeMigrate (migrate.go):
+	TypeMigrate  Type = 0x0D // gateway → worker: hand these sessions back
+	TypeHandback Type = 0x0E // worker → gateway: one session, its socket and its state
+	TypeDecline  Type = 0x0F // worker → gateway: sessions it keeps
+	TypeResume   Type = 0x10 // gateway → worker: a CONN carrying a migrated session's state
 
 	// TypeOptional is the first optional type: receivers ignore unknown types at or above it.
 	TypeOptional Type = 0x80
@@ -50,6 +55,7 @@ var typeNames = [...]string{
 	TypeHello: "HELLO", TypeWelcome: "WELCOME", TypeError: "ERROR", TypeReady: "READY",
 	TypeAck: "ACK", TypeClosed: "CLOSED", TypePing: "PING", TypePong: "PONG",
 	TypeConn: "CONN", TypeDrain: "DRAIN", TypeRefuse: "REFUSE", TypeConns: "CONNS",
+	TypeMigrate: "MIGRATE", TypeHandback: "HANDBACK", TypeDecline: "DECLINE", TypeResume: "RESUME",
 }
 
 func (t Type) String() string {
@@ -85,6 +91,7 @@ const (
 	HelloDraining HelloFlags = 1 << 1 // told to drain before the channel dropped
 	HelloNonblock HelloFlags = 1 << 2 // asks for CONN fds in non-blocking mode
 	HelloBatch    HelloFlags = 1 << 3 // takes CONNS: several connections, and fds, in one message
+	HelloMigrate  HelloFlags = 1 << 4 // answers MIGRATE and takes RESUME (1.4)
 )
 
 // WelcomeFlags are the flags of a WELCOME: what the gateway granted of what HELLO asked.
@@ -101,6 +108,9 @@ const (
 	WelcomeRefuse WelcomeFlags = 1 << 1
 	// WelcomeBatch: the gateway may send CONNS (granted to a HELLO with HelloBatch).
 	WelcomeBatch WelcomeFlags = 1 << 2
+	// WelcomeMigrate (1.4): the gateway may send MIGRATE and RESUME, and reads HANDBACK and
+	// DECLINE (granted to a HELLO with HelloMigrate).
+	WelcomeMigrate WelcomeFlags = 1 << 3
 )
 
 // MaxConns is the most connections (and so fds) one CONNS carries. Past 16 fds a message,
@@ -289,10 +299,7 @@ func AppendNonce(b []byte, t Type, nonce uint64) []byte {
 // AppendConn appends a CONN (its fd travels separately, see Channel.TrySend).
 func AppendConn(b []byte, c *ConnInfo) []byte {
 	b, s := begin(b, TypeConn)
-	b = le.AppendUint64(b, c.ID)
-	b = appendAddr(b, c.Client)
-	b = appendAddr(b, c.Local)
-	b = appendStr(b, c.Listener)
+	b = appendConnFields(b, c)
 	return finish(b, s)
 }
 
@@ -326,10 +333,7 @@ func AppendConns(b []byte, n int, info func(i int) *ConnInfo) []byte {
 		c := info(i)
 		at := len(b)
 		b = append(b, 0, 0)
-		b = le.AppendUint64(b, c.ID)
-		b = appendAddr(b, c.Client)
-		b = appendAddr(b, c.Local)
-		b = appendStr(b, c.Listener)
+		b = appendConnFields(b, c)
 		le.PutUint16(b[at:], uint16(len(b)-at-2))
 	}
 	return finish(b, s)
@@ -382,7 +386,7 @@ func Split(msg []byte) (Type, []byte, error) {
 	if len(msg) < HeaderLen {
 		return 0, nil, fmt.Errorf("%w: %d bytes, shorter than the header", ErrMalformed, len(msg))
 	}
-	if len(msg) > MaxMessage {
+	if len(msg) > MaxMessage && (len(msg) > MaxLargeMessage || !Type(msg[0]).Large()) {
 		return 0, nil, fmt.Errorf("%w: %d bytes", ErrTooBig, len(msg))
 	}
 	n := int(le.Uint16(msg[2:]))
@@ -562,10 +566,7 @@ func ParseNonce(t Type, body []byte) (uint64, error) {
 // ParseConn decodes a CONN body into c.
 func ParseConn(body []byte, c *ConnInfo) error {
 	r := reader{b: body, msg: TypeConn}
-	c.ID = r.u64("conn_id")
-	c.Client = r.addr("client")
-	c.Local = r.addr("local")
-	c.Listener = r.str("listener")
+	r.conn(c)
 	return r.err
 }
 

@@ -148,7 +148,7 @@ func TestTrailingFieldsIgnored(t *testing.T) {
 }
 
 func TestTypeClasses(t *testing.T) {
-	if !TypeConn.Known() || Type(0x0D).Known() || Type(0x0D).Optional() || !TypeConns.Known() || !TypeRefuse.Known() || !Type(0x80).Optional() {
+	if !TypeConn.Known() || Type(0x11).Known() || Type(0x11).Optional() || !TypeResume.Known() || !TypeConns.Known() || !TypeRefuse.Known() || !Type(0x80).Optional() {
 		t.Fatal("type classes wrong")
 	}
 	if v, ok := ChooseVersion(1, 5); !ok || v != 1 {
