@@ -43,6 +43,7 @@ type Migrate struct {
 // Handback is a HANDBACK: one session given back to the gateway, whose socket travels with it.
 type Handback struct {
 	Conn      ConnInfo // the session's id as the worker knows it, and its addresses
+	Hops      uint32   // times the session moved before (its RESUME's hops; 0 if it came as a CONN)
 	Group     string   // sessions of one group (a room, a match) land on one worker; "" for none
 	GroupSize uint32   // sessions of Group this worker hands back for this MIGRATE (0 without a group)
 	State     []byte   // opaque to the gateway, at most MaxState bytes
@@ -107,6 +108,7 @@ func AppendHandback(b []byte, h *Handback) ([]byte, error) {
 	}
 	b, s := begin(b, TypeHandback)
 	b = appendConnFields(b, &h.Conn)
+	b = le.AppendUint32(b, h.Hops)
 	b = appendStr(b, h.Group)
 	b = le.AppendUint32(b, h.GroupSize)
 	b = appendState(b, h.State)
@@ -149,6 +151,7 @@ func ParseHandback(body []byte) (Handback, error) {
 	r := reader{b: body, msg: TypeHandback}
 	var h Handback
 	r.conn(&h.Conn)
+	h.Hops = r.u32("hops")
 	h.Group = r.str("group")
 	h.GroupSize = r.u32("group_size")
 	h.State = r.state()

@@ -41,7 +41,7 @@ func TestHandbackAndResumeRoundTrip(t *testing.T) {
 	conn := ConnInfo{ID: 42, Client: netip.MustParseAddrPort("[2001:db8::1]:4000"),
 		Local: netip.MustParseAddrPort("10.0.0.1:7000"), Listener: "game"}
 	state := bytes.Repeat([]byte{0xab}, MaxState)
-	h := &Handback{Conn: conn, Group: "room 3", GroupSize: 10, State: state}
+	h := &Handback{Conn: conn, Hops: 1, Group: "room 3", GroupSize: 10, State: state}
 	msg, err := AppendHandback(nil, h)
 	if err != nil {
 		t.Fatal(err)

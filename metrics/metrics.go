@@ -27,6 +27,7 @@ type Source interface {
 	Latencies() (handoff, queue proxy.Histogram)
 	Reloads() Reloads
 	HostDrained() bool
+	Migration() proxy.MigrationStats
 }
 
 const ns = "baton"
@@ -55,6 +56,8 @@ var (
 	dDrainingCli  = desc("draining_clients", "Client connections held by draining workers.")
 	dGeneration   = desc("generation", "The serving generation.")
 	dHostDrained  = desc("host_drained", "1 while an operator has drained the whole host.")
+	dMigrated     = desc("migrated_sessions_total", "Live sessions in migration, by step: handed_back by a worker, resumed (acknowledged) by another, declined (kept by their worker).", "step")
+	dMigrating    = desc("migrating_sessions", "Sessions batond holds between a worker's handback and the next worker's acknowledgement.")
 )
 
 // states are the worker states always reported (0 when none), so a query never misses one.
@@ -66,7 +69,7 @@ type collector struct{ src Source }
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{dAccepted, dHandedOff, dClosed, dRedispatched, dAcceptErrors, dInFlight,
 		dHandoff, dQueue, dWorkerCli, dWorkerCap, dGenCli, dWorkers, dRestarts, dReloads, dReloadDur,
-		dDraining, dDrainingCli, dGeneration, dHostDrained} {
+		dDraining, dDrainingCli, dGeneration, dHostDrained, dMigrated, dMigrating} {
 		ch <- d
 	}
 }
@@ -80,6 +83,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(dReloadDur, prometheus.GaugeValue, r.LastDuration.Seconds())
 	ch <- prometheus.MustNewConstMetric(dGeneration, prometheus.GaugeValue, float64(c.src.Generation()))
 	ch <- prometheus.MustNewConstMetric(dHostDrained, prometheus.GaugeValue, b2f(c.src.HostDrained()))
+	m := c.src.Migration()
+	ch <- prometheus.MustNewConstMetric(dMigrated, prometheus.CounterValue, float64(m.HandedBack), "handed_back")
+	ch <- prometheus.MustNewConstMetric(dMigrated, prometheus.CounterValue, float64(m.Resumed), "resumed")
+	ch <- prometheus.MustNewConstMetric(dMigrated, prometheus.CounterValue, float64(m.Declined), "declined")
+	ch <- prometheus.MustNewConstMetric(dMigrating, prometheus.GaugeValue, float64(m.Migrating))
 }
 
 func (c collector) gateway(ch chan<- prometheus.Metric) {

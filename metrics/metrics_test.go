@@ -34,6 +34,9 @@ func (fake) Reloads() Reloads {
 	return Reloads{Succeeded: 4, Failed: 1, LastDuration: 1500 * time.Millisecond}
 }
 func (fake) HostDrained() bool { return true }
+func (fake) Migration() proxy.MigrationStats {
+	return proxy.MigrationStats{HandedBack: 5, Resumed: 4, Declined: 1, Migrating: 1}
+}
 
 func TestScrape(t *testing.T) {
 	rec := httptest.NewRecorder()
@@ -62,6 +65,9 @@ func TestScrape(t *testing.T) {
 		"baton_last_reload_duration_seconds 1.5",
 		"baton_draining_clients 7",
 		"baton_host_drained 1",
+		`baton_migrated_sessions_total{step="resumed"} 4`,
+		`baton_migrated_sessions_total{step="declined"} 1`,
+		"baton_migrating_sessions 1",
 		"baton_generation 3",
 		"process_open_fds ",
 		"go_goroutines ",

@@ -31,6 +31,7 @@ type BackendInfo struct {
 	Live       int  // connections it already holds (re-registration)
 	Nonblock   bool // wants its CONN fds non-blocking (HELLO NONBLOCK, granted in WELCOME)
 	Batch      bool // takes CONNS, several connections in one message (HELLO BATCH, granted)
+	Migrate    bool // answers MIGRATE and takes RESUME (HELLO MIGRATE, granted)
 }
 
 // Backend is one registered worker as the gateway sees it: its channel, its counts, and the
@@ -220,14 +221,18 @@ func (b *Backend) recv(buf []byte, t *time.Timer) ([]byte, int, error) {
 // read is the backend's one reader: ACK, CLOSED, REFUSE, READY, PONG; anything else, or a
 // protocol error, ends it.
 func (b *Backend) read() {
-	buf := make([]byte, handoff.MaxMessage)
+	size := handoff.MaxMessage
+	if b.info.Migrate {
+		size = handoff.MaxLargeMessage // HANDBACK
+	}
+	buf := make([]byte, size)
 	m := &msgScratch{ids: make([]uint64, 0, 64), fds: make([]int, 0, 64)}
 	t := time.NewTimer(busyWindow)
 	t.Stop()
 	for {
 		msg, fd, err := b.recv(buf, t)
-		if fd >= 0 {
-			unix.Close(fd) // only CONN carries an fd, and workers never send CONN
+		if errors.Is(err, handoff.ErrNoFD) && len(msg) > 0 && handoff.Type(msg[0]) == handoff.TypeHandback {
+			err = nil // batond is out of descriptors: onHandback counts the session lost
 		}
 		if err != nil {
 			code := handoff.RecvErrorCode(err)
@@ -242,7 +247,12 @@ func (b *Backend) read() {
 			b.g.fail(b, err, code)
 			return
 		}
-		if code, err := b.handle(msg, m); err != nil {
+		m.fd = fd
+		code, err := b.handle(msg, m)
+		if m.fd >= 0 {
+			unix.Close(m.fd) // only HANDBACK carries an fd to the gateway, and its handler took it
+		}
+		if err != nil {
 			b.g.fail(b, err, code)
 			return
 		}
@@ -253,6 +263,8 @@ func (b *Backend) read() {
 type msgScratch struct {
 	ids []uint64
 	fds []int
+	fd  int    // the fd that came with the message, -1 if none; a handler that keeps it sets -1
+	out []byte // for re-dispatching a handed-back session
 }
 
 // protocolErr is what a handler returns for a worker that broke the protocol: the error and the
@@ -284,6 +296,15 @@ func (b *Backend) handle(msg []byte, m *msgScratch) (handoff.ErrorCode, error) {
 				return handoff.CodeUnexpected, err
 			}
 		}
+	case handoff.TypeHandback:
+		fd := m.fd
+		m.fd = -1
+		return b.onHandback(body, fd, now, &m.out)
+	case handoff.TypeDecline:
+		if m.ids, err = handoff.ParseIDs(m.ids[:0], typ, body); err != nil {
+			return protocolErr(handoff.CodeMalformed, err)
+		}
+		b.onDecline(m.ids)
 	case handoff.TypeReady:
 		b.onReady(now)
 	case handoff.TypePong:
@@ -330,9 +351,12 @@ func (b *Backend) onAck(m *msgScratch, now time.Time) (handoff.ErrorCode, error)
 		m.fds = append(m.fds, c.fd)
 		b.live++
 		b.acked++
-		if c.selfCheck != nil {
+		switch {
+		case c.selfCheck != nil:
 			close(c.selfCheck)
-		} else {
+		case c.resume != nil:
+			b.g.stats.mig.resumed.Add(1)
+		default:
 			clients++
 			b.g.handoffLat.observe(now.Sub(c.since))
 		}
@@ -449,6 +473,7 @@ func (g *Gateway) fail(b *Backend, err error, code handoff.ErrorCode) {
 		pend = append(pend, c)
 	}
 	b.pending = nil
+	g.mig.forgetLocked(b, true, true)
 	joined := !g.closed
 	if joined {
 		g.kills.Add(1)

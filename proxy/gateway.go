@@ -82,6 +82,9 @@ type clientConn struct {
 	// selfCheck is set on the gateway's own end-to-end probe (SelfCheck): closed on ACK, and
 	// the probe is kept out of the client counters.
 	selfCheck chan struct{}
+	// resume is set on a session another worker handed back (migrate.go): it goes out as a
+	// RESUME, only to a worker that takes them.
+	resume *resumed
 }
 
 // Gateway accepts connections and hands them to Backends.
@@ -112,6 +115,7 @@ type Gateway struct {
 	backends  []*Backend
 	rr        int
 	waiting   []*clientConn
+	mig       migrations // handed-back sessions waiting for a worker, and group placements
 	listeners []*Listener
 	stopping  bool
 	serving   sync.WaitGroup // Serve loops, so StopAccepting can wait for their last dispatch
@@ -312,7 +316,17 @@ func (g *Gateway) pickLocked() *Backend {
 func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 	for {
 		g.mu.Lock()
-		b := g.pickLocked()
+		var b *Backend
+		if c.resume != nil {
+			b = g.pickResumeLocked(c)
+		} else {
+			b = g.pickLocked()
+		}
+		if b == nil && c.resume != nil {
+			g.mig.waitLocked(c)
+			g.mu.Unlock()
+			return
+		}
 		if b == nil {
 			// Waiting since it was accepted: a connection that loses a race for the last free
 			// worker keeps its place (the head) and its original queue deadline.
@@ -333,7 +347,11 @@ func (g *Gateway) dispatch(c *clientConn, scratch *[]byte) {
 			return
 		}
 		id, fd := c.info.ID, c.fd
-		*scratch = handoff.AppendConn((*scratch)[:0], &c.info)
+		if c.resume != nil {
+			*scratch = c.resume.append((*scratch)[:0], &c.info)
+		} else {
+			*scratch = handoff.AppendConn((*scratch)[:0], &c.info)
+		}
 		b.pending[id] = c
 		g.mu.Unlock()
 
@@ -486,6 +504,7 @@ func (g *Gateway) checkTimeouts() {
 	}
 	clear(g.waiting[len(keep):])
 	g.waiting = keep
+	lost := g.mig.expireLocked(now, g.cfg.QueueTimeout)
 	if len(expired) > 0 {
 		// Why nobody took them, as it is now: the summary line says it (one per interval).
 		g.causes.noWorker = g.availabilityLocked()
@@ -497,6 +516,9 @@ func (g *Gateway) checkTimeouts() {
 	for _, c := range expired {
 		g.closeConn(c, ReasonNoWorker)
 	}
+	for _, c := range lost {
+		g.closeConn(c, ReasonMigrateNoWorker)
+	}
 	for _, b := range pings {
 		_ = b.ch.TrySend(handoff.AppendNonce(nil, handoff.TypePing, uint64(now.UnixNano())), -1)
 	}
@@ -504,6 +526,7 @@ func (g *Gateway) checkTimeouts() {
 
 // runQueue hands queued connections to workers while any is available.
 func (g *Gateway) runQueue(scratch *[]byte) {
+	g.runResumeQueue(scratch)
 	for {
 		g.mu.Lock()
 		if len(g.waiting) == 0 || g.pickAvailableLocked() == false {
@@ -560,9 +583,14 @@ func (g *Gateway) WaitIdle(ctx context.Context) {
 		case <-ctx.Done():
 		}
 	}
+	g.closeWaiting()
+}
+
+// closeWaiting closes every connection still waiting for a worker (ReasonShutdown).
+func (g *Gateway) closeWaiting() {
 	g.mu.Lock()
-	w := g.waiting
-	g.waiting = nil
+	w := append(g.waiting, g.mig.waiting...)
+	g.waiting, g.mig.waiting = nil, nil
 	g.mu.Unlock()
 	for _, c := range w {
 		g.closeConn(c, ReasonShutdown)
@@ -590,13 +618,7 @@ func (g *Gateway) Close() {
 	if hs != nil {
 		hs.close()
 	}
-	g.mu.Lock()
-	w := g.waiting
-	g.waiting = nil
-	g.mu.Unlock()
-	for _, c := range w {
-		g.closeConn(c, ReasonShutdown)
-	}
+	g.closeWaiting()
 	// Housekeeping has ended: what its summary has not said yet is said now.
 	g.flushSummary(time.Now(), true)
 }

@@ -30,6 +30,12 @@ func attach(t *testing.T, g *Gateway, slot int, nonblock bool) *fakeWorker {
 
 func attachInfo(t *testing.T, g *Gateway, info BackendInfo) *fakeWorker {
 	t.Helper()
+	return attachProc(t, g, info, nil)
+}
+
+// attachProc attaches a worker whose process the gateway can kill (proc).
+func attachProc(t *testing.T, g *Gateway, info BackendInfo, proc Process) *fakeWorker {
+	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -49,7 +55,7 @@ func attachInfo(t *testing.T, g *Gateway, info BackendInfo) *fakeWorker {
 	}
 	gw, wk := mk(fds[0]), mk(fds[1])
 	t.Cleanup(func() { wk.Close() })
-	b := g.Add(info, gw, nil)
+	b := g.Add(info, gw, proc)
 	return &fakeWorker{t: t, ch: wk, b: b, buf: make([]byte, handoff.MaxMessage)}
 }
 

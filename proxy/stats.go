@@ -8,20 +8,22 @@ type CloseReason int
 
 // Reasons for a gateway-side close.
 const (
-	ReasonNoWorker       CloseReason = iota // waited the queue timeout with no worker available
-	ReasonShutdown                          // batond stopped while the connection waited
-	ReasonRetries                           // handed to too many workers that failed before acking
-	ReasonWorkerLost                        // its worker failed and could not be confirmed dead
-	ReasonSocket                            // the socket could not be prepared for its worker (fcntl)
-	ReasonProxyUntrusted                    // a PROXY listener's peer is not among the allowed balancers
-	ReasonProxyInvalid                      // no valid PROXY header (garbage, or closed before one)
-	ReasonProxyTimeout                      // no complete PROXY header within its timeout
-	ReasonProxyLocal                        // a PROXY LOCAL header: the balancer's own health check
+	ReasonNoWorker        CloseReason = iota // waited the queue timeout with no worker available
+	ReasonShutdown                           // batond stopped while the connection waited
+	ReasonRetries                            // handed to too many workers that failed before acking
+	ReasonWorkerLost                         // its worker failed and could not be confirmed dead
+	ReasonSocket                             // the socket could not be prepared for its worker (fcntl)
+	ReasonProxyUntrusted                     // a PROXY listener's peer is not among the allowed balancers
+	ReasonProxyInvalid                       // no valid PROXY header (garbage, or closed before one)
+	ReasonProxyTimeout                       // no complete PROXY header within its timeout
+	ReasonProxyLocal                         // a PROXY LOCAL header: the balancer's own health check
+	ReasonMigrateNoWorker                    // a handed-back session no worker could take within the queue timeout
+	ReasonMigrateNoFD                        // a HANDBACK arrived without its fd (batond out of descriptors)
 	numReasons
 )
 
 var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error",
-	"proxy_untrusted", "proxy_invalid", "proxy_timeout", "proxy_local"}
+	"proxy_untrusted", "proxy_invalid", "proxy_timeout", "proxy_local", "migrate_no_worker", "migrate_no_fd"}
 
 func (r CloseReason) String() string { return reasonNames[r] }
 
@@ -36,6 +38,7 @@ type stats struct {
 	// retried at once and only counted in acceptErrors.
 	acceptBackoffs atomic.Uint64
 	closed         [numReasons]atomic.Uint64
+	mig            migStats
 }
 
 // Stats is a snapshot of the gateway's counters.

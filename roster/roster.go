@@ -30,7 +30,8 @@ const (
 	Disconnected Kind = "disconnected" // its channel ended; the process may re-register
 	BecameReady  Kind = "ready"
 	Drained      Kind = "draining"
-	Adopted      Kind = "adopted" // a worker of a crashed batond taken back into its slot
+	Adopted      Kind = "adopted"   // a worker of a crashed batond taken back into its slot
+	Migrating    Kind = "migrating" // asked to hand its sessions back (MIGRATE)
 	Exited       Kind = "exited"
 	Removed      Kind = "removed" // a worker of another generation is gone
 )
@@ -57,6 +58,10 @@ type Worker struct {
 	Uptime        string    `json:"uptime"`              // since Started, at the snapshot
 	LastExit      string    `json:"last_exit,omitempty"` // why the slot's last process ended
 	DrainDeadline time.Time `json:"drain_deadline,omitzero"`
+	// Migrate: the worker takes part in session migration (HELLO MIGRATE); Migrating: it was
+	// asked to hand its sessions back.
+	Migrate   bool `json:"migrate,omitempty"`
+	Migrating bool `json:"migrating,omitempty"`
 }
 
 // Event is one change, with the record as it stands after it.

@@ -119,7 +119,7 @@ func (s *Supervisor) registered(sl *slot, b *proxy.Backend, proc *Process, info 
 	}
 	s.roster.SetLoad(sl.entry, b)
 	s.roster.Update(sl.entry, kind, func(w *roster.Worker) {
-		w.PID, w.Connected = info.PID, true
+		w.PID, w.Connected, w.Migrate = info.PID, true, info.Migrate
 		if adopted {
 			w.Adopted, w.Started, w.State = true, time.Now(), roster.Starting
 		}
@@ -171,7 +171,7 @@ func (s *Supervisor) admitOther(ch *handoff.Channel, info proxy.BackendInfo, wel
 	}
 	b := s.gw.Add(info, ch, peer)
 	e := s.roster.Add(roster.Registered, roster.Worker{Slot: info.Slot, PID: info.PID, Generation: info.Generation,
-		State: roster.Draining, Connected: true, Started: time.Now()})
+		Migrate: info.Migrate, State: roster.Draining, Connected: true, Started: time.Now()})
 	s.roster.SetLoad(e, b)
 	o := &other{entry: e, backend: b, proc: peer, deadline: time.Now().Add(s.cfg.DrainTimeout)}
 	s.others[b] = o
@@ -180,6 +180,9 @@ func (s *Supervisor) admitOther(ch *handoff.Channel, info proxy.BackendInfo, wel
 	s.drain(e, b, s.cfg.DrainTimeout)
 	s.takeOutput(peer, info, s.log)
 	s.log.Info("worker of another generation registered; draining it", "slot", info.Slot, "pid", info.PID, "generation", info.Generation, "clients", info.Live)
+	if s.cfg.MigrateOthers && info.Migrate {
+		s.migrate(e, b)
+	}
 	go s.watchOther(o)
 }
 

@@ -126,6 +126,7 @@ func (s *Supervisor) admit(c *net.UnixConn) {
 		Slot: int(h.Slot), Generation: h.Generation, PID: int(cred.Pid), Capacity: int(h.Capacity),
 		Ready: h.Flags&handoff.HelloReady != 0, Draining: h.Flags&handoff.HelloDraining != 0, Live: int(h.Live),
 		Nonblock: h.Flags&handoff.HelloNonblock != 0, Batch: h.Flags&handoff.HelloBatch != 0,
+		Migrate: h.Flags&handoff.HelloMigrate != 0,
 	}
 	version, _ := handoff.ChooseVersion(h.MinVersion, h.MaxVersion)
 	w := handoff.Welcome{Version: version, PingInterval: s.gw.PingInterval(), Generation: s.cfg.Generation, Flags: handoff.WelcomeRefuse}
@@ -134,6 +135,9 @@ func (s *Supervisor) admit(c *net.UnixConn) {
 	}
 	if info.Batch {
 		w.Flags |= handoff.WelcomeBatch
+	}
+	if info.Migrate {
+		w.Flags |= handoff.WelcomeMigrate
 	}
 	welcome := handoff.AppendWelcome(nil, &w)
 	// A pidfd on the registering process first: from here on its pid cannot be recycled

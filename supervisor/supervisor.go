@@ -67,6 +67,11 @@ type Config struct {
 	AdoptWindow time.Duration
 	// Roster receives the workers' state (a new one if nil).
 	Roster *roster.Roster
+	// MigrateOthers: workers of older generations that take part in migration are asked to
+	// hand their sessions back as soon as they register (a migrating reload), within
+	// MigrateTimeout [10s].
+	MigrateOthers  bool
+	MigrateTimeout time.Duration
 }
 
 // Supervisor runs the workers of one generation and admits registrations.

@@ -45,6 +45,7 @@ type Status struct {
 	Runtime     Runtime                   `json:"runtime"`
 	HostDrained bool                      `json:"host_drained"` // balancers are told to send no new clients
 	Handoff     Latency                   `json:"handoff_latency"`
+	Migration   proxy.MigrationStats      `json:"migration"`
 }
 
 // Source is what the server asks for data and actions.
@@ -53,7 +54,8 @@ type Source interface {
 	// StartReload starts a reload that runs on whatever happens to the request, and returns
 	// a channel closed when its outcome is known (then read LastReload). It fails at once,
 	// with an error wrapping ErrReloadRefused, when a reload runs or batond is stopping.
-	StartReload() (<-chan struct{}, error)
+	// With migrate, the next batond asks the old workers to hand their sessions over.
+	StartReload(migrate bool) (<-chan struct{}, error)
 	// LastReload is the record of the latest reload (State ReloadNone if there was none).
 	LastReload() ReloadRecord
 	Steerer
@@ -80,6 +82,7 @@ type ReloadRecord struct {
 	FromPID        int         `json:"from_pid,omitempty"`
 	ToGeneration   uint64      `json:"to_generation,omitempty"` // known once the next batond has chosen it
 	ToPID          int         `json:"to_pid,omitempty"`
+	Migrate        bool        `json:"migrate,omitempty"` // the old workers hand their sessions to the new ones
 }
 
 // Done says the outcome is known.
@@ -106,7 +109,7 @@ func Handler(src Source) http.Handler {
 		writeJSON(w, http.StatusOK, src.LastReload())
 	})
 	mux.HandleFunc("POST /v1/reload", func(w http.ResponseWriter, r *http.Request) {
-		done, err := src.StartReload()
+		done, err := src.StartReload(r.URL.Query().Get("migrate") == "1")
 		if err != nil {
 			writeJSON(w, http.StatusConflict, refusal{Error: err.Error(), Reload: src.LastReload()})
 			return

@@ -175,10 +175,14 @@ func (c *Client) LastReload(ctx context.Context) (ReloadRecord, error) {
 // Reload asks batond to upgrade and waits for the outcome. A failed reload returns its record
 // and an error wrapping ErrReloadFailed; a refused one the running reload's record and
 // ErrReloadRefused. With ErrTimeout or ErrAnswerLost the outcome is unknown: ask LastReload.
-func (c *Client) Reload(ctx context.Context) (ReloadRecord, error) {
+func (c *Client) Reload(ctx context.Context, migrate bool) (ReloadRecord, error) {
 	var rec ReloadRecord
 	var ref refusal
-	if err := c.do(ctx, http.MethodPost, "/v1/reload", &rec, &ref); err != nil {
+	path := "/v1/reload"
+	if migrate {
+		path += "?migrate=1"
+	}
+	if err := c.do(ctx, http.MethodPost, path, &rec, &ref); err != nil {
 		if errors.Is(err, ErrReloadRefused) {
 			return ref.Reload, err
 		}

@@ -7,6 +7,8 @@ import (
 	"net/url"
 	"strconv"
 	"time"
+
+	"github.com/baton-gw/baton/supervisor"
 )
 
 // Steering a host from the admin socket: drains, and the metrics a console reads.
@@ -23,6 +25,9 @@ type Steerer interface {
 	Undrain() int
 	// Metrics serves Prometheus's /metrics.
 	Metrics() http.Handler
+	// Migrate moves the sessions of the slots' workers (all, and older generations', if
+	// slots is empty) to fresh workers (supervisor.Migrate).
+	Migrate(ctx context.Context, slots []int) (supervisor.MigrateResult, error)
 }
 
 // DrainResult answers POST /v1/drain and /v1/undrain.
@@ -42,6 +47,7 @@ type Latency struct {
 var ErrBadRequest = errors.New("refused")
 
 func fleetRoutes(mux *http.ServeMux, src Source) {
+	migrateRoutes(mux, src)
 	mux.Handle("GET /metrics", src.Metrics())
 	mux.HandleFunc("POST /v1/drain", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()

@@ -83,6 +83,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 			"  reload    start the batond binary on disk as the next generation and wait for the outcome\n"+
 			"  drain     drain a worker (SLOT), every worker (-all) or the host (-host)\n"+
 			"  undrain   end a host drain; drained slots get fresh workers now\n"+
+			"  migrate   move a worker's (SLOT) or every worker's (-all) live sessions to fresh workers\n"+
 			"  workers   one line per worker, for scripts\n"+
 			"  top       a live view of workers, clients, rates and handoff latency (q quits)\n\n"+
 			"Run 'batonctl COMMAND -h' for a command's flags.\n\n"+exitStatuses)
@@ -109,6 +110,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return drain(c, *timeout, rest, stdout, stderr)
 	case "undrain":
 		return undrain(c, *timeout, rest, stdout, stderr)
+	case "migrate":
+		return migrate(c, *timeout, rest, stdout, stderr)
 	case "workers":
 		return workers(c, *timeout, rest, stdout, stderr)
 	case "top":
@@ -148,6 +151,10 @@ func printStatus(w io.Writer, st admin.Status) {
 		st.Clients, st.Draining, g.Accepted, g.Acked, g.ClosedTotal(), g.InFlight)
 	if st.HostDrained {
 		fmt.Fprintln(w, "host drained: balancers are told to send no new clients")
+	}
+	if m := st.Migration; m.Asked > 0 {
+		fmt.Fprintf(w, "migration: %d migrating · %d migrated · %d declined · %d handed back (workers asked %d times)\n\n",
+			m.Migrating, m.Resumed, m.Declined, m.HandedBack, m.Asked)
 	}
 	workerTable(w, st)
 }

@@ -26,6 +26,7 @@ func reload(c *admin.Client, timeout time.Duration, args []string, stdout, stder
 			"With -status, prints the latest reload's record: exit 0 succeeded (or none), 1 failed, 3 running.")
 	wait := cmd.fs.Duration("timeout", 2*time.Minute, "stop waiting for the outcome after this long (exit 3)")
 	onlyStatus := cmd.fs.Bool("status", false, "print the latest reload's record instead of starting one")
+	migrate := cmd.fs.Bool("migrate", false, "the old workers hand their live sessions to the new ones; wait until the old generation is gone and say what moved")
 	if code, done := cmd.parse(args, 0, stdout, stderr); done {
 		return code
 	}
@@ -47,8 +48,14 @@ func reload(c *admin.Client, timeout time.Duration, args []string, stdout, stder
 		return exitFailed
 	}
 	asked := time.Now()
-	rec, err := c.Reload(ctx)
+	rec, err := c.Reload(ctx, *migrate)
 	switch {
+	case err == nil && *migrate:
+		if code := printRecord(stdout, stderr, rec); code != exitOK {
+			return code
+		}
+		dl, _ := ctx.Deadline()
+		return awaitOldGeneration(c, before, time.Until(dl), stdout, stderr)
 	case err == nil, errors.Is(err, admin.ErrReloadFailed):
 		return printRecord(stdout, stderr, rec)
 	case errors.Is(err, admin.ErrReloadRefused):

@@ -33,6 +33,8 @@ type fileConfig struct {
 	StartTimeout   *duration `toml:"start_timeout"`
 	ReadyTimeout   *duration `toml:"ready_timeout"`
 	DrainTimeout   *duration `toml:"drain_timeout"`
+	Migrate        *bool     `toml:"migrate"`
+	MigrateTimeout *duration `toml:"migrate_timeout"`
 	StopTimeout    *duration `toml:"stop_timeout"`
 	AdoptWindow    *duration `toml:"adopt_window"`
 	AllowUIDs      []uint32  `toml:"allow_uid"`
@@ -117,6 +119,8 @@ func loadFile(path string, c *Config, set map[string]bool) error {
 	apply("start-timeout", f.StartTimeout != nil, func() { c.StartTimeout = f.StartTimeout.Duration })
 	apply("ready-timeout", f.ReadyTimeout != nil, func() { c.ReadyTimeout = f.ReadyTimeout.Duration })
 	apply("drain-timeout", f.DrainTimeout != nil, func() { c.DrainTimeout = f.DrainTimeout.Duration })
+	apply("migrate", f.Migrate != nil, func() { c.Migrate = *f.Migrate })
+	apply("migrate-timeout", f.MigrateTimeout != nil, func() { c.MigrateTimeout = f.MigrateTimeout.Duration })
 	apply("stop-timeout", f.StopTimeout != nil, func() { c.StopTimeout = f.StopTimeout.Duration })
 	apply("adopt-window", f.AdoptWindow != nil, func() { c.AdoptWindow = f.AdoptWindow.Duration })
 	apply("allow-uid", len(f.AllowUIDs) > 0, func() { c.AllowUIDs = f.AllowUIDs })

@@ -334,7 +334,11 @@ func (d *daemon) setup(act activated) error {
 		AllowUIDs:    cfg.AllowUIDs,
 		StartTimeout: cfg.StartTimeout,
 		DrainTimeout: cfg.DrainTimeout,
-		Logger:       d.log.Named("supervisor"),
+		// A migrating reload: the record the old batond started says so (batonctl reload
+		// -migrate), or the configuration does for every reload.
+		MigrateOthers:  cfg.Migrate || d.rl.rec.Migrate,
+		MigrateTimeout: cfg.MigrateTimeout,
+		Logger:         d.log.Named("supervisor"),
 		// systemd sets JOURNAL_STREAM when our stderr is the journal: workers write there
 		// directly, so their logs survive a reload or a batond crash with them.
 		PassOutput: os.Getenv("JOURNAL_STREAM") != "",
@@ -414,7 +418,7 @@ func (d *daemon) Status() admin.Status {
 			s.Draining++
 		}
 	}
-	s.HostDrained, s.Handoff = d.gw.HostDrained(), d.handoffLatency()
+	s.HostDrained, s.Handoff, s.Migration = d.gw.HostDrained(), d.handoffLatency(), d.gw.MigrationStats()
 	d.setPhase(&s)
 	return s
 }

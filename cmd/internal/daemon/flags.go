@@ -31,6 +31,10 @@ type Config struct {
 	StartTimeout   time.Duration
 	ReadyTimeout   time.Duration
 	DrainTimeout   time.Duration
+	// Migrate: on every reload the old workers hand their sessions to the new ones (those
+	// whose library takes part); MigrateTimeout is how long a worker has to answer.
+	Migrate        bool
+	MigrateTimeout time.Duration
 	StopTimeout    time.Duration
 	AdoptWindow    time.Duration
 	AllowUIDs      []uint32
@@ -88,6 +92,8 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 	fs.DurationVar(&c.StartTimeout, "start-timeout", 10*time.Second, "a worker must report READY within this after start")
 	fs.DurationVar(&c.ReadyTimeout, "ready-timeout", 30*time.Second, "batond must be serving within this after start or upgrade")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 5*time.Minute, "draining workers get this long before SIGTERM")
+	fs.BoolVar(&c.Migrate, "migrate", false, "on every reload, old workers hand their live sessions (socket and state) to the new ones instead of keeping them until they end (workers must take part: see README \"Upgrading without waiting\")")
+	fs.DurationVar(&c.MigrateTimeout, "migrate-timeout", 10*time.Second, "a worker asked for its sessions must answer within this; what it has not handed back by then stays with it and drains")
 	fs.DurationVar(&c.StopTimeout, "stop-timeout", 20*time.Second, "on SIGTERM, workers get this long to finish before SIGTERM, then SIGKILL")
 	fs.DurationVar(&c.AdoptWindow, "adopt-window", 5*time.Second, "after a crash of batond, each slot waits this long for its surviving worker to re-register and be adopted before starting a new one")
 	fs.BoolVar(&c.Version, "version", false, "print the version and exit")
@@ -130,7 +136,7 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 		return nil, fmt.Errorf("%w: -workers must be at least 1, not %d", ErrUsage, c.Workers)
 	case c.Capacity < 1:
 		return nil, fmt.Errorf("%w: -capacity must be at least 1, not %d", ErrUsage, c.Capacity)
-	case c.HandoffTimeout <= 0 || c.QueueTimeout <= 0 || c.StartTimeout <= 0 || c.ReadyTimeout <= 0 || c.DrainTimeout <= 0 || c.StopTimeout <= 0 || c.AdoptWindow <= 0:
+	case c.HandoffTimeout <= 0 || c.QueueTimeout <= 0 || c.StartTimeout <= 0 || c.ReadyTimeout <= 0 || c.DrainTimeout <= 0 || c.MigrateTimeout <= 0 || c.StopTimeout <= 0 || c.AdoptWindow <= 0:
 		return nil, fmt.Errorf("%w: timeouts must be positive", ErrUsage)
 	case c.Fleet.ProxyTimeout <= 0:
 		return nil, fmt.Errorf("%w: -proxy-timeout must be positive", ErrUsage)

@@ -76,7 +76,7 @@ func reloadingDetail(rec admin.ReloadRecord) string {
 }
 
 // StartReload implements admin.Source: one reload at a time, only while serving.
-func (d *daemon) StartReload() (<-chan struct{}, error) {
+func (d *daemon) StartReload(migrate bool) (<-chan struct{}, error) {
 	if p, _ := d.life.get(); p != admin.PhaseServing {
 		return nil, fmt.Errorf("%w: batond is %s, not serving", admin.ErrReloadRefused, p)
 	}
@@ -89,7 +89,8 @@ func (d *daemon) StartReload() (<-chan struct{}, error) {
 	if d.rl.rec.State == admin.ReloadRunning { // lost a race with another request
 		return nil, fmt.Errorf("%w: a reload is already running", admin.ErrReloadRefused)
 	}
-	d.setReloadLocked(admin.ReloadRecord{State: admin.ReloadRunning, Started: time.Now(), FromGeneration: d.gen, FromPID: os.Getpid()})
+	d.setReloadLocked(admin.ReloadRecord{State: admin.ReloadRunning, Started: time.Now(), FromGeneration: d.gen, FromPID: os.Getpid(),
+		Migrate: migrate || d.cfg.Migrate})
 	done := make(chan struct{})
 	d.rl.wg.Add(1)
 	go func() {
@@ -151,7 +152,7 @@ func (d *daemon) upgrade() error {
 
 // reloadOnSIGHUP is `kill -HUP`: a reload whose outcome goes to the log.
 func (d *daemon) reloadOnSIGHUP() {
-	if _, err := d.StartReload(); err != nil {
+	if _, err := d.StartReload(false); err != nil {
 		d.log.Warn("SIGHUP: no reload", "reason", err)
 	}
 }
