@@ -27,6 +27,8 @@ workers = 6
 command = ["python3", "game.py"]
 drain_timeout = "90s"
 accept_coalesce = "0s"
+migrate = true
+migrate_timeout = "3s"
 `)
 	c, err := ParseFlags([]string{"-config", p, "-workers", "3"}, io.Discard)
 	if err != nil {
@@ -34,6 +36,9 @@ accept_coalesce = "0s"
 	}
 	if c.Workers != 3 {
 		t.Errorf("workers %d: the flag must win over the file", c.Workers)
+	}
+	if !c.Migrate || c.MigrateTimeout != 3*time.Second {
+		t.Errorf("migrate keys not applied: %v %v", c.Migrate, c.MigrateTimeout)
 	}
 	if len(c.Listen) != 2 || c.DrainTimeout != 90*time.Second || strings.Join(c.Command, " ") != "python3 game.py" || c.AcceptCoalesce != 0 {
 		t.Errorf("config not applied: %+v", c)
@@ -53,6 +58,7 @@ func TestConfigErrorsNameFileAndLine(t *testing.T) {
 		"wrong type":   {"workers = \"two\"\n", ":1"},
 		"coalesce":     {"workers = 2\naccept_coalesce = \"1s\"\n", ":2: accept_coalesce must be at most 100ms"},
 		"negative":     {"accept_coalesce = \"-1ms\"\n", ":1"},
+		"migrate type": {"workers = 2\nmigrate = \"yes\"\n", ":2"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			p := writeConfig(t, c.text)
