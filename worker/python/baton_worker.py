@@ -2,7 +2,7 @@
 
 ``batond`` accepts TCP connections and hands each connected socket to one of its worker
 processes over a ``SOCK_SEQPACKET`` Unix socket (``SCM_RIGHTS``). This module is the worker side
-of that protocol (``handoff/PROTOCOL.md``, version 1, revision 1.1): it registers with ``batond``,
+of that protocol (``handoff/PROTOCOL.md``, version 1, revision 1.3): it registers with ``batond``,
 receives client sockets, acknowledges them at once, reports when they end, answers pings, honours
 ``DRAIN`` and re-registers by itself when the channel to ``batond`` drops, keeping every client
 session. A ``CONN`` whose fd cannot be received (the process is out of file descriptors) costs
@@ -99,8 +99,11 @@ __all__ = [
     "FLAG_READY",
     "FLAG_DRAINING",
     "FLAG_NONBLOCK",
+    "FLAG_BATCH",
     "WELCOME_NONBLOCK",
     "WELCOME_REFUSE",
+    "WELCOME_BATCH",
+    "MAX_BATCH",
     "MsgType",
     "ErrorCode",
     "Hello",
@@ -127,6 +130,7 @@ __all__ = [
     "encode_ping",
     "encode_pong",
     "encode_conn",
+    "encode_conns",
     "encode_drain",
     "parse_hello",
     "parse_welcome",
@@ -134,8 +138,10 @@ __all__ = [
     "parse_ids",
     "parse_nonce",
     "parse_conn",
+    "parse_conns",
     "parse_drain",
     "recv_message",
+    "recv_batch",
     "BatonSocket",
     "Worker",
     "Server",
@@ -167,9 +173,14 @@ OPTIONAL_TYPE = 0x80
 FLAG_READY = 1 << 0
 #: HELLO flag bit 1: the worker has been told to drain.
 FLAG_DRAINING = 1 << 1
-#: HELLO flag bit 2 (1.1): send CONN fds in non-blocking mode. This module never asks for it: the
-#: blocking API hands out blocking sockets, and asyncio sets the mode itself.
+#: HELLO flag bit 2 (1.1): send CONN fds in non-blocking mode. The asyncio server asks for it (its
+#: sockets are non-blocking: one ``ioctl`` less per connection); the blocking API does not.
 FLAG_NONBLOCK = 1 << 2
+#: HELLO flag bit 3 (1.2): this worker takes ``CONNS`` (up to :data:`MAX_BATCH` connections and
+#: their fds in one message). This module always asks for it.
+FLAG_BATCH = 1 << 3
+#: Most connections one ``CONNS`` carries.
+MAX_BATCH = 16
 
 #: WELCOME flag bit 0 (1.1): every CONN fd on this channel arrives with ``O_NONBLOCK`` set (only
 #: granted to a worker whose HELLO has :data:`FLAG_NONBLOCK`).
@@ -178,6 +189,8 @@ WELCOME_NONBLOCK = 1 << 0
 #: could not receive is refused and goes to another worker. Without it (a 1.0 gateway) such a
 #: ``CONN`` is acked and reported ``CLOSED`` at once, and its client is disconnected.
 WELCOME_REFUSE = 1 << 1
+#: WELCOME flag bit 2 (1.2): the gateway may send ``CONNS`` (only to a HELLO with :data:`FLAG_BATCH`).
+WELCOME_BATCH = 1 << 2
 
 #: Backoff between re-registration attempts: first delay and cap, in seconds.
 BACKOFF_MIN = 0.1
@@ -198,6 +211,7 @@ class MsgType(enum.IntEnum):
     CONN = 0x09
     DRAIN = 0x0A
     REFUSE = 0x0B  # 1.1: only to a gateway whose WELCOME has WELCOME_REFUSE
+    CONNS = 0x0C  # 1.2: only to a worker whose WELCOME has WELCOME_BATCH
 
 
 class ErrorCode(enum.IntEnum):
@@ -309,18 +323,25 @@ class WorkerClosed(BatonException):
 
 
 class NoFDError(BatonException):
-    """A ``CONN`` arrived whole but without its fd: the kernel could not install the fd in this
-    process (out of file descriptors: ``recvmsg`` reported ``MSG_CTRUNC`` and no fd came).
+    """A ``CONN`` (or ``CONNS``) arrived whole but without (some of) its fds: the kernel could not
+    install them in this process (out of file descriptors: ``recvmsg`` reported ``MSG_CTRUNC``).
 
-    Raised by :func:`recv_message`. Not a protocol error (PROTOCOL.md, "A CONN without its fd"):
-    the receiver answers ``REFUSE`` with the id (if ``WELCOME`` has :data:`WELCOME_REFUSE`), else
-    ``ACK`` then ``CLOSED``, and keeps the channel. ``message`` is the whole, undecoded ``CONN``.
+    Raised by :func:`recv_message` and :func:`recv_batch`. Not a protocol error (PROTOCOL.md, "A
+    CONN without its fd"): the receiver answers ``REFUSE`` with each id left without an fd (if
+    ``WELCOME`` has :data:`WELCOME_REFUSE`), else ``ACK`` then ``CLOSED``, and keeps the channel.
+    ``message`` is the whole, undecoded message. ``fds`` are the fds that did arrive (the kernel
+    installs them in order: they belong to the first entries of a ``CONNS``); they now belong to
+    whoever catches the exception, who must close them or hand them on.
     """
 
-    def __init__(self, message: bytes, flags: int) -> None:
+    def __init__(self, message: bytes, flags: int, fds: Sequence[int] = ()) -> None:
         self.message = message
         self.flags = flags
-        super().__init__("CONN arrived without its fd (out of file descriptors?) (recvmsg flags 0x%x)" % flags)
+        self.fds: List[int] = list(fds)
+        super().__init__(
+            "%s arrived without %s fd(s) (out of file descriptors?) (recvmsg flags 0x%x, %d fds came)"
+            % (_type_name(message[0]) if message else "message", "some of its" if fds else "its", flags, len(self.fds))
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,10 +490,25 @@ def encode_pong(nonce: int) -> bytes:
     return _frame(MsgType.PONG, _U64.pack(nonce))
 
 
+def _conn_body(c: ConnInfo) -> bytes:
+    return _U64.pack(c.id) + _enc_addr(c.client) + _enc_addr(c.local) + _enc_str(c.listener)
+
+
 def encode_conn(c: ConnInfo) -> bytes:
     """Encode a ``CONN`` (gateway side; the fd travels as SCM_RIGHTS next to it)."""
-    body = _U64.pack(c.id) + _enc_addr(c.client) + _enc_addr(c.local) + _enc_str(c.listener)
-    return _frame(MsgType.CONN, body)
+    return _frame(MsgType.CONN, _conn_body(c))
+
+
+def encode_conns(conns: Sequence[ConnInfo]) -> bytes:
+    """Encode a ``CONNS`` of 1..16 connections (gateway side; for tests and tools). Their fds
+    travel as SCM_RIGHTS next to it, in the same order."""
+    if not 1 <= len(conns) <= MAX_BATCH:
+        raise ValueError("CONNS carries 1..%d connections, not %d" % (MAX_BATCH, len(conns)))
+    parts = [_U16.pack(len(conns))]
+    for c in conns:
+        b = _conn_body(c)
+        parts.append(_U16.pack(len(b)) + b)
+    return _frame(MsgType.CONNS, b"".join(parts))
 
 
 def encode_drain(deadline_ms: int) -> bytes:
@@ -628,6 +664,20 @@ def parse_conn(body: bytes) -> ConnInfo:
     return ConnInfo(id=r.u64("conn_id"), client=r.addr("client"), local=r.addr("local"), listener=r.str("listener"))
 
 
+def parse_conns(body: bytes) -> List[ConnInfo]:
+    """Decode a ``CONNS`` body: 1..16 entries, each a ``CONN`` body behind its ``u16`` length
+    (bytes of an entry after the fields this module knows are ignored, as for any message)."""
+    r = _Reader(body, MsgType.CONNS)
+    n = r.u16("count")
+    if not 1 <= n <= MAX_BATCH:
+        raise ProtocolError(ErrorCode.MALFORMED, "CONNS count %d not in 1..%d" % (n, MAX_BATCH))
+    out = []
+    for i in range(n):
+        size = r.u16("entry %d length" % (i + 1))
+        out.append(parse_conn(r.raw(size, "entry %d" % (i + 1))))
+    return out
+
+
 def parse_drain(body: bytes) -> int:
     """Decode a ``DRAIN`` body: the deadline in milliseconds."""
     return _Reader(body, MsgType.DRAIN).u32("deadline_ms")
@@ -641,6 +691,8 @@ _FD_SIZE = array.array("i").itemsize
 # Room for a few fds, so that a peer sending two or three is reported as FDS (and the extra fds
 # closed) rather than truncated by the kernel.
 _ANC_SPACE = socket.CMSG_SPACE(4 * _FD_SIZE)
+# The same for a worker that asked for BATCH: a CONNS carries up to 16 (PROTOCOL.md, Transport).
+_ANC_SPACE_BATCH = socket.CMSG_SPACE((MAX_BATCH + 4) * _FD_SIZE)
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 
@@ -653,35 +705,37 @@ def _close_fds(fds: Iterable[int]) -> None:
             pass
 
 
-def recv_message(sock: socket.socket) -> Optional[Tuple[bytes, Optional[int]]]:
-    """Receive one message from a ``SOCK_SEQPACKET`` channel.
-
-    Returns ``(message, fd)`` where ``fd`` is the one fd a ``CONN`` carries (``None`` for any other
-    message), or ``None`` at end of stream. It enforces the transport rules: ``MSG_TRUNC`` or
-    ``MSG_CTRUNC`` raise :class:`ProtocolError` ``TOO_BIG``; not exactly one fd on ``CONN``, or
-    any fd on another message, raise ``FDS``. Every fd received with a rejected message is closed.
-    One case is not an error of the peer: a whole ``CONN`` (no ``MSG_TRUNC``) with ``MSG_CTRUNC``
-    and no fd at all, which is what this process gets when it is out of file descriptors, raises
-    :class:`NoFDError` carrying the message. The message itself is not decoded (see
-    :func:`split`). ``BlockingIOError`` and other ``OSError`` propagate.
-    """
-    data, anc, flags, _addr = sock.recvmsg(MAX_MESSAGE, _ANC_SPACE, _RECV_FLAGS)
+def _recvmsg(sock: socket.socket, anc_space: int) -> Tuple[bytes, List[int], int]:
+    """One ``recvmsg``: the datagram, the fds that came with it (now ours), the flags."""
+    data, anc, flags, _addr = sock.recvmsg(MAX_MESSAGE, anc_space, _RECV_FLAGS)
     fds: List[int] = []
     for level, typ, cdata in anc:
         if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
             a = array.array("i")
             a.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
             fds.extend(a)
-    if (
-        not flags & socket.MSG_TRUNC
-        and flags & socket.MSG_CTRUNC
-        and not fds
-        and data
-        and data[0] == MsgType.CONN
-    ):
-        # Whole, but its fd could not be installed here (EMFILE): PROTOCOL.md, "A CONN without
-        # its fd". The receiver refuses (or acks and closes) this one client, not the channel.
-        raise NoFDError(data, flags)
+    return data, fds, flags
+
+
+def _fds_expected(data: bytes, batch: bool) -> int:
+    """How many fds the message should carry: 1 for CONN, its count for CONNS (if ``batch``)."""
+    if not data:
+        return 0
+    if data[0] == MsgType.CONN:
+        return 1
+    if batch and data[0] == MsgType.CONNS and len(data) >= HEADER_LEN + 2:
+        return int(_U16.unpack_from(data, HEADER_LEN)[0])
+    return 0
+
+
+def _check_fds(data: bytes, fds: List[int], flags: int, batch: bool) -> Optional[Tuple[bytes, List[int]]]:
+    """The transport rules of PROTOCOL.md for one received datagram (see :func:`recv_batch`)."""
+    want = _fds_expected(data, batch)
+    if want and len(fds) < want and flags & socket.MSG_CTRUNC and not flags & socket.MSG_TRUNC:
+        # Whole, but (some of) its fds could not be installed here (EMFILE): PROTOCOL.md, "A CONN
+        # without its fd". The receiver refuses (or acks and closes) those clients, not the
+        # channel. The fds that came go with the exception.
+        raise NoFDError(data, flags, fds)
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise ProtocolError(
@@ -692,17 +746,51 @@ def recv_message(sock: socket.socket) -> Optional[Tuple[bytes, Optional[int]]]:
             if fds:
                 raise ProtocolError(ErrorCode.FDS, "empty message with %d fds" % len(fds))
             return None
-        t = data[0]
-        if t == MsgType.CONN:
-            if len(fds) != 1:
-                raise ProtocolError(ErrorCode.FDS, "CONN with %d fds" % len(fds))
-            return data, fds[0]
-        if fds:
+        if len(fds) != want:
+            t = data[0]
+            if want:
+                raise ProtocolError(ErrorCode.FDS, "%s with %d fds, not %d" % (_type_name(t), len(fds), want))
             raise ProtocolError(ErrorCode.FDS, "%s with %d fds" % (_type_name(t), len(fds)))
-        return data, None
+        return data, fds
     except BaseException:
         _close_fds(fds)
         raise
+
+
+def recv_message(sock: socket.socket) -> Optional[Tuple[bytes, Optional[int]]]:
+    """Receive one message from a ``SOCK_SEQPACKET`` channel of a worker that did not ask for
+    ``BATCH`` (this module asks, and uses :func:`recv_batch`).
+
+    Returns ``(message, fd)`` where ``fd`` is the one fd a ``CONN`` carries (``None`` for any other
+    message), or ``None`` at end of stream. It enforces the transport rules: ``MSG_TRUNC`` or
+    ``MSG_CTRUNC`` raise :class:`ProtocolError` ``TOO_BIG``; not exactly one fd on ``CONN``, or
+    any fd on another message, raise ``FDS``. Every fd received with a rejected message is closed.
+    One case is not an error of the peer: a whole ``CONN`` (no ``MSG_TRUNC``) with ``MSG_CTRUNC``
+    and no fd at all, which is what this process gets when it is out of file descriptors, raises
+    :class:`NoFDError` carrying the message. The message itself is not decoded (see
+    :func:`split`). ``BlockingIOError`` and other ``OSError`` propagate.
+    """
+    data, fds, flags = _recvmsg(sock, _ANC_SPACE)
+    got = _check_fds(data, fds, flags, batch=False)
+    if got is None:
+        return None
+    return got[0], (got[1][0] if got[1] else None)
+
+
+def recv_batch(sock: socket.socket) -> Optional[Tuple[bytes, List[int]]]:
+    """Receive one message from the channel of a worker that asked for ``BATCH``.
+
+    Returns ``(message, fds)``, or ``None`` at end of stream: a ``CONN`` comes with exactly one
+    fd, a ``CONNS`` with exactly as many as its count says (in entry order), any other message
+    with none; else :class:`ProtocolError` ``FDS`` (``TOO_BIG`` on ``MSG_TRUNC`` or
+    ``MSG_CTRUNC``), and every fd received with it is closed. A whole ``CONN`` or ``CONNS`` that
+    came with fewer fds than it lists and ``MSG_CTRUNC`` (this process is out of file
+    descriptors) raises :class:`NoFDError` carrying the message and the fds that did come. The
+    message itself is not decoded (see :func:`split`). ``BlockingIOError`` and other ``OSError``
+    propagate.
+    """
+    data, fds, flags = _recvmsg(sock, _ANC_SPACE_BATCH)
+    return _check_fds(data, fds, flags, batch=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,6 +832,14 @@ class BatonSocket(socket.socket):
             done()
         return fd
 
+    def setblocking(self, flag: bool) -> None:
+        """As :meth:`socket.socket.setblocking`, without a system call when the socket is
+        non-blocking already and asked to stay so (asyncio asks for every connection; the
+        socket was made non-blocking by ``batond``, NONBLOCK, or by an earlier call)."""
+        if not flag and self.gettimeout() == 0.0:
+            return
+        super().setblocking(flag)
+
     def dup(self) -> socket.socket:
         """Return a plain :class:`socket.socket` on a duplicate fd.
 
@@ -754,10 +850,28 @@ class BatonSocket(socket.socket):
         return sock
 
 
-def _make_socket(fd: int, info: ConnInfo, done: Callable[[int], None], key: int) -> BatonSocket:
-    """Wrap a received fd; on failure the fd is closed and the error re-raised."""
+def _make_socket(
+    fd: int,
+    info: ConnInfo,
+    done: Callable[[int], None],
+    key: int,
+    family: int = -1,
+    nonblocking: bool = False,
+) -> BatonSocket:
+    """Wrap a received fd; on failure the fd is closed and the error re-raised.
+
+    With a known ``family`` no system call is made (``socket.socket(fileno=...)`` alone asks the
+    kernel for family, type and protocol: a ``getsockname`` and two ``getsockopt``). The type is
+    ``SOCK_STREAM``, with ``nonblocking`` (the gateway set ``O_NONBLOCK``) the socket starts with
+    timeout 0. The protocol is given as 0 (the family's default, TCP): asyncio then does not set
+    ``TCP_NODELAY`` again, which ``batond`` set on its listener and the socket inherited.
+    """
     try:
-        sock = BatonSocket(fileno=fd)
+        if family < 0:
+            sock = BatonSocket(fileno=fd)
+        else:
+            typ = socket.SOCK_STREAM | (socket.SOCK_NONBLOCK if nonblocking else 0)
+            sock = BatonSocket(family, typ, 0, fd)
     except BaseException:
         _close_fds((fd,))
         raise
@@ -940,6 +1054,10 @@ class Worker:
         self._unreported: List[int] = []
         self._ready_sent = False
         self._hello_flags = 0
+        # This channel's: the address family of each gateway listener (see _wrap), and whether
+        # client fds arrive non-blocking (asked for and granted).
+        self._families: Dict[str, int] = {}
+        self._nonblocking = False
         self._backoff = BACKOFF_MIN
         self._reconnect_due: Optional[float] = None
         self._reconnect_task: Optional[asyncio.Task] = None
@@ -1241,9 +1359,10 @@ class Worker:
             return
         self._wake_pending = True
         if self._loop_thread == threading.get_ident():
-            # On the event loop's own thread (the usual case for asyncio): no pipe needed.
+            # On the event loop's own thread (the usual case for asyncio): no pipe needed. All
+            # the connections that end in this loop iteration are reported in one CLOSED.
             try:
-                self._loop.call_soon(self._service)  # type: ignore[union-attr]
+                self._loop.call_soon(self._service_soon)  # type: ignore[union-attr]
                 return
             except RuntimeError:  # the loop is closed
                 pass
@@ -1273,6 +1392,12 @@ class Worker:
             pass
         except OSError:
             return
+        self._service_soon()
+
+    def _service_soon(self) -> None:
+        """Driver: :meth:`_service` as scheduled by a waker on the loop's own thread, which
+        wrote nothing to the pipe (a byte another thread wrote wakes :meth:`_service` later,
+        which reads it): no ``read`` system call per wake-up."""
         self._wake_pending = False
         if self._chan is not None and self._ready_wanted and not self._ready_sent and not self._draining:
             self._ready_sent = True
@@ -1316,6 +1441,9 @@ class Worker:
         """Driver: the HELLO for now, with live connections and READY/DRAINING flags."""
         self._flush_closed()  # the channel is down: ended ones move to _unreported
         flags = (FLAG_READY if self._ready_wanted else 0) | (FLAG_DRAINING if self._draining else 0)
+        # CONNS always; non-blocking fds for asyncio, which wants them so (the blocking API
+        # hands out blocking sockets).
+        flags |= FLAG_BATCH | (FLAG_NONBLOCK if self._mode == _MODE_ASYNCIO else 0)
         self._hello_flags = flags
         return encode_hello(
             Hello(
@@ -1347,9 +1475,9 @@ class Worker:
     def _read_welcome(self, sock: socket.socket) -> Welcome:
         """Driver: read the answer to HELLO. BlockingIOError if it has not arrived yet."""
         try:
-            got: Optional[Tuple[bytes, Optional[int]]] = recv_message(sock)
+            got: Optional[Tuple[bytes, List[int]]] = recv_batch(sock)
         except NoFDError as e:
-            got = (e.message, None)  # a CONN before WELCOME: UNEXPECTED below, fd or not
+            got = (e.message, e.fds)  # a CONN before WELCOME: UNEXPECTED below, fds or not
         except ProtocolError as e:
             _send_error(sock, e)
             raise
@@ -1359,7 +1487,7 @@ class Worker:
             raise RegistrationError("batond hung up before answering HELLO: %s" % e) from e
         if got is None:
             raise RegistrationError("batond closed the registration channel before answering HELLO")
-        data, fd = got
+        data, fds = got
         try:
             t, body = split(data)
             if t == MsgType.ERROR:
@@ -1376,13 +1504,14 @@ class Worker:
             _send_error(sock, e)
             raise
         finally:
-            if fd is not None:
-                _close_fds((fd,))
+            _close_fds(fds)
 
     def _attach(self, sock: socket.socket, w: Welcome) -> None:
         """Driver: the handshake succeeded; start using ``sock`` as the channel."""
         self._chan = sock
         self.welcome = w
+        self._families = {}
+        self._nonblocking = bool(self._hello_flags & FLAG_NONBLOCK and w.flags & WELCOME_NONBLOCK)
         self._backoff = BACKOFF_MIN
         self._reconnect_due = None
         self._ready_sent = bool(self._hello_flags & FLAG_READY)
@@ -1466,7 +1595,8 @@ class Worker:
         self._want_write(False)
 
     def _on_readable(self) -> None:
-        """Driver: read and handle up to 64 messages; ACK the CONNs among them in one batch."""
+        """Driver: read and handle up to 64 messages; ACK the connections among them (each
+        CONN, each entry of a CONNS) in one message at the end: one ``sendmsg`` per wake-up."""
         chan = self._chan
         if chan is None:
             return
@@ -1476,30 +1606,17 @@ class Worker:
         try:
             for _ in range(64):
                 try:
-                    got = recv_message(chan)
+                    got = recv_batch(chan)
                 except (BlockingIOError, InterruptedError):
                     break
                 except NoFDError as e:
-                    self._no_fd(e.message, refused, unusable)
+                    self._take_conns(e.message, e.fds, conns, refused, unusable)
                     continue
                 if got is None:
                     raise ConnectionResetError(errno.ECONNRESET, "batond closed the channel")
-                data, fd = got
-                if fd is not None:
-                    try:
-                        t, body = split(data)
-                        info = parse_conn(body)
-                        key = next(self._keys)
-                        sock = _make_socket(fd, info, self._conn_ended, key)
-                    except ProtocolError:
-                        _close_fds((fd,))
-                        raise
-                    except OSError as e:
-                        raise ProtocolError(ErrorCode.FDS, "CONN %s: fd is not a socket: %s" % (info.id, e)) from e
-                    with self._cond:
-                        self._live[key] = info.id
-                        self._inflight += 1
-                    conns.append((sock, info))
+                data, fds = got
+                if fds:
+                    self._take_conns(data, fds, conns, refused, unusable)
                     continue
                 t, body = split(data)
                 if t == MsgType.PING:
@@ -1552,13 +1669,67 @@ class Worker:
                 ack = ids[i : i + MAX_IDS]
                 self._send(encode_ack(ack), part or None, unusable=ack[len(part) :] or None)
 
-    def _no_fd(self, msg: bytes, refused: List[int], unusable: List[int]) -> None:
+    def _take_conns(
+        self, data: bytes, fds: List[int], conns: List[_Conn], refused: List[int], unusable: List[int]
+    ) -> None:
+        """Driver: a CONN or CONNS with its fds (``fds`` may be short of the count when this
+        process ran out of fds: the kernel installs them in order, so they are the first
+        entries'). Every fd ends up in a socket appended to ``conns`` or closed, whatever
+        happens; the ids without an fd go to ``refused`` or ``unusable`` (see :meth:`_no_fd`)."""
+        taken = 0
+        made: List[_Conn] = []
+        try:
+            t, body = split(data)
+            if t == MsgType.CONN:
+                infos = [parse_conn(body)]
+            elif t == MsgType.CONNS and self._hello_flags & FLAG_BATCH:
+                infos = parse_conns(body)
+            else:
+                raise ProtocolError(ErrorCode.FDS, "%s with %d fds" % (_type_name(t), len(fds)))
+            for info, fd in zip(infos, fds):  # recv_batch checked: never more fds than entries
+                taken += 1  # _wrap owns the fd now: it closes it if it fails
+                made.append((self._wrap(fd, info), info))
+        except BaseException:
+            _close_fds(fds[taken:])
+            for sock, _ in made:
+                _silence(sock)
+            raise
+        if made:
+            with self._cond:
+                for sock, info in made:
+                    self._live[sock._baton_key] = info.id
+                self._inflight += len(made)
+            conns.extend(made)
+        for info in infos[len(fds) :]:
+            self._no_fd(info, refused, unusable)
+
+    def _wrap(self, fd: int, info: ConnInfo) -> BatonSocket:
+        """Driver: a received client fd as a :class:`BatonSocket`, without a system call but
+        for the first connection of each listener on this channel (one ``getsockopt`` to learn
+        its address family, which the CONN does not say: behind the PROXY protocol, or on a
+        dual-stack listener, the addresses need not be of the socket's family). A listener's
+        name names one socket of the gateway, so its family does not change."""
+        key = next(self._keys)
+        fam = self._families.get(info.listener)
+        if fam is None:
+            try:
+                probe = socket.socket(fileno=fd)
+            except OSError as e:
+                _close_fds((fd,))
+                raise ProtocolError(ErrorCode.FDS, "CONN %#x: fd is not a socket: %s" % (info.id, e)) from e
+            fam, typ = int(probe.family), int(probe.type)
+            probe.detach()
+            if fam not in (socket.AF_INET, socket.AF_INET6) or typ != socket.SOCK_STREAM:
+                _close_fds((fd,))
+                raise ProtocolError(ErrorCode.FDS, "CONN %#x: fd is not a TCP socket (family %d, type %d)" % (info.id, fam, typ))
+            self._families[info.listener] = fam
+        return _make_socket(fd, info, self._conn_ended, key, fam, self._nonblocking)
+
+    def _no_fd(self, info: ConnInfo, refused: List[int], unusable: List[int]) -> None:
         """Driver: a CONN arrived without its fd (this process is out of file descriptors).
         Not a protocol error: where batond understands REFUSE the client goes back to it for
         another worker; else it is acked and reported CLOSED at once, so batond closes it (one
         client lost, and logged, rather than the channel and every session with it)."""
-        _t, body = split(msg)
-        info = parse_conn(body)
         w = self.welcome
         if w is not None and w.flags & WELCOME_REFUSE:
             log.warning(
@@ -2139,16 +2310,21 @@ class Server:
             raise
         except Exception:
             log.exception("handler failed on connection %#x from %s; closing it", info.id, info.client)
+        # Close, giving buffered output close_timeout to leave, then reset. A timer rather than
+        # asyncio.wait_for, which wraps the wait in a task of its own: one loop iteration and
+        # a few objects more per connection, and usually the handler has closed it already.
+        transport = writer.transport
+        timer = self._loop.call_later(self._close_timeout, transport.abort)
         try:
             writer.close()
-            await asyncio.wait_for(writer.wait_closed(), self._close_timeout)
+            await writer.wait_closed()
         except asyncio.CancelledError:
-            writer.transport.abort()
+            transport.abort()
             raise
-        except asyncio.TimeoutError:
-            writer.transport.abort()
         except Exception:
-            writer.transport.abort()
+            transport.abort()
+        finally:
+            timer.cancel()
 
 
 async def start_server(

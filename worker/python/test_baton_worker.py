@@ -38,6 +38,9 @@ if not os.environ.get("BATON_TEST_LOG"):
     logging.getLogger("baton_worker").propagate = False
 
 TOKEN = "0123456789abcdef" * 4
+# What each API asks for in every HELLO: CONNS always; non-blocking fds for asyncio only.
+BLOCKING_CAPS = bw.FLAG_BATCH
+ASYNC_CAPS = bw.FLAG_BATCH | bw.FLAG_NONBLOCK
 T = bw.MsgType
 C = bw.ErrorCode
 
@@ -65,9 +68,10 @@ def fd_copies(fd: int) -> int:
 
 
 @contextlib.contextmanager
-def out_of_fds():
-    """Inside, this process can open no fd: RLIMIT_NOFILE's soft limit is the lowest free fd
-    number (the limit is on fd numbers). A CONN's fd then cannot be received: recvmsg reports
+def out_of_fds(spare: int = 0):
+    """Inside, this process can open no fd (or ``spare`` more): RLIMIT_NOFILE's soft limit is
+    the lowest free fd number (the limit is on fd numbers; with one spare, that number is the
+    only one left). A CONN's fd then cannot be received: recvmsg reports
     MSG_CTRUNC and delivers none. Garbage collection is off inside so that no finalizer frees a
     lower number meanwhile. Keep the inside short and free of anything that opens fds."""
     gc.collect()
@@ -76,7 +80,7 @@ def out_of_fds():
     os.close(free)
     gc.disable()
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (free + spare, hard))
         try:
             yield
         finally:
@@ -252,6 +256,14 @@ class FakeGateway:
         s.close()
         return cid, c
 
+    def conns(self, n: int, first_id: int, nonblocking: bool = False):
+        """``n`` fresh TCP connections as one CONNS: (message, gateway-side sockets, clients)."""
+        pairs = [self.tcp_pair() for _ in range(n)]
+        infos = [bw.ConnInfo(first_id + i, ("203.0.113.%d" % (i + 1), 5000 + i), ("127.0.0.1", 7000), "tcp") for i in range(n)]
+        for _, srv in pairs:
+            srv.setblocking(not nonblocking)  # batond sets O_NONBLOCK where NONBLOCK was granted
+        return bw.encode_conns(infos), [srv for _, srv in pairs], [c for c, _ in pairs]
+
     def close(self) -> None:
         for ch in self.chans:
             ch.close()
@@ -317,6 +329,43 @@ class CodecTest(unittest.TestCase):
         t, body = bw.split(self.CONN_EXAMPLE)
         self.assertEqual(t, T.CONN)
         self.assertEqual(bw.parse_conn(body), info)
+
+    CONNS_EXAMPLE = h(
+        """
+        0c 00 3c 00  02 00
+        1b 00  01 00 00 00 00 00 00 00  04 40 9c 7f 00 00 01  04 58 1b 7f 00 00 01  03 00 74 63 70
+        1b 00  02 00 00 00 00 00 00 00  04 41 9c 7f 00 00 01  04 58 1b 7f 00 00 01  03 00 74 63 70
+        """
+    )
+
+    def test_conns_example(self):
+        a = bw.ConnInfo(1, ("127.0.0.1", 40000), ("127.0.0.1", 7000), "tcp")
+        b = bw.ConnInfo(2, ("127.0.0.1", 40001), ("127.0.0.1", 7000), "tcp")
+        self.assertEqual(bw.encode_conns([a, b]), self.CONNS_EXAMPLE)
+        t, body = bw.split(self.CONNS_EXAMPLE)
+        self.assertEqual(t, T.CONNS)
+        self.assertEqual(bw.parse_conns(body), [a, b])
+
+    def test_conns_entries(self):
+        one = bw.split(bw.encode_conn(bw.ConnInfo(5, None, ("::1", 9), "x")))[1]
+        # An entry may grow fields at its end: they are skipped, the next entry is found.
+        grown = struct.pack("<H", 2) + struct.pack("<H", len(one) + 3) + one + b"new" + struct.pack("<H", len(one)) + one
+        self.assertEqual([c.id for c in bw.parse_conns(grown)], [5, 5])
+        bad = {
+            "count 0": struct.pack("<H", 0),
+            "count 17": struct.pack("<H", 17) + (struct.pack("<H", len(one)) + one) * 17,
+            "entry past the body": struct.pack("<HH", 1, len(one) + 1) + one,
+            "entry shorter than a CONN": struct.pack("<HH", 1, 8) + one[:8],
+            "fewer entries than count": struct.pack("<HH", 2, len(one)) + one,
+        }
+        for name, body in bad.items():
+            with self.subTest(name), self.assertRaises(bw.ProtocolError) as cm:
+                bw.parse_conns(body)
+            self.assertEqual(cm.exception.code, C.MALFORMED)
+        with self.assertRaises(ValueError):
+            bw.encode_conns([])
+        with self.assertRaises(ValueError):
+            bw.encode_conns([bw.ConnInfo(1, None, None, "")] * 17)
 
     def test_conn_example_as_printed_is_malformed(self):
         printed = b"\x09\x00\x1a\x00" + self.CONN_EXAMPLE[4:]
@@ -530,6 +579,58 @@ class RecvMessageTest(unittest.TestCase):
         self.assertEqual(data, conn)
         os.close(fd)
 
+    def rejects_batch(self, data: bytes, nfds: int, code: int) -> None:
+        r, w = os.pipe()
+        before = open_fds()
+        if nfds:
+            socket.send_fds(self.a, [data], [r] * nfds)
+        else:
+            self.a.send(data)
+        with self.assertRaises(bw.ProtocolError) as cm:
+            bw.recv_batch(self.b)
+        self.assertEqual(cm.exception.code, code)
+        self.assertEqual(open_fds(), before, "received fds were not all closed")
+        os.close(r)
+        os.close(w)
+
+    def test_batch_fd_rules(self):
+        conns = bw.encode_conns([bw.ConnInfo(i, None, None, "") for i in (1, 2, 3)])
+        self.rejects_batch(conns, 0, C.FDS)
+        self.rejects_batch(conns, 2, C.FDS)
+        self.rejects_batch(conns, 4, C.FDS)
+        self.rejects_batch(conns, 21, C.TOO_BIG)  # more than the buffer's 16 + 4
+        self.rejects_batch(bw.encode_conn(bw.ConnInfo(1, None, None, "")), 2, C.FDS)
+        self.rejects_batch(bw.encode_ready(), 1, C.FDS)
+        self.rejects(conns, 3, C.FDS)  # recv_message (no BATCH asked) takes no CONNS
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        socket.send_fds(self.a, [conns], [r, r, r])
+        data, fds = bw.recv_batch(self.b)
+        self.assertEqual((data, len(fds)), (conns, 3))
+        for fd in fds:
+            self.assertFalse(os.get_inheritable(fd))
+            os.close(fd)
+        self.a.send(bw.encode_ready())
+        self.assertEqual(bw.recv_batch(self.b), (bw.encode_ready(), []))
+
+    def test_conns_partly_out_of_fds(self):
+        # The kernel installs what fits, in order: the first entry has its fd, the others none.
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        conns = bw.encode_conns([bw.ConnInfo(i, None, None, "") for i in (1, 2, 3)])
+        socket.send_fds(self.a, [conns], [r, r, r])
+        gc.collect()
+        before = open_fds()
+        with out_of_fds(spare=1):
+            with self.assertRaises(bw.NoFDError) as cm:
+                bw.recv_batch(self.b)
+        self.assertEqual(cm.exception.message, conns)
+        self.assertEqual(len(cm.exception.fds), 1)
+        self.assertEqual(open_fds(), before + 1)  # the one that came belongs to the catcher
+        os.close(cm.exception.fds[0])
+
     def test_good_and_eof(self):
         r, w = os.pipe()
         conn = bw.encode_conn(bw.ConnInfo(1, None, None, ""))
@@ -690,7 +791,7 @@ class BlockingTest(unittest.TestCase):
 
     def test_hello_and_ready(self):
         w, ch = self.start(capacity=50)
-        self.assertEqual(ch.hello_raw, hello_bytes(os.getpid(), 3, 7, 50, 0, 0, TOKEN))
+        self.assertEqual(ch.hello_raw, hello_bytes(os.getpid(), 3, 7, 50, BLOCKING_CAPS, 0, TOKEN))
         self.assertTrue(w.registered)
         self.assertEqual(w.welcome, bw.Welcome(1, 1000, 7))
         self.assertTrue(ch.silent(0.2), "READY before serving")
@@ -827,7 +928,7 @@ class BlockingTest(unittest.TestCase):
         self.assertGreaterEqual(time.monotonic() - t0, 0.1)
         ch2.read_hello()
         # live = acked and not yet reported CLOSED: 2 held + 1 whose CLOSED is queued
-        self.assertEqual(ch2.hello_raw, hello_bytes(os.getpid(), 3, 7, 0, bw.FLAG_READY, 3, TOKEN))
+        self.assertEqual(ch2.hello_raw, hello_bytes(os.getpid(), 3, 7, 0, bw.FLAG_READY | BLOCKING_CAPS, 3, TOKEN))
         socks[0].close()  # ends before WELCOME: counted in HELLO, so reported after it
         self.assertTrue(ch2.silent(0.1), "sent something before WELCOME")
         ch2.welcome(generation=8)
@@ -950,7 +1051,7 @@ class BlockingTest(unittest.TestCase):
         ch.close()
         ch2 = self.gw.accept(timeout=5)
         hello = ch2.read_hello()
-        self.assertEqual((hello.flags, hello.live), (bw.FLAG_READY | bw.FLAG_DRAINING, 1))
+        self.assertEqual((hello.flags, hello.live), (bw.FLAG_READY | bw.FLAG_DRAINING | BLOCKING_CAPS, 1))
         ch2.welcome()
         s.close()
         self.assertEqual(ch2.expect_ids(T.CLOSED), [cid])
@@ -1043,7 +1144,7 @@ class BlockingTest(unittest.TestCase):
         self.assertAlmostEqual(w.drain_deadline - time.monotonic(), 60, delta=1)
         ch.close()
         ch2 = self.gw.accept()
-        self.assertEqual(ch2.read_hello().flags, bw.FLAG_READY | bw.FLAG_DRAINING)
+        self.assertEqual(ch2.read_hello().flags, bw.FLAG_READY | bw.FLAG_DRAINING | BLOCKING_CAPS)
         ch2.welcome(generation=8)
         ch2.send(bw.encode_drain(600000))
         wait_until(lambda: w.drain_deadline - time.monotonic() > 500, what="later deadline")
@@ -1076,6 +1177,62 @@ class BlockingTest(unittest.TestCase):
 
     def test_malformed_from_gateway(self):
         self.check_protocol_error(b"\x07\x00\x08\x00abc", (), C.MALFORMED)
+
+    def test_conns_in_one_ack(self):
+        w, ch = self.start(welcome={"flags": bw.WELCOME_BATCH | bw.WELCOME_REFUSE})
+        w.ready()
+        ch.expect(T.READY)
+        msg, srvs, clients = self.gw.conns(3, 100)
+        ch.send(msg, tuple(s.fileno() for s in srvs))
+        self.assertEqual(ch.expect_ids(T.ACK), [100, 101, 102])  # one ACK for the lot
+        self.assertTrue(ch.silent(0.2))
+        for srv in srvs:
+            srv.close()
+        for i, c in enumerate(clients):
+            sock, addr = w.accept(timeout=5)
+            self.assertEqual((sock.conn_info.id, addr), (100 + i, ("203.0.113.%d" % (i + 1), 5000 + i)))
+            self.assertEqual((sock.family, sock.type, sock.gettimeout()), (socket.AF_INET, socket.SOCK_STREAM, None))
+            self.assertEqual(sock.getsockname(), self.gw.tcp.getsockname())
+            c.sendall(b"to %d" % i)
+            self.assertEqual(sock.recv(100), b"to %d" % i)
+            sock.close()
+        closed: List[int] = []
+        while len(closed) < 3:
+            closed += ch.expect_ids(T.CLOSED)
+        self.assertEqual(sorted(closed), [100, 101, 102])
+
+    def check_bad_conns(self, entries: List[bytes], fds: List[int], code: int) -> None:
+        """A CONNS the worker rejects: ERROR, and every fd it received is closed (including
+        those already wrapped in sockets), none reported."""
+        body = struct.pack("<H", len(entries)) + b"".join(struct.pack("<H", len(e)) + e for e in entries)
+        self.check_protocol_error(bw._HDR.pack(T.CONNS, 0, len(body)) + body, tuple(fds), code)
+
+    def good_entry(self, cid: int, listener: str = "tcp") -> bytes:
+        return bw.split(bw.encode_conn(bw.ConnInfo(cid, ("203.0.113.1", 1), None, listener)))[1]
+
+    def test_bad_conns_closes_every_fd(self):
+        pairs = [self.gw.tcp_pair() for _ in range(3)]
+        fds = [s.fileno() for _, s in pairs]
+        bad = b"\x09" + b"\x00" * 7 + b"\x07"  # address family 7
+        with self.subTest("malformed second entry"):
+            self.check_bad_conns([self.good_entry(1), bad, self.good_entry(3)], fds, C.MALFORMED)
+        with self.subTest("count 3, 2 fds"):
+            self.check_bad_conns([self.good_entry(1), self.good_entry(2), self.good_entry(3)], fds[:2], C.FDS)
+        for c, s in pairs:
+            s.close()
+            c.settimeout(5)
+            self.assertEqual(c.recv(10), b"")  # the worker kept no copy
+
+    def test_conns_with_a_non_socket_closes_what_it_made(self):
+        # The first entry becomes a socket, the second (a file, on a listener not seen yet) is
+        # refused: the socket made for the first is closed and not reported (no ACK was sent).
+        c, s = self.gw.tcp_pair()
+        # A file of its own, so that fd_copies counts only the copies of this fd.
+        null = os.open(os.path.join(self.gw.dir.name, "not-a-socket"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        self.addCleanup(os.close, null)
+        self.check_bad_conns([self.good_entry(1, "a"), self.good_entry(2, "b")], [s.fileno(), null], C.FDS)
+        s.close()
+        self.assertEqual(c.recv(10), b"")
 
     def test_conn_without_fd(self):
         self.check_protocol_error(bw.encode_conn(bw.ConnInfo(1, None, None, "")), (), C.FDS)
@@ -1273,7 +1430,7 @@ class AsyncioTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_echo(self):
         server, ch = await self.start(echo, capacity=9)
-        self.assertEqual(ch.hello_raw, hello_bytes(os.getpid(), 3, 7, 9, 0, 0, TOKEN))
+        self.assertEqual(ch.hello_raw, hello_bytes(os.getpid(), 3, 7, 9, ASYNC_CAPS, 0, TOKEN))
         await self.expect(ch, T.READY)  # start_server serves at once
         self.assertTrue(server.is_serving())
         cid, client = await self.hand_off(ch)
@@ -1386,7 +1543,7 @@ class AsyncioTest(unittest.IsolatedAsyncioTestCase):
         self.gw.listen()
         ch2 = await asyncio.to_thread(self.gw.accept)
         hello = await asyncio.to_thread(ch2.read_hello)
-        self.assertEqual((hello.live, hello.flags), (2, bw.FLAG_READY))  # c2's CLOSED is queued
+        self.assertEqual((hello.live, hello.flags), (2, bw.FLAG_READY | ASYNC_CAPS))  # c2's CLOSED is queued
         ch2.welcome()
         self.assertEqual(await self.expect_ids(ch2, T.CLOSED), [cid2])
         await asyncio.to_thread(c1.sendall, b"survived")
@@ -1396,6 +1553,102 @@ class AsyncioTest(unittest.IsolatedAsyncioTestCase):
         cid3, c3 = await self.hand_off(ch2)
         c3.close()
         self.assertEqual(await self.expect_ids(ch2, T.CLOSED), [cid3])
+
+    async def test_conns_nonblocking_fds_one_ack(self):
+        flags = bw.WELCOME_BATCH | bw.WELCOME_NONBLOCK | bw.WELCOME_REFUSE
+        seen: List[Tuple[int, socket.socket]] = []
+
+        async def record(reader, writer):
+            seen.append((bw.connection_info().id, writer.get_extra_info("socket")))
+            await echo(reader, writer)
+
+        server, ch = await self.start(record, welcome={"flags": flags})
+        self.assertEqual(ch.hello.flags & ASYNC_CAPS, ASYNC_CAPS)
+        await self.expect(ch, T.READY)
+        msg, srvs, clients = self.gw.conns(4, 200, nonblocking=True)
+        ch.send(msg, tuple(s.fileno() for s in srvs))
+        self.assertEqual(await self.expect_ids(ch, T.ACK), [200, 201, 202, 203])
+        self.assertTrue(await asyncio.to_thread(ch.silent, 0.2), "more than one ACK")
+        for srv in srvs:
+            srv.close()
+        for i, c in enumerate(clients):
+            await asyncio.to_thread(c.sendall, b"n%d" % i)
+            self.assertEqual(await asyncio.to_thread(c.recv, 100), b"n%d" % i)
+        self.assertEqual(sorted(cid for cid, _ in seen), [200, 201, 202, 203])
+        for _, sock in seen:
+            self.assertEqual((sock.family, sock.type), (socket.AF_INET, socket.SOCK_STREAM))
+            self.assertEqual(sock.getsockname(), self.gw.tcp.getsockname())
+        for c in clients:
+            c.close()
+        closed: List[int] = []
+        while len(closed) < 4:
+            closed += await self.expect_ids(ch, T.CLOSED)
+        self.assertEqual(sorted(closed), [200, 201, 202, 203])
+
+    async def test_acks_and_closes_batched_per_loop_iteration(self):
+        go = asyncio.Event()
+
+        async def wait_then_close(reader, writer):
+            await go.wait()
+
+        server, ch = await self.start(wait_then_close)
+        await self.expect(ch, T.READY)
+        clients = []
+        for i in range(5):  # five CONNs queued before the loop reads any (no await between)
+            c, srv = self.gw.tcp_pair()
+            ch.hand_off(srv, 300 + i)
+            clients.append((c, srv))
+        self.assertEqual(await self.expect_ids(ch, T.ACK), [300, 301, 302, 303, 304])
+        for _, srv in clients:
+            srv.close()
+        await asyncio.sleep(0.1)
+        self.assertEqual(server.live, 5)
+        go.set()  # every handler returns in the same iteration: their ends go in one CLOSED
+        self.assertEqual(sorted(await self.expect_ids(ch, T.CLOSED)), [300, 301, 302, 303, 304])
+        self.assertTrue(await asyncio.to_thread(ch.silent, 0.2))
+        for c, _ in clients:
+            c.close()
+
+    async def test_conns_partly_out_of_fds(self):
+        flags = bw.WELCOME_BATCH | bw.WELCOME_NONBLOCK | bw.WELCOME_REFUSE
+        server, ch = await self.start(echo, welcome={"flags": flags})
+        await self.expect(ch, T.READY)
+        msg, srvs, clients = self.gw.conns(3, 400, nonblocking=True)
+        await asyncio.to_thread(ch.silent, 0.05)  # the pool thread exists before the shortage
+        with self.assertLogs("baton_worker", logging.WARNING) as logs:
+            with out_of_fds(spare=1):
+                ch.send(msg, tuple(s.fileno() for s in srvs))
+                got = [await asyncio.to_thread(ch.recv), await asyncio.to_thread(ch.recv)]
+        answers = {bw._type_name(t): bw.parse_ids(t, body) for t, body, _ in got}
+        self.assertEqual(answers, {"REFUSE": [401, 402], "ACK": [400]})
+        self.assertEqual(len(logs.records), 2, logs.output)
+        self.assertEqual([fd_copies(s.fileno()) for s in srvs], [2, 1, 1])
+        for srv in srvs:
+            srv.close()
+        await asyncio.to_thread(clients[0].sendall, b"kept")
+        self.assertEqual(await asyncio.to_thread(clients[0].recv, 100), b"kept")
+        self.assertEqual(server.live, 1)
+        self.assertTrue(server.worker.registered)
+        for c in clients:
+            c.close()
+        self.assertEqual(await self.expect_ids(ch, T.CLOSED), [400])
+
+    async def test_bad_conns_closes_every_fd(self):
+        server, ch = await self.start(echo, welcome={"flags": bw.WELCOME_BATCH})
+        await self.expect(ch, T.READY)
+        msg, srvs, clients = self.gw.conns(3, 500)
+        body = bytearray(bw.split(msg)[1])
+        body[2 + 2 + 8] = 7  # the first entry's client address family: 7
+        ch.send(bw._HDR.pack(T.CONNS, 0, len(body)) + bytes(body), tuple(s.fileno() for s in srvs))
+        self.assertEqual((await asyncio.to_thread(ch.expect_error)).code, C.MALFORMED)
+        await asyncio.to_thread(ch.expect_eof)
+        self.assertEqual([fd_copies(s.fileno()) for s in srvs], [1, 1, 1])
+        self.assertEqual(server.live, 0)
+        ch2 = await asyncio.to_thread(self.gw.accept)
+        self.assertEqual((await asyncio.to_thread(ch2.read_hello)).live, 0)
+        for s, c in zip(srvs, clients):
+            s.close()
+            self.assertEqual(await asyncio.to_thread(c.recv, 10), b"")
 
     async def check_out_of_fds(self, refuse: bool) -> None:
         """As BlockingTest.check_out_of_fds, with the channel read by the event loop."""
@@ -1514,7 +1767,7 @@ class AsyncioTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(err.code, C.MALFORMED)
         ch2 = await asyncio.to_thread(self.gw.accept)
         hello = await asyncio.to_thread(ch2.read_hello)
-        self.assertEqual(hello.flags, bw.FLAG_READY)
+        self.assertEqual(hello.flags, bw.FLAG_READY | ASYNC_CAPS)
 
 
 if __name__ == "__main__":
