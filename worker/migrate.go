@@ -179,6 +179,15 @@ func (c *Conn) handBack(state []byte) error {
 		l.mu.Unlock()
 		return ErrNotAsked
 	}
+	if !time.Now().Before(ask.round.deadline) {
+		// Too late: batond counts it declined already. Say so (the writer sends it once this
+		// HandBack lets go of the flush lock).
+		st.answered()
+		s.declines = append(s.declines, st.id)
+		l.mu.Unlock()
+		s.wake()
+		return fmt.Errorf("%w: the deadline passed", ErrNotAsked)
+	}
 	l.mu.Unlock()
 	if !st.claim() {
 		return net.ErrClosed // the program closed it meanwhile

@@ -120,20 +120,27 @@ func serve(c *worker.Conn, g *greeter) {
 func echo(c *worker.Conn, r *bufio.Reader, st *echoState, rearm chan<- struct{}) bool {
 	for {
 		line, err := r.ReadSlice('\n')
-		if errors.Is(err, os.ErrDeadlineExceeded) && migrating(c) {
-			// Bytes read but not echoed travel in the state; unread ones stay in the socket.
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// Woken for a migration. Bytes read but not echoed travel in the state; unread
+			// ones stay in the socket.
 			rest, _ := r.Peek(r.Buffered())
 			st.pending = append(append([]byte(nil), line...), rest...)
-			herr := c.HandBack(st.encode())
-			if herr == nil {
-				return true
+			if migrating(c) {
+				herr := c.HandBack(st.encode())
+				if herr == nil {
+					return true
+				}
+				fmt.Fprintf(os.Stderr, "demo worker: session %d stays here: %v\n", c.ID(), herr)
 			}
-			fmt.Fprintf(os.Stderr, "demo worker: session %d stays here: %v\n", c.ID(), herr)
-			// Still ours: the partial line is echoed when the client completes it.
+			// Still ours (the hand-back failed, or the request lapsed before it): the partial
+			// line is echoed when the client completes it.
 			r = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(st.pending), c), 4096)
 			st.pending = nil
 			c.SetReadDeadline(time.Time{})
-			rearm <- struct{}{}
+			select {
+			case rearm <- struct{}{}:
+			default:
+			}
 			continue
 		}
 		if len(line) > 0 {

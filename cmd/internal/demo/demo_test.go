@@ -76,9 +76,10 @@ func readLine(t *testing.T, r *bufio.Reader, c net.Conn) string {
 	return line
 }
 
-// A session the demo hands back carries its echo count and any partial line; resumed, it is
-// greeted with the upgrade line and the count goes on.
-func TestMigrateKeepsEchoState(t *testing.T) {
+// startDemo runs Main("v2") as slot 3 against a fake gateway that grants migration, hands it
+// one TCP connection (id 1) and returns the gateway, the client and Main's exit code.
+func startDemo(t *testing.T) (*gw, *net.TCPConn, chan int) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "workers.sock")
 	ln, err := handoff.Listen(path, 0o600)
 	if err != nil {
@@ -101,7 +102,7 @@ func TestMigrateKeepsEchoState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ch.Close()
+	t.Cleanup(func() { ch.Close() })
 	g := &gw{t: t, ch: ch, buf: make([]byte, handoff.MaxLargeMessage)}
 	body, _ := g.expect(handoff.TypeHello)
 	if h, err := handoff.ParseHello(body); err != nil || h.Flags&handoff.HelloMigrate == 0 {
@@ -114,12 +115,12 @@ func TestMigrateKeepsEchoState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer tl.Close()
+	t.Cleanup(func() { tl.Close() })
 	client, err := net.DialTCP("tcp", nil, tl.Addr().(*net.TCPAddr))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer client.Close()
+	t.Cleanup(func() { client.Close() })
 	server, err := tl.AcceptTCP()
 	if err != nil {
 		t.Fatal(err)
@@ -128,6 +129,13 @@ func TestMigrateKeepsEchoState(t *testing.T) {
 	g.expectAck(1)
 	server.Close()
 
+	return g, client, exit
+}
+
+// A session the demo hands back carries its echo count and any partial line; resumed, it is
+// greeted with the upgrade line and the count goes on.
+func TestMigrateKeepsEchoState(t *testing.T) {
+	g, client, exit := startDemo(t)
 	cr := bufio.NewReader(client)
 	if line := readLine(t, cr, client); !strings.HasPrefix(line, "baton demo v2 · worker 3 · pid ") {
 		t.Fatalf("greeting %q", line)
@@ -213,5 +221,26 @@ func TestDecodeStateRejectsGarbage(t *testing.T) {
 	s := echoState{lines: 7, pending: []byte("ab")}
 	if got, err := decodeState(s.encode()); err != nil || got.lines != 7 || string(got.pending) != "ab" {
 		t.Fatalf("round trip %+v %v", got, err)
+	}
+}
+
+// A request that lapses before the demo answers it (here at once: deadline 0) is declined by
+// the library, and the session goes on here, partial line included.
+func TestLapsedRequestKeepsSession(t *testing.T) {
+	g, client, _ := startDemo(t)
+	cr := bufio.NewReader(client)
+	readLine(t, cr, client)
+	client.Write([]byte("one\npar"))
+	if line := readLine(t, cr, client); line != "one\n" {
+		t.Fatalf("echo %q", line)
+	}
+	g.ch.Send(handoff.AppendMigrate(nil, &handoff.Migrate{Deadline: 0}))
+	body, _ := g.expect(handoff.TypeDecline)
+	if ids, err := handoff.ParseIDs(nil, handoff.TypeDecline, body); err != nil || len(ids) != 1 || ids[0] != 1 {
+		t.Fatalf("DECLINE %v (%v), want [1]", ids, err)
+	}
+	client.Write([]byte("tial\n"))
+	if line := readLine(t, cr, client); line != "partial\n" {
+		t.Fatalf("echo after a lapsed request %q, want %q", line, "partial\n")
 	}
 }

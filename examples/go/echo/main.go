@@ -104,13 +104,18 @@ func echoMigrating(c *worker.Conn) {
 	}
 	stop := make(chan struct{})
 	defer close(stop)
-	go func() {
-		select {
-		case <-c.MigrateRequested():
-			c.SetReadDeadline(time.Now()) // wakes the Read below
-		case <-stop:
-		}
-	}()
+	// One goroutine per request wakes the Read below with a deadline in the past.
+	watch := func() {
+		asked := c.MigrateRequested()
+		go func() {
+			select {
+			case <-asked:
+				c.SetReadDeadline(time.Now())
+			case <-stop:
+			}
+		}()
+	}
+	watch()
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := c.Read(buf)
@@ -124,7 +129,10 @@ func echoMigrating(c *worker.Conn) {
 			if c.HandBack(binary.LittleEndian.AppendUint64(nil, echoed)) == nil {
 				return // the socket is batond's now
 			}
-			break // not handed back (the channel dropped): end the session, as a simple echo may
+			// Not handed back (the channel dropped, or the request lapsed): still ours.
+			c.SetReadDeadline(time.Time{})
+			watch()
+			continue
 		}
 		if err != nil {
 			break
