@@ -41,13 +41,21 @@ type connState struct {
 	id     uint64
 	report bool // send CLOSED for it (false in fallback mode)
 	closed atomic.Bool
+
+	info    handoff.ConnInfo // as batond sent it: what a HANDBACK gives back
+	resumed *Resumed         // non-nil for a session another worker handed back; set once
+
+	// Migration (migrate.go), guarded by l.mu.
+	group string
+	ask   *migrateAsk   // batond's pending request for this connection, nil if none
+	asked chan struct{} // MigrateRequested's channel: closed while ask is set
 }
 
 // claim makes the caller the one that closes and reports: Close or the cleanup, whoever comes
 // first.
 func (st *connState) claim() bool { return st.closed.CompareAndSwap(false, true) }
 
-func (st *connState) release() { st.l.release(st.id, st.report) }
+func (st *connState) release() { st.l.release(st, st.report) }
 
 // cleanupConn runs when a handed-off socket was garbage collected without Close.
 func cleanupConn(st *connState) {
@@ -105,7 +113,7 @@ func sockType(fd int) (int, error) {
 // newConn wraps c. The addresses from CONN win over the socket's own: with the PROXY protocol
 // or a balancer in front, batond knows the real client and the socket does not.
 func newConn(l *Listener, c net.Conn, info *handoff.ConnInfo, report bool) *Conn {
-	st := &connState{l: l, id: info.ID, report: report}
+	st := &connState{l: l, id: info.ID, report: report, info: *info}
 	cn := &Conn{c: c, name: info.Listener, st: st, remote: c.RemoteAddr(), local: c.LocalAddr()}
 	if sc, ok := c.(*sockConn); ok {
 		// The fast path's socket: the cleanup watches its *os.File (see below).

@@ -35,6 +35,17 @@
 // ACK; one whose fd could not be received (the process is out of descriptors) is REFUSEd, so
 // batond gives it to another worker.
 //
+// Live session migration (PROTOCOL.md 1.4, WithMigration): batond may ask for sessions back,
+// for instance at a reload with -migrate, so that an old version's worker can exit at once
+// instead of waiting for its last player. The program decides per connection: it learns of the
+// request from Conn.MigrateRequested, stops reading, finishes its writes, and calls
+// Conn.HandBack with the session's state (at most handoff.MaxState bytes) and, through
+// Conn.SetGroup, a group key that keeps a room's players together; or it calls Conn.Decline,
+// and the session plays on here. Requests the program leaves unanswered are declined at their
+// deadline. A session another worker handed back arrives through Accept like any other, acked
+// before the program reads it; Conn.Resumed gives its state. The client's socket itself moves,
+// with the bytes it sent that nobody read: the client notices nothing.
+//
 // The package uses only the standard library, golang.org/x/sys and baton's handoff package,
 // because game servers import it.
 package worker

@@ -54,6 +54,8 @@ type Listener struct {
 	dialing       *handoff.Channel // a channel mid-handshake, so that shutdown can abort it
 	acceptDoneSet bool             // acceptDone is closed
 	nextID        uint64           // fallback mode: local connection ids
+	// conns are the connections counted in open, by id: what a MIGRATE may name.
+	conns map[uint64]*connState
 }
 
 var _ net.Listener = (*Listener)(nil)
@@ -106,6 +108,7 @@ func Listen(opts ...Option) (*Listener, error) {
 		done:       make(chan struct{}),
 		idle:       make(chan struct{}),
 		idleClosed: true,
+		conns:      map[uint64]*connState{},
 	}
 	close(l.idle)
 
@@ -200,9 +203,10 @@ func (l *Listener) acceptFallback() (*Conn, error) {
 	l.mu.Lock()
 	l.nextID++
 	info := handoff.ConnInfo{ID: l.nextID}
-	l.holdLocked()
+	cn := newConn(l, c, &info, false)
+	l.holdLocked(cn.st)
 	l.mu.Unlock()
-	return newConn(l, c, &info, false), nil
+	return cn, nil
 }
 
 // Ready tells batond that this worker is serving, which makes it eligible for connections. Accept
@@ -317,7 +321,7 @@ func (l *Listener) Wait(ctx context.Context) error {
 }
 
 // Live is the number of connections this process holds: handed over (or accepted, in fallback
-// mode) and not yet closed, including those waiting for Accept.
+// mode) and not yet closed or handed back (Conn.HandBack), including those waiting for Accept.
 func (l *Listener) Live() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -351,8 +355,9 @@ func (l *Listener) signalAcceptDoneLocked() {
 }
 
 // holdLocked counts one more connection held by this process.
-func (l *Listener) holdLocked() {
+func (l *Listener) holdLocked(st *connState) {
 	l.open++
+	l.conns[st.id] = st
 	if l.idleClosed {
 		l.idle = make(chan struct{})
 		l.idleClosed = false
@@ -365,7 +370,7 @@ func (l *Listener) holdLocked() {
 // where nobody serves it and Wait never returns.
 func (l *Listener) deliver(c *Conn) {
 	l.mu.Lock()
-	l.holdLocked()
+	l.holdLocked(c.st)
 	if l.closed || l.gaveUp {
 		l.mu.Unlock()
 		c.Close()
@@ -376,11 +381,16 @@ func (l *Listener) deliver(c *Conn) {
 	l.signalAvail()
 }
 
-// release is called once per connection when it is closed: it counts it and, under batond,
-// queues its CLOSED and sends it at once.
-func (l *Listener) release(id uint64, report bool) {
+// release is called once per connection when it is closed or handed back: it counts it and,
+// under batond, queues its CLOSED (report) and sends it at once.
+func (l *Listener) release(st *connState, report bool) {
+	id := st.id
 	l.mu.Lock()
 	l.open--
+	if l.conns[id] == st {
+		delete(l.conns, id)
+	}
+	st.ask = nil
 	if report {
 		l.pending = append(l.pending, id)
 	}

@@ -17,6 +17,7 @@ type options struct {
 	fallback         string
 	handshakeTimeout time.Duration
 	log              *slog.Logger
+	migration        bool // ask for MIGRATE and RESUME (WithMigration)
 }
 
 // defaultHandshakeTimeout bounds the wait for WELCOME: batond answers at once, so a silent

@@ -46,6 +46,12 @@ type session struct {
 	connsOK bool
 	// nonblock: batond sends CONN fds already non-blocking (WELCOME granted HELLO's NONBLOCK).
 	nonblock bool
+	// migrateOK: batond may send MIGRATE and RESUME (WELCOME granted HELLO's MIGRATE).
+	migrateOK bool
+	// The MIGRATEs received on this channel whose deadline has not passed, and the ids to
+	// DECLINE (sent by flush); guarded by Listener.mu (migrate.go).
+	rounds   []*migrateRound
+	declines []uint64
 
 	kick       chan struct{} // capacity 1: the writer has something to flush
 	stop       chan struct{} // closed when the session ends
@@ -91,6 +97,9 @@ func (l *Listener) register() (*session, error) {
 		// BATCH: batond may hand over what it accepted in one wake-up in one CONNS (one
 		// recvmsg here for up to 16 connections).
 		Flags: handoff.HelloNonblock | handoff.HelloBatch,
+	}
+	if l.opts.migration {
+		h.Flags |= handoff.HelloMigrate
 	}
 	if l.ready {
 		h.Flags |= handoff.HelloReady
@@ -150,6 +159,11 @@ func (l *Listener) handshake(ch *handoff.Channel, h *handoff.Hello) (*session, e
 			if err := ch.Conn().SetDeadline(time.Time{}); err != nil {
 				return nil, err
 			}
+			migrateOK := w.Flags&handoff.WelcomeMigrate != 0 && h.Flags&handoff.HelloMigrate != 0
+			if migrateOK {
+				// HANDBACK and RESUME may exceed MaxMessage; a RESUME carries its state.
+				buf = make([]byte, handoff.MaxLargeMessage)
+			}
 			return &session{
 				l:          l,
 				ch:         ch,
@@ -162,6 +176,7 @@ func (l *Listener) handshake(ch *handoff.Channel, h *handoff.Hello) (*session, e
 				nonblock:   w.Flags&handoff.WelcomeNonblock != 0,
 				refuse:     w.Flags&handoff.WelcomeRefuse != 0,
 				connsOK:    w.Flags&handoff.WelcomeBatch != 0,
+				migrateOK:  migrateOK,
 			}, nil
 		case t == handoff.TypeError:
 			e, err := handoff.ParseError(body)
@@ -263,9 +278,10 @@ func (l *Listener) serve(s *session) error {
 	s.ch.Close() // unblocks a writer stuck in Send
 	close(s.stop)
 	<-s.writerDone
-	s.sendMu.Lock() // wait out a flush in flight from another goroutine
+	s.sendMu.Lock() // wait out a flush or a HANDBACK in flight from another goroutine
 	s.dead = true
 	s.sendMu.Unlock()
+	s.endMigrations()
 	return err
 }
 
@@ -368,7 +384,7 @@ func (s *session) handle(msg []byte, fds []int) error {
 			closeFDs(fds)
 			return protocolError(s.ch, handoff.CodeMalformed, err)
 		}
-		s.take(&info, fds)
+		s.take(&info, fds, nil)
 		return nil
 	case handoff.TypeConns:
 		if !s.connsOK {
@@ -381,7 +397,7 @@ func (s *session) handle(msg []byte, fds []int) error {
 			return protocolError(s.ch, handoff.CodeMalformed, err)
 		}
 		for i := range s.infos {
-			s.take(&s.infos[i], fds[min(i, len(fds)):])
+			s.take(&s.infos[i], fds[min(i, len(fds)):], nil)
 		}
 		clear(s.infos) // the listener names
 		return nil
@@ -398,6 +414,25 @@ func (s *session) handle(msg []byte, fds []int) error {
 			return protocolError(s.ch, handoff.CodeMalformed, err)
 		}
 		s.l.drain(d.Deadline)
+		return nil
+	case handoff.TypeMigrate, handoff.TypeResume:
+		if !s.migrateOK {
+			closeFDs(fds)
+			return protocolError(s.ch, handoff.CodeUnexpected, fmt.Errorf("%s on a channel whose WELCOME did not grant MIGRATE", t))
+		}
+		if t == handoff.TypeResume {
+			return s.resume(body, fds)
+		}
+		m, err := handoff.ParseMigrate(nil, body)
+		if err != nil {
+			return protocolError(s.ch, handoff.CodeMalformed, err)
+		}
+		// The connections read before it are held too: ack and deliver them first, so that an
+		// empty list names them.
+		if err := s.ackBatch(); err != nil {
+			return err
+		}
+		s.migrate(m)
 		return nil
 	case handoff.TypeError:
 		e, err := handoff.ParseError(body)
@@ -416,9 +451,20 @@ func (s *session) handle(msg []byte, fds []int) error {
 	}
 }
 
+// resume takes a RESUME: a CONN carrying a migrated session's state.
+func (s *session) resume(body []byte, fds []int) error {
+	r, err := handoff.ParseResume(body)
+	if err != nil {
+		closeFDs(fds)
+		return protocolError(s.ch, handoff.CodeMalformed, err)
+	}
+	s.take(&r.Conn, fds, &Resumed{State: r.State, PreviousID: r.PreviousID, Hops: r.Hops, Group: r.Group})
+	return nil
+}
+
 // take takes ownership of the client fd fds[0] of the connection info, or refuses it if no
-// fd came (fds is empty).
-func (s *session) take(info *handoff.ConnInfo, fds []int) {
+// fd came (fds is empty). resumed is non-nil for a RESUME.
+func (s *session) take(info *handoff.ConnInfo, fds []int, resumed *Resumed) {
 	if len(fds) == 0 {
 		s.noFD(info.ID)
 		return
@@ -432,7 +478,9 @@ func (s *session) take(info *handoff.ConnInfo, fds []int) {
 		s.unusable = append(s.unusable, info.ID)
 		return
 	}
-	s.batch = append(s.batch, newConn(s.l, nc, info, true))
+	c := newConn(s.l, nc, info, true)
+	c.st.resumed = resumed
+	s.batch = append(s.batch, c)
 }
 
 // drain records a DRAIN. A later DRAIN (after a reload the old batond drains its workers, and
@@ -495,7 +543,7 @@ func (s *session) writeLoop() {
 	}
 }
 
-// flush sends READY if it is due and every pending CLOSED, in batches of up to MaxIDs ids. With
+// flush sends READY if it is due, every pending CLOSED and then every DECLINE due, in batches of up to MaxIDs ids. With
 // block false it neither waits for another flush (errBusy) nor for room in the channel
 // (handoff.ErrWouldBlock); ids stay pending until sent.
 func (s *session) flush(block bool) error {
@@ -524,7 +572,7 @@ func (s *session) flush(block bool) error {
 			s.readySent = true
 		}
 		if n == 0 {
-			return nil
+			return s.flushDeclines(block)
 		}
 		s.fbuf = handoff.AppendIDs(s.fbuf[:0], handoff.TypeClosed, s.ids)
 		if err := s.send(s.fbuf, block); err != nil {
@@ -534,6 +582,32 @@ func (s *session) flush(block bool) error {
 		// Only flushes remove from pending, and they are serialized, so the first n are the
 		// ones just sent.
 		l.pending = append(l.pending[:0], l.pending[n:]...)
+		l.mu.Unlock()
+	}
+}
+
+// flushDeclines sends DECLINE for the connections the program declined and for those of
+// MIGRATEs past their deadline that it did not answer (the protocol counts them as declined
+// anyway; saying so lets batond stop waiting for them). Called by flush, under sendMu.
+func (s *session) flushDeclines(block bool) error {
+	l := s.l
+	for {
+		l.mu.Lock()
+		if len(s.rounds) > 0 {
+			s.expireLocked(time.Now())
+		}
+		n := min(len(s.declines), handoff.MaxIDs)
+		s.ids = append(s.ids[:0], s.declines[:n]...)
+		l.mu.Unlock()
+		if n == 0 {
+			return nil
+		}
+		s.fbuf = handoff.AppendIDs(s.fbuf[:0], handoff.TypeDecline, s.ids)
+		if err := s.send(s.fbuf, block); err != nil {
+			return err
+		}
+		l.mu.Lock()
+		s.declines = append(s.declines[:0], s.declines[n:]...)
 		l.mu.Unlock()
 	}
 }

@@ -19,6 +19,7 @@ import (
 // child, as batond would, with ECHO_RUN_MAIN set.
 func TestMain(m *testing.M) {
 	if os.Getenv("ECHO_RUN_MAIN") == "1" {
+		os.Args = append(os.Args[:1], strings.Fields(os.Getenv("ECHO_ARGS"))...)
 		main()
 		os.Exit(0)
 	}
@@ -104,7 +105,7 @@ func (g *gw) expect(want handoff.Type) []byte {
 	return body
 }
 
-func register(t *testing.T, reply func(*gw)) (*gw, *bytes.Buffer, chan error) {
+func register(t *testing.T, reply func(*gw), env ...string) (*gw, *bytes.Buffer, chan error) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "workers.sock")
 	ln, err := handoff.Listen(path, 0o600)
@@ -112,8 +113,8 @@ func register(t *testing.T, reply func(*gw)) (*gw, *bytes.Buffer, chan error) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	_, stderr, done := start(t, "BATON_SOCKET="+path, "BATON_WORKER=0", "BATON_GENERATION=1",
-		"BATON_TOKEN="+strings.Repeat("0", 64))
+	_, stderr, done := start(t, append([]string{"BATON_SOCKET=" + path, "BATON_WORKER=0", "BATON_GENERATION=1",
+		"BATON_TOKEN=" + strings.Repeat("0", 64)}, env...)...)
 	ln.SetDeadline(time.Now().Add(timeout))
 	uc, err := ln.AcceptUnix()
 	if err != nil {
@@ -202,5 +203,81 @@ func TestEchoAndDrain(t *testing.T) {
 	}
 	if code := exitCode(t, done); code != 0 {
 		t.Fatalf("exit %d after drain, want 0; stderr %q", code, stderr)
+	}
+}
+
+// With -migrate, echo hands a session back when asked: the socket, with the bytes the client
+// sent meanwhile, and the count of bytes echoed; then, holding nothing, it exits at DRAIN.
+func TestMigrateHandsBack(t *testing.T) {
+	g, stderr, done := register(t, func(g *gw) {
+		g.ch.Send(handoff.AppendWelcome(nil, &handoff.Welcome{Version: 1, PingInterval: time.Minute, Generation: 1,
+			Flags: handoff.WelcomeMigrate}))
+	}, "ECHO_ARGS=-migrate")
+	g.buf = make([]byte, handoff.MaxLargeMessage)
+	g.expect(handoff.TypeReady)
+
+	tl, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tl.Close()
+	client, err := net.Dial("tcp", tl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := tl.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := server.SyscallConn()
+	var serr error
+	raw.Control(func(fd uintptr) {
+		serr = g.ch.TrySend(handoff.AppendConn(nil, &handoff.ConnInfo{ID: 1, Listener: "tcp"}), int(fd))
+	})
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	g.expect(handoff.TypeAck)
+	server.Close()
+	client.SetDeadline(time.Now().Add(timeout))
+	client.Write([]byte("abcd"))
+	got := make([]byte, 4)
+	if _, err := io.ReadFull(client, got); err != nil || string(got) != "abcd" {
+		t.Fatalf("echoed %q (%v)", got, err)
+	}
+
+	g.ch.Send(handoff.AppendMigrate(nil, &handoff.Migrate{Deadline: timeout}))
+	g.ch.Conn().SetReadDeadline(time.Now().Add(timeout))
+	msg, fd, err := g.ch.Recv(g.buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "handback")
+	moved, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer moved.Close()
+	typ, body, err := handoff.Split(msg)
+	if err != nil || typ != handoff.TypeHandback {
+		t.Fatalf("got %s (%v), want HANDBACK", typ, err)
+	}
+	h, err := handoff.ParseHandback(body)
+	if err != nil || h.Conn.ID != 1 || !bytes.Equal(h.State, []byte{4, 0, 0, 0, 0, 0, 0, 0}) {
+		t.Fatalf("HANDBACK %+v (%v), want id 1, 4 bytes echoed", h, err)
+	}
+	// The socket reaches the client, and what it sends now is for the next owner.
+	client.Write([]byte("after"))
+	moved.SetDeadline(time.Now().Add(timeout))
+	got = make([]byte, 5)
+	if _, err := io.ReadFull(moved, got); err != nil || string(got) != "after" {
+		t.Fatalf("next owner read %q (%v)", got, err)
+	}
+
+	g.ch.Send(handoff.AppendDrain(nil, &handoff.Drain{Deadline: time.Minute}))
+	if code := exitCode(t, done); code != 0 {
+		t.Fatalf("exit %d after drain with its only session handed back, want 0; stderr %q", code, stderr)
 	}
 }
