@@ -192,8 +192,25 @@ func (b *Backend) Drain(deadline time.Duration) error {
 }
 
 // Kick ends the backend as if its channel had failed (used by the supervisor when the process
-// behind it exited or is being replaced).
+// behind it is being replaced).
 func (b *Backend) Kick(err error) { b.g.fail(b, err, 0) }
+
+// exitGrace bounds how long Exited lets the reader finish a dead worker's channel.
+const exitGrace = time.Second
+
+// Exited ends the backend of a worker whose process has exited, once its reader has taken
+// what the worker sent before it died (the channel then ends by itself; what is still queued
+// may be a HANDBACK, whose socket nobody else holds), or after exitGrace if the channel stays
+// open (a child of the worker still holds it).
+func (b *Backend) Exited(err error) {
+	t := time.NewTimer(exitGrace)
+	defer t.Stop()
+	select {
+	case <-b.doneC:
+	case <-t.C:
+	}
+	b.g.fail(b, err, 0)
+}
 
 // recv returns the worker's next message. While the gateway is accepting (busy), the reader
 // does not park on the channel: every ACK and CLOSED would then wake batond on its own, and at
@@ -229,8 +246,16 @@ func (b *Backend) read() {
 	m := &msgScratch{ids: make([]uint64, 0, 64), fds: make([]int, 0, 64)}
 	t := time.NewTimer(busyWindow)
 	t.Stop()
+	reset := false
 	for {
 		msg, fd, err := b.recv(buf, t)
+		if errors.Is(err, unix.ECONNRESET) && !reset {
+			// A worker that exits with unread messages in its own queue resets the channel,
+			// and the kernel reports that before the messages it sent last (a HANDBACK, a
+			// CLOSED): read on until the end of the stream.
+			reset = true
+			continue
+		}
 		if errors.Is(err, handoff.ErrNoFD) && len(msg) > 0 && handoff.Type(msg[0]) == handoff.TypeHandback {
 			err = nil // batond is out of descriptors: onHandback counts the session lost
 		}

@@ -201,7 +201,7 @@ func (s *Supervisor) watchOther(o *other) {
 	defer t.Stop()
 	select {
 	case <-o.proc.Exited():
-		o.backend.Kick(errors.New("worker exited"))
+		o.backend.Exited(errors.New("worker exited"))
 		s.reapGroup(o.proc, s.log)
 		return
 	case <-o.backend.Done():

@@ -260,7 +260,7 @@ func (s *Supervisor) afterExit(sl *slot, err error, log hclog.Logger) bool {
 	s.mu.Unlock()
 	s.roster.SetLoad(sl.entry, nil) // its clients went with it
 	if b != nil {
-		b.Kick(fmt.Errorf("worker process exited: %w", err))
+		b.Exited(fmt.Errorf("worker process exited: %w", err))
 	}
 	if proc != nil && !stopping {
 		s.reapGroup(proc, log)
