@@ -124,6 +124,7 @@ type fleet struct {
 	agentL, metricsL net.Listener
 	mu               sync.Mutex
 	reloads          metrics.Reloads
+	undrainedAt      time.Time // the last undrain of the host (agent.Ready), kept in a file
 }
 
 // openFleet opens or inherits the agent and metrics listeners and sets PROXY protocol on the
@@ -281,9 +282,14 @@ func (d *daemon) countReload(err error, took time.Duration) {
 	d.fleet.reloads.LastDuration = took
 }
 
-// Host drain lasts across reloads and restarts: it is a file in the state directory.
+// Host drain lasts across reloads and restarts: it is a file in the state directory, and so is
+// the time of the last undrain, during whose window the agent says "ready" (agent.Ready): a
+// reload right after an undrain must not leave a balancer in DRAIN.
 
-const hostDrainFile = "host-drained"
+const (
+	hostDrainFile   = "host-drained"
+	hostUndrainFile = "host-undrained"
+)
 
 func (d *daemon) loadHostDrain() error {
 	_, err := os.Stat(filepath.Join(d.cfg.stateDir(), hostDrainFile))
@@ -293,24 +299,59 @@ func (d *daemon) loadHostDrain() error {
 	case !errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("host drain state: %w", err)
 	}
+	b, err := os.ReadFile(filepath.Join(d.cfg.stateDir(), hostUndrainFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("host drain state: %w", err)
+	}
+	at, err := time.Parse(time.RFC3339Nano, strings.TrimSpace(string(b)))
+	if err != nil {
+		d.log.Warn("host drain state: ignoring the last undrain's time", "file", hostUndrainFile, "error", err)
+		return nil
+	}
+	d.fleet.mu.Lock()
+	d.fleet.undrainedAt = at
+	d.fleet.mu.Unlock()
 	return nil
 }
 
 // SetHostDrain drains the whole host (on) or ends that, and remembers it.
 func (d *daemon) SetHostDrain(on bool) error {
-	p := filepath.Join(d.cfg.stateDir(), hostDrainFile)
-	var err error
-	if on {
-		err = os.WriteFile(p, []byte(time.Now().UTC().Format(time.RFC3339)+"\n"), 0o600)
-	} else if err = os.Remove(p); errors.Is(err, os.ErrNotExist) {
-		err = nil
+	dir := d.cfg.stateDir()
+	now := time.Now()
+	stamp := []byte(now.UTC().Format(time.RFC3339Nano) + "\n")
+	set, del := filepath.Join(dir, hostDrainFile), filepath.Join(dir, hostUndrainFile)
+	if !on {
+		set, del = del, set
+	}
+	err := os.WriteFile(set, stamp, 0o600)
+	if err == nil {
+		if err = os.Remove(del); errors.Is(err, os.ErrNotExist) {
+			err = nil
+		}
 	}
 	if err != nil {
-		return fmt.Errorf("host drain state %s: %w", p, err)
+		return fmt.Errorf("host drain state: %w", err)
 	}
+	d.fleet.mu.Lock()
+	if on {
+		d.fleet.undrainedAt = time.Time{}
+	} else {
+		d.fleet.undrainedAt = now
+	}
+	d.fleet.mu.Unlock()
 	d.gw.SetHostDrain(on)
 	d.log.Info("host drain", "drained", on)
 	return nil
+}
+
+// UndrainedAt is when the host was last undrained (agent.Source).
+func (d *daemon) UndrainedAt() time.Time {
+	d.fleet.mu.Lock()
+	defer d.fleet.mu.Unlock()
+	return d.fleet.undrainedAt
 }
 
 // Steering (admin.Steerer).
