@@ -35,8 +35,10 @@ func (r CloseReason) String() string { return reasonNames[r] }
 // becomes the gateway's, together with its entry in flight: in dispatchBurst, or when it
 // enters the PROXY header stage (then never again); it leaves flight exactly once, acked by a
 // worker or closed with a reason. A connection refused outright (an untrusted PROXY peer, a
-// full header stage) is counted accepted and closed at once. The self-check's probe is in
-// flight while it is out but never accepted, acked or closed: it is not a client.
+// full header stage) is counted accepted and closed at once. Outside the sum: the
+// self-check's probe, and a session handed back for migration (migrate.go), are in flight
+// while they are out but never counted accepted or acked (neither is a new client), and the
+// migrate_* reasons count sessions lost while moving, not accepted connections.
 type stats struct {
 	accepted     atomic.Uint64
 	acked        atomic.Uint64
