@@ -21,10 +21,29 @@ type Source interface {
 	Generation() uint64
 	// HostDrained says whether an operator drained the whole host.
 	HostDrained() bool
+	// UndrainedAt is when an operator last ended a host drain (batonctl undrain; zero: never),
+	// across reloads and restarts.
+	UndrainedAt() time.Time
 }
 
-// Reply computes the agent-check line (with its newline) for a host.
-func Reply(ws []roster.Worker, gen uint64, hostDrained bool) string {
+// ReadyWindow is how long after an undrain the agent's replies carry "ready" (see Ready):
+// long enough for every balancer to see it at least once, checking every few seconds and
+// missing a few.
+const ReadyWindow = time.Minute
+
+// Ready says whether a reply should carry "ready", the word that sets the server's
+// administrative state in HAProxy back to READY. HAProxy keeps one administrative state per
+// server, whoever sets it: "ready" cancels the agent's own "drain" and equally a DRAIN or MAINT
+// that an operator set through HAProxy's runtime API (verified with HAProxy 2.6: the agent
+// check keeps running in MAINT, and the next "ready" ends it). So the agent says "ready" only
+// to undo its own "drain": within ReadyWindow of an undrain, and never otherwise.
+func Ready(undrainedAt, now time.Time) bool {
+	return !undrainedAt.IsZero() && now.Sub(undrainedAt) < ReadyWindow
+}
+
+// Reply computes the agent-check line (with its newline) for a host; ready adds "ready" to a
+// serving reply (see Ready).
+func Reply(ws []roster.Worker, gen uint64, hostDrained, ready bool) string {
 	if hostDrained {
 		return "drain\n"
 	}
@@ -45,7 +64,10 @@ func Reply(ws []roster.Worker, gen uint64, hostDrained bool) string {
 	if pct == 0 && free > 0 {
 		pct = 1 // some room left: never weight 0, which HAProxy shows as DRAIN
 	}
-	return fmt.Sprintf("up ready %d%% maxconn:%d\n", pct, clients+free)
+	if ready {
+		return fmt.Sprintf("up ready %d%% maxconn:%d\n", pct, clients+free)
+	}
+	return fmt.Sprintf("up %d%% maxconn:%d\n", pct, clients+free)
 }
 
 // writeTimeout bounds one reply: a checker that does not read does not hold a goroutine.
@@ -97,5 +119,6 @@ func (s *Server) answer(c net.Conn) {
 	defer s.wg.Done()
 	defer c.Close()
 	_ = c.SetWriteDeadline(time.Now().Add(writeTimeout))
-	_, _ = c.Write([]byte(Reply(s.src.Workers(), s.src.Generation(), s.src.HostDrained())))
+	ready := Ready(s.src.UndrainedAt(), time.Now())
+	_, _ = c.Write([]byte(Reply(s.src.Workers(), s.src.Generation(), s.src.HostDrained(), ready)))
 }

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"context"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -34,17 +36,32 @@ func TestReply(t *testing.T) {
 		{"full", []roster.Worker{w(2, roster.Ready, 100, 100)}, false, "up ready 0% maxconn:100\n"},
 		{"disconnected is not serving", []roster.Worker{{Generation: 2, State: roster.Ready, Capacity: 100}}, false, "down#no ready workers\n"},
 	} {
-		if got := Reply(c.ws, 2, c.drained); got != c.want {
+		if got := Reply(c.ws, 2, c.drained, true); got != c.want {
 			t.Errorf("%s: %q, want %q", c.name, got, c.want)
+		}
+		// Outside the window after an undrain: the same without "ready", which would end an
+		// operator's MAINT or DRAIN set through HAProxy's runtime API.
+		want := strings.Replace(c.want, "up ready ", "up ", 1)
+		if got := Reply(c.ws, 2, c.drained, false); got != want {
+			t.Errorf("%s, no undrain lately: %q, want %q", c.name, got, want)
 		}
 	}
 }
 
-type fakeSource struct{ drained atomic.Bool }
+type fakeSource struct {
+	drained     atomic.Bool
+	undrainedAt atomic.Int64 // unix nanoseconds; 0: never
+}
 
 func (f *fakeSource) Workers() []roster.Worker { return []roster.Worker{w(1, roster.Ready, 1, 4)} }
 func (f *fakeSource) Generation() uint64       { return 1 }
 func (f *fakeSource) HostDrained() bool        { return f.drained.Load() }
+func (f *fakeSource) UndrainedAt() time.Time {
+	if n := f.undrainedAt.Load(); n != 0 {
+		return time.Unix(0, n)
+	}
+	return time.Time{}
+}
 
 func TestServerAnswersEachConnection(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -68,9 +85,14 @@ func TestServerAnswersEachConnection(t *testing.T) {
 			t.Fatalf("agent said %q (%v), want %q", line, err, want)
 		}
 	}
-	check("up ready 75% maxconn:4\n")
+	check("up 75% maxconn:4\n") // never undrained: no "ready"
 	src.drained.Store(true)
 	check("drain\n")
+	src.drained.Store(false)
+	src.undrainedAt.Store(time.Now().UnixNano())
+	check("up ready 75% maxconn:4\n") // undoes the drain it said
+	src.undrainedAt.Store(time.Now().Add(-ReadyWindow - time.Second).UnixNano())
+	check("up 75% maxconn:4\n")
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)

@@ -7,9 +7,12 @@
 //
 //	drain                        the host is drained (batonctl drain -host)
 //	down#no ready workers        no worker of the serving generation can take a client
-//	up ready P% maxconn:M        otherwise: P = free ÷ total capacity of the serving workers
+//	up P% maxconn:M              otherwise: P = free ÷ total capacity of the serving workers
 //	                             (1..100, 0 only when all are full), M = the clients the host
 //	                             holds now + its free capacity
+//	up ready P% maxconn:M        the same within ReadyWindow of an undrain
 //
-// "up" and "ready" undo an earlier "down" or "drain": only the agent can revert what it set.
+// "up" undoes an earlier "down" (the operational state); "ready" undoes "drain" (the
+// administrative state, which HAProxy shares with its runtime API: "ready" would also end an
+// operator's MAINT or DRAIN set there, so the agent sends it only after an undrain; see Ready).
 package agent

@@ -23,6 +23,9 @@ type burst struct {
 	bad    []*clientConn // could not be settled (blocking mode); closed after the lock
 	msg    []byte
 	scr    []byte // for dispatch, when a send fails
+	// counted: its connections were counted accepted and in flight before (the header stage's
+	// burst); dispatchBurst counts the others.
+	counted bool
 }
 
 type accepted struct {
@@ -92,8 +95,10 @@ func (g *Gateway) dispatchBurst(l *Listener, bu *burst, now time.Time) {
 		c := g.newConnLocked()
 		c.fd, c.since, c.nonblock = a.fd, now, true
 		c.info = handoff.ConnInfo{ID: g.epoch | g.seq.Add(1)&0xffffffff, Client: a.client, Local: a.local, Listener: l.name}
-		g.stats.accepted.Add(1)
-		g.inflight++
+		if !bu.counted {
+			g.stats.accepted.Add(1)
+			g.inflight++
+		}
 		var b *Backend
 		if len(g.waiting) == 0 {
 			// Others waiting already: a new client does not overtake them.

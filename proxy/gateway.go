@@ -43,7 +43,12 @@ type Config struct {
 	// accept failures, re-dispatches) are logged as one line per kind and interval, with the
 	// count and the cause, the first one after a quiet interval at once (see logsum.go) [10s].
 	SummaryInterval time.Duration
-	Logger          hclog.Logger
+	// MaxPendingHeaders bounds the connections of PROXY listeners that wait for their header at
+	// once; beyond it a new one is closed at once and counted (ReasonProxyBusy), so that a
+	// flood of connections that send nothing cannot take every fd batond may open. A balancer
+	// sends its header with its first segment: these wait milliseconds, not seconds [1024].
+	MaxPendingHeaders int
+	Logger            hclog.Logger
 }
 
 func (c *Config) defaults() {
@@ -64,6 +69,9 @@ func (c *Config) defaults() {
 	}
 	if c.SummaryInterval <= 0 {
 		c.SummaryInterval = 10 * time.Second
+	}
+	if c.MaxPendingHeaders <= 0 {
+		c.MaxPendingHeaders = 1024
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()

@@ -178,6 +178,8 @@ func (g *Gateway) flushSummary(now time.Time, final bool) {
 			msg = fmt.Sprintf("closed %s of a PROXY listener that sent no valid PROXY header", clients(n))
 		case ReasonProxyTimeout:
 			msg = fmt.Sprintf("closed %s of a PROXY listener whose header did not arrive within -proxy-timeout", clients(n))
+		case ReasonProxyBusy:
+			msg = fmt.Sprintf("closed %s of a PROXY listener at once: %d connections already waited for their header", clients(n), g.cfg.MaxPendingHeaders)
 		case ReasonProxyLocal:
 			level = hclog.Debug // the balancer's own health checks: expected, every few seconds
 			msg = fmt.Sprintf("closed %s carrying a PROXY LOCAL header (the balancer's health checks)", clients(n))

@@ -133,8 +133,8 @@ func (g *Gateway) headers() (*headerStage, error) {
 	return g.hs, nil
 }
 
-// refuse closes a connection the gateway will not hand off (before it was dispatched),
-// counting it as accepted and closed for reason r.
+// refuse closes a connection the gateway will not hand off and has not counted yet (it never
+// entered the header stage), counting it as accepted and closed for reason r.
 func (g *Gateway) refuse(fd int, r CloseReason) {
 	unix.Close(fd)
 	g.mu.Lock()
@@ -143,9 +143,12 @@ func (g *Gateway) refuse(fd int, r CloseReason) {
 	g.mu.Unlock()
 }
 
-// headerDone takes a connection that waited for its header out of flight.
-func (g *Gateway) headerDone() {
+// refusePending closes a connection of the header stage, which was counted accepted and in
+// flight when it entered: now closed for reason r, and out of flight.
+func (g *Gateway) refusePending(fd int, r CloseReason) {
+	unix.Close(fd)
 	g.mu.Lock()
+	g.stats.closed[r].Add(1)
 	g.doneInflightLocked(1)
 	g.mu.Unlock()
 }
@@ -159,9 +162,15 @@ type pendingHeader struct {
 }
 
 // headerStage waits for the headers of PROXY connections, off the accept loop.
+//
+// Ownership of a pending connection's fd: the stage owns it while its entry is in pending, and
+// taking the entry out of pending (claim) is the one claim on it: whoever deletes the entry
+// closes the fd or passes it on, and nobody else touches it. add publishes the entry before
+// the fd joins the epoll set, so the run loop never sees an event for an fd it cannot find.
 type headerStage struct {
 	g       *Gateway
 	epfd    int
+	max     int // pending connections at most; more are refused (ReasonProxyBusy)
 	buf     []byte
 	bu      *burst // one connection at a time, from run's goroutine only
 	mu      sync.Mutex
@@ -175,35 +184,51 @@ func newHeaderStage(g *Gateway) (*headerStage, error) {
 	if err != nil {
 		return nil, fmt.Errorf("proxy protocol: %w", err)
 	}
-	h := &headerStage{g: g, epfd: ep, buf: make([]byte, maxHeader), bu: newBurst(), pending: map[int]*pendingHeader{}, done: make(chan struct{})}
+	bu := newBurst()
+	bu.counted = true // counted accepted and in flight when they entered the stage (add)
+	h := &headerStage{g: g, epfd: ep, max: g.cfg.MaxPendingHeaders, buf: make([]byte, maxHeader), bu: bu,
+		pending: map[int]*pendingHeader{}, done: make(chan struct{})}
 	go h.run()
 	return h, nil
 }
 
-// add takes over fd (accepted on l) until its header is read or it is closed.
+// add takes over fd (accepted on l) until its header is read or it is closed. From here on
+// the connection counts as accepted and in flight (a stopping or handing-over batond waits
+// for it: WaitIdle).
 func (h *headerStage) add(l *Listener, fd int, client, local netip.AddrPort, now time.Time) {
 	if !l.pp.allowed(client.Addr()) {
 		h.g.refuse(fd, ReasonProxyUntrusted)
 		return
 	}
 	p := &pendingHeader{l: l, fd: fd, client: client, local: local, deadline: now.Add(l.pp.Timeout)}
-	h.mu.Lock()
-	if h.closed {
-		h.mu.Unlock()
-		h.g.refuse(fd, ReasonShutdown)
-		return
-	}
-	h.pending[fd] = p
-	h.mu.Unlock()
-	// In flight from now on: a stopping or handing-over batond waits for it (WaitIdle).
-	h.g.mu.Lock()
-	h.g.inflight++
-	h.g.mu.Unlock()
 	// Edge-triggered: the stage only peeks, so a partial header would keep a level-triggered
 	// socket ready (and the loop spinning) until its timeout; each new segment is a new edge.
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
-	if err := unix.EpollCtl(h.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
-		h.drop(p, ReasonSocket)
+	h.mu.Lock()
+	switch {
+	case h.closed:
+		h.mu.Unlock()
+		h.g.refuse(fd, ReasonShutdown)
+		return
+	case len(h.pending) >= h.max:
+		// A flood of connections that send nothing must not take every fd batond has.
+		h.mu.Unlock()
+		h.g.refuse(fd, ReasonProxyBusy)
+		return
+	}
+	h.g.mu.Lock()
+	h.g.stats.accepted.Add(1)
+	h.g.inflight++
+	h.g.mu.Unlock()
+	h.pending[fd] = p
+	// Under the stage's lock: close cannot have closed epfd, nor claimed p, meanwhile.
+	err := unix.EpollCtl(h.epfd, unix.EPOLL_CTL_ADD, fd, &ev)
+	if err != nil {
+		delete(h.pending, fd)
+	}
+	h.mu.Unlock()
+	if err != nil {
+		h.g.refusePending(fd, ReasonSocket)
 	}
 }
 
@@ -287,6 +312,8 @@ func (h *headerStage) run() {
 			return
 		}
 		for _, ev := range events[:max(n, 0)] {
+			// Only this goroutine claims entries while the stage runs (close waits for it to
+			// end): p stays the stage's until read or drop claims it.
 			h.mu.Lock()
 			p := h.pending[int(ev.Fd)]
 			h.mu.Unlock()
@@ -312,10 +339,11 @@ func (h *headerStage) read(p *pendingHeader, hangup bool) {
 		h.drop(p, reasonFor(err))
 		return
 	}
-	h.forget(p)
+	if !h.claim(p) {
+		return
+	}
 	h.bu.add(p.fd, client, local)
-	h.g.dispatchBurst(p.l, h.bu, time.Now())
-	h.g.headerDone() // counted in flight by dispatchBurst now
+	h.g.dispatchBurst(p.l, h.bu, time.Now()) // bu.counted: no second count
 }
 
 // expire closes the connections whose header did not arrive in time.
@@ -333,20 +361,30 @@ func (h *headerStage) expire(now time.Time) {
 	}
 }
 
-func (h *headerStage) forget(p *pendingHeader) {
+// claim takes p out of the stage: true if this call did, and with it took p's fd over (out of
+// the epoll set, still open). False: someone else claimed it first and owns the fd.
+func (h *headerStage) claim(p *pendingHeader) bool {
 	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.pending[p.fd] != p {
+		return false
+	}
 	delete(h.pending, p.fd)
-	h.mu.Unlock()
+	// The fd is still open (ours), so this cannot touch another connection's registration. The
+	// socket may live on in a worker after our close, and with it an epoll registration.
 	_ = unix.EpollCtl(h.epfd, unix.EPOLL_CTL_DEL, p.fd, nil)
+	return true
 }
 
+// drop closes p's connection for reason r, if it can claim it.
 func (h *headerStage) drop(p *pendingHeader, r CloseReason) {
-	h.forget(p)
-	h.g.refuse(p.fd, r)
-	h.g.headerDone()
+	if h.claim(p) {
+		h.g.refusePending(p.fd, r)
+	}
 }
 
-// close stops the stage and closes every connection still waiting for its header.
+// close stops the stage and closes every connection still waiting for its header. The run
+// loop has ended before it claims them: it may have claimed (and closed) some meanwhile.
 func (h *headerStage) close() {
 	h.mu.Lock()
 	if h.closed {
@@ -354,16 +392,20 @@ func (h *headerStage) close() {
 		return
 	}
 	h.closed = true
+	h.mu.Unlock()
+	<-h.done
+	h.mu.Lock()
 	ps := make([]*pendingHeader, 0, len(h.pending))
 	for _, p := range h.pending {
 		ps = append(ps, p)
 	}
 	h.mu.Unlock()
-	<-h.done
 	for _, p := range ps {
 		h.drop(p, ReasonShutdown)
 	}
-	unix.Close(h.epfd)
+	h.mu.Lock()
+	unix.Close(h.epfd) // under the lock: add checks closed and uses epfd under it too
+	h.mu.Unlock()
 }
 
 // Pending returns how many connections wait for their PROXY header.

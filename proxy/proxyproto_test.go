@@ -72,7 +72,12 @@ func FuzzHeader(f *testing.F) {
 // proxyServe is serve with a PROXY listener.
 func proxyServe(t *testing.T, pp ProxyProtocol) (*Gateway, string) {
 	t.Helper()
-	g := New(Config{})
+	return proxyServeCfg(t, Config{}, pp)
+}
+
+func proxyServeCfg(t *testing.T, cfg Config, pp ProxyProtocol) (*Gateway, string) {
+	t.Helper()
+	g := New(cfg)
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -185,7 +190,8 @@ func TestProxyLocalAndInFlight(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer waiting.Close()
-	waitStats(t, g, func(s Stats) bool { return s.InFlight == 1 })
+	// Waiting for its header: accepted and in flight (accepted = acked + closed + in flight).
+	waitStats(t, g, func(s Stats) bool { return s.InFlight == 1 && s.Accepted == 1 })
 	local := proxyproto.HeaderProxyFromAddrs(2, nil, nil)
 	local.Command = proxyproto.LOCAL
 	b, err := local.Format()
@@ -203,6 +209,80 @@ func TestProxyLocalAndInFlight(t *testing.T) {
 		t.Errorf("LOCAL: %v, want closed", err)
 	}
 	waitStats(t, g, func(s Stats) bool {
-		return s.Closed[ReasonProxyLocal.String()] == 1 && s.Acked == 0 && s.InFlight == 1
+		return s.Closed[ReasonProxyLocal.String()] == 1 && s.Acked == 0 && s.InFlight == 1 && s.Accepted == 2
 	})
+	checkCounts(t, g.Stats())
+}
+
+// checkCounts holds the counters to their invariant: accepted = acked + closed + in flight.
+func checkCounts(t *testing.T, s Stats) {
+	t.Helper()
+	if s.InFlight < 0 || s.Accepted != s.Acked+s.ClosedTotal()+uint64(s.InFlight) {
+		t.Errorf("accepted %d != acked %d + closed %d + in flight %d", s.Accepted, s.Acked, s.ClosedTotal(), s.InFlight)
+	}
+}
+
+// Closing the gateway while the header stage is dropping connections (their clients hang up,
+// or their time runs out): every connection is closed exactly once and counted exactly once
+// (the stage's loop and its closer never both own one).
+func TestProxyCloseWhileDropping(t *testing.T) {
+	const n = 300
+	for round := range 8 {
+		g, addr := proxyServeCfg(t, Config{}, ProxyProtocol{Timeout: 30 * time.Second})
+		cs := make([]*net.TCPConn, 0, n)
+		for range n {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cs = append(cs, c.(*net.TCPConn))
+		}
+		waitStats(t, g, func(s Stats) bool { return s.InFlight == n })
+		for _, c := range cs {
+			c.SetLinger(0)
+			c.Close()
+		}
+		time.Sleep(time.Duration(round) * 200 * time.Microsecond)
+		g.StopAccepting()
+		g.Close()
+		s := g.Stats()
+		if s.InFlight != 0 || s.ClosedTotal() != n {
+			t.Errorf("round %d: %d connections, closed %d (%v), in flight %d: each must be closed exactly once", round, n, s.ClosedTotal(), s.Closed, s.InFlight)
+		}
+	}
+}
+
+// Connections that send no header are bounded: past MaxPendingHeaders a new one is closed at
+// once and counted, and the ones waiting keep their place.
+func TestProxyPendingBounded(t *testing.T) {
+	g, addr := proxyServeCfg(t, Config{MaxPendingHeaders: 3}, ProxyProtocol{Timeout: 30 * time.Second})
+	w := attach(t, g, 0, false)
+	var cs []net.Conn
+	for range 5 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		cs = append(cs, c)
+		waitStats(t, g, func(s Stats) bool { return s.Accepted == uint64(len(cs)) })
+	}
+	waitStats(t, g, func(s Stats) bool { return s.InFlight == 3 && s.Closed[ReasonProxyBusy.String()] == 2 })
+	checkCounts(t, g.Stats())
+	for _, c := range cs[3:] {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !isReset(err) {
+			t.Errorf("connection past the bound: %v, want closed", err)
+		}
+	}
+	// One of those waiting sends its header: it reaches the worker, counted once.
+	cs[0].Write(v2Header(t, "203.0.113.7:4242", "198.51.100.9:7000"))
+	w.ch.Conn().SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, fds, err := w.ch.RecvFDs(w.buf, nil); err != nil || len(fds) != 1 {
+		t.Fatalf("worker: %v, %d fds", err, len(fds))
+	} else {
+		unix.Close(fds[0])
+	}
+	waitStats(t, g, func(s Stats) bool { return s.InFlight == 3 && s.Accepted == 5 })
+	checkCounts(t, g.Stats())
 }

@@ -19,15 +19,26 @@ const (
 	ReasonProxyLocal                         // a PROXY LOCAL header: the balancer's own health check
 	ReasonMigrateNoWorker                    // a handed-back session no worker could take within the queue timeout
 	ReasonMigrateNoFD                        // a HANDBACK arrived without its fd (batond out of descriptors)
+	ReasonProxyBusy                          // too many connections already waited for their PROXY header
 	numReasons
 )
 
 var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error",
-	"proxy_untrusted", "proxy_invalid", "proxy_timeout", "proxy_local", "migrate_no_worker", "migrate_no_fd"}
+	"proxy_untrusted", "proxy_invalid", "proxy_timeout", "proxy_local", "migrate_no_worker", "migrate_no_fd", "proxy_busy"}
 
 func (r CloseReason) String() string { return reasonNames[r] }
 
 // stats are the gateway's counters; every field is atomic so the hot path takes no lock for them.
+//
+// The invariant, exact whenever the gateway's lock is free: accepted = acked + closed (all
+// reasons) + in flight (Gateway.inflight). A connection is counted accepted at the moment it
+// becomes the gateway's, together with its entry in flight: in dispatchBurst, or when it
+// enters the PROXY header stage (then never again); it leaves flight exactly once, acked by a
+// worker or closed with a reason. A connection refused outright (an untrusted PROXY peer, a
+// full header stage) is counted accepted and closed at once. Outside the sum: the
+// self-check's probe, and a session handed back for migration (migrate.go), are in flight
+// while they are out but never counted accepted or acked (neither is a new client), and the
+// migrate_* reasons count sessions lost while moving, not accepted connections.
 type stats struct {
 	accepted     atomic.Uint64
 	acked        atomic.Uint64

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"golang.org/x/sys/unix"
 
 	"github.com/baton-gw/baton/handoff"
 	"github.com/baton-gw/baton/proxy"
@@ -38,7 +37,10 @@ func (s *Supervisor) admitOwn(ch *handoff.Channel, info proxy.BackendInfo, welco
 	switch {
 	case sl != nil:
 		peer.Close() // the slot's own process, or its launcher's child: sl.proc stands for both
-	case s.slots[info.Slot].proc == nil && s.slots[info.Slot].adoptable:
+	case s.slots[info.Slot].proc == nil && s.slots[info.Slot].adoptable && !info.Draining:
+		// A survivor that says it drains was drained by the batond that crashed: it never
+		// serves again, so it is no slot's worker; it drains as a worker of another generation
+		// (the last case) and the slot gets a fresh one.
 		sl, adopted = s.slots[info.Slot], true
 		sl.proc, sl.started = peer, time.Now()
 	case s.cfg.Adopt:
@@ -67,11 +69,24 @@ func (s *Supervisor) admitOwn(ch *handoff.Channel, info proxy.BackendInfo, welco
 		ch.Close()
 		return
 	}
+	// A worker batond drained stays draining, whatever its HELLO says: no CONN before DRAIN.
+	drainUntil := sl.drainDeadline
+	redrain := sl.drained || sl.retired
+	if redrain {
+		info.Draining = true
+		if drainUntil.IsZero() {
+			drainUntil = time.Now().Add(s.cfg.DrainTimeout)
+		}
+	}
 	old := sl.backend
 	sl.backend = s.gw.Add(info, ch, proc)
 	b := sl.backend
 	s.mu.Unlock()
 	s.registered(sl, b, proc, info, adopted)
+	if redrain {
+		_ = b.Drain(max(time.Until(drainUntil), 0))
+		s.markDraining(sl.entry, drainUntil)
+	}
 	if old != nil {
 		old.Kick(errors.New("worker re-registered"))
 	}
@@ -208,14 +223,8 @@ func (s *Supervisor) watchOther(o *other) {
 		return // it may register again, as a new other
 	case <-t.C:
 	}
-	s.log.Warn("drain deadline passed; sending SIGTERM", "pid", o.proc.PID())
-	_ = o.proc.Signal(unix.SIGTERM)
-	select {
-	case <-o.proc.Exited():
-	case <-time.After(s.cfg.KillGrace):
-		_ = o.proc.Signal(unix.SIGKILL)
-		<-o.proc.Exited()
-	}
+	s.log.Warn("drain deadline passed", "pid", o.proc.PID())
+	s.terminate([]*Process{o.proc}, s.log)
 	s.reapGroup(o.proc, s.log)
 	o.backend.Kick(errors.New("worker exited at its drain deadline"))
 }

@@ -3,6 +3,7 @@ package supervisor
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/baton-gw/baton/roster"
 )
@@ -14,9 +15,14 @@ var (
 )
 
 // DrainSlot drains the worker of slot n, as an operator asks (batonctl drain SLOT): it gets no
-// new clients, keeps its sessions, and exits when the last one leaves (or at the drain
-// deadline). A fresh worker takes the slot when it has exited (at once, not as a crash); with
-// replace, at once, while the drained one plays out beside it.
+// new clients, keeps its sessions, and exits when the last one leaves, or is ended at the drain
+// deadline (SIGTERM, then SIGKILL: supervise enforces it). A fresh worker takes the slot when
+// it has exited (at once, not as a crash); with replace, at once, while the drained one plays
+// out beside it.
+//
+// The roster records the drain under the supervisor's lock, while sl is certainly still this
+// worker's: once the lock is released the worker may exit and the slot's successor take sl
+// (and its roster entry) over.
 func (s *Supervisor) DrainSlot(n int, replace bool) error {
 	s.mu.Lock()
 	if s.stopping {
@@ -33,13 +39,23 @@ func (s *Supervisor) DrainSlot(n int, replace bool) error {
 		s.mu.Unlock()
 		return fmt.Errorf("slot %d: %w", n, ErrNoWorker)
 	}
-	sl.drained = true
+	if !sl.drained {
+		sl.drained = true
+		sl.drainDeadline = time.Now().Add(s.cfg.DrainTimeout)
+	}
+	deadline := sl.drainDeadline
+	pid := sl.proc.PID()
+	s.markDraining(sl.entry, deadline)
 	if replace {
 		s.retireLocked(sl)
 	}
 	s.mu.Unlock()
-	s.drain(sl.entry, b, s.cfg.DrainTimeout)
-	s.log.Info("worker drained by the operator", "slot", n, "pid", s.roster.Get(sl.entry).PID, "replaced_now", replace)
+	select {
+	case sl.reg <- struct{}{}: // supervise starts counting down to the deadline
+	default:
+	}
+	_ = b.Drain(time.Until(deadline)) // b is this worker's, whoever holds the slot by now
+	s.log.Info("worker drained by the operator", "slot", n, "pid", pid, "deadline", deadline, "replaced_now", replace)
 	return nil
 }
 

@@ -136,7 +136,7 @@ func (wp *workerPipe) abandonIfAny() {
 
 // supervise waits for the worker to register and report READY within the start timeout (or
 // kills its process group), then follows it until it ends, noting its channel going and
-// coming back.
+// coming back, and ends it at its drain deadline if an operator drained it (DrainSlot).
 func (s *Supervisor) supervise(sl *slot, proc *Process, r run, log hclog.Logger) error {
 	if err := s.awaitReady(sl, proc, r); err != nil {
 		return err
@@ -146,18 +146,29 @@ func (s *Supervisor) supervise(sl *slot, proc *Process, r run, log hclog.Logger)
 			w.State = roster.Ready
 		}
 	})
+	terminated := false
 	for {
 		s.mu.Lock()
-		b := sl.backend
+		b, deadline := sl.backend, sl.drainDeadline
 		s.mu.Unlock()
 		var gone <-chan struct{}
 		if b != nil {
 			gone = b.Done()
 		}
+		var late <-chan time.Time
+		if !deadline.IsZero() && !terminated {
+			t := time.NewTimer(time.Until(deadline))
+			defer t.Stop()
+			late = t.C
+		}
 		select {
 		case <-r.done:
 			return r.err()
-		case <-sl.reg:
+		case <-sl.reg: // a registration, or DrainSlot set a deadline
+		case <-late:
+			log.Warn("drain deadline passed", "pid", proc.PID())
+			s.terminate([]*Process{proc}, log)
+			terminated = true
 		case <-gone:
 			s.mu.Lock()
 			current := sl.backend == b

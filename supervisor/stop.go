@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 
 	"github.com/baton-gw/baton/proxy"
@@ -33,23 +34,51 @@ func (s *Supervisor) Stop(ctx context.Context, drain time.Duration) {
 		return true
 	}
 	if !allExited(ctx.Done()) {
-		s.log.Warn("workers still running at the stop deadline; sending SIGTERM")
-		for _, p := range procs {
-			_ = p.Signal(unix.SIGTERM)
-		}
-		if !allExited(after(s.cfg.KillGrace)) {
-			s.log.Warn("workers ignored SIGTERM; sending SIGKILL")
-			for _, p := range procs {
-				_ = p.Signal(unix.SIGKILL)
-			}
-			allExited(after(s.cfg.KillGrace))
-		}
+		s.log.Warn("workers still running at the stop deadline")
+		s.terminate(procs, s.log)
 	}
 	for _, p := range procs {
 		s.reapGroup(p, s.log)
 	}
 	s.wg.Wait()
 	s.out.closeAfter(time.Second)
+}
+
+// terminate ends workers that outstayed their deadline (a stop's, or a drain's): SIGTERM to
+// each and its process group, KillGrace for them to exit, then SIGKILL and KillGrace more. It
+// returns whether all of them exited. The one way batond ends a worker by force.
+func (s *Supervisor) terminate(procs []*Process, log hclog.Logger) bool {
+	exited := func() bool {
+		grace := after(s.cfg.KillGrace)
+		for _, p := range procs {
+			select {
+			case <-p.Exited():
+			case <-grace:
+				return false
+			}
+		}
+		return true
+	}
+	pids := make([]int, len(procs))
+	for i, p := range procs {
+		pids[i] = p.PID()
+	}
+	log.Warn("sending SIGTERM", "pids", pids)
+	for _, p := range procs {
+		_ = p.Signal(unix.SIGTERM)
+	}
+	if exited() {
+		return true
+	}
+	log.Warn("workers ignored SIGTERM; sending SIGKILL", "pids", pids)
+	for _, p := range procs {
+		_ = p.Signal(unix.SIGKILL)
+	}
+	if exited() {
+		return true
+	}
+	log.Error("workers still running after SIGKILL", "pids", pids)
+	return false
 }
 
 // Detach hands the workers over to the next batond after an upgrade: every worker is told to
@@ -124,7 +153,11 @@ func (s *Supervisor) finish(drain time.Duration) (procs []*Process, release func
 // drain tells one worker to drain and records it.
 func (s *Supervisor) drain(e *roster.Entry, b *proxy.Backend, d time.Duration) {
 	_ = b.Drain(d)
-	deadline := time.Now().Add(d)
+	s.markDraining(e, time.Now().Add(d))
+}
+
+// markDraining records e's worker as draining until deadline.
+func (s *Supervisor) markDraining(e *roster.Entry, deadline time.Time) {
 	s.roster.Update(e, roster.Drained, func(w *roster.Worker) { w.State, w.DrainDeadline = roster.Draining, deadline })
 }
 

@@ -103,11 +103,13 @@ type slot struct {
 	proc      *Process // the worker: spawned here, or adopted
 	backend   *proxy.Backend
 	started   time.Time
-	failures  int           // consecutive quick failures
-	adoptable bool          // waiting for a survivor of a crashed batond to re-register
-	drained   bool          // an operator drained its worker: restart at once when it ends
-	retired   bool          // replaced by a fresh worker: it ends with its worker
-	reg       chan struct{} // poked when a backend registers for this slot
+	failures  int  // consecutive quick failures
+	adoptable bool // waiting for a survivor of a crashed batond to re-register
+	drained   bool // an operator drained its worker: restart at once when it ends
+	// drainDeadline: when an operator-drained worker gets SIGTERM, then SIGKILL (zero: none).
+	drainDeadline time.Time
+	retired       bool          // replaced by a fresh worker: it ends with its worker
+	reg           chan struct{} // poked when a backend registers for this slot
 }
 
 // other is a worker of another generation (older, usually) that registered with us.
@@ -250,7 +252,7 @@ func (s *Supervisor) afterExit(sl *slot, err error, log hclog.Logger) bool {
 		sl.failures++
 	}
 	if drained {
-		delay, sl.drained = 0, false // drained on purpose: no crash, no wait
+		delay, sl.drained, sl.drainDeadline = 0, false, time.Time{} // drained on purpose: no crash, no wait
 		err = fmt.Errorf("drained: %w", err)
 	}
 	crashloop := sl.failures >= s.cfg.Backoff.CrashLoop

@@ -7,11 +7,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -113,8 +115,9 @@ func TestMetricsAgentAndHealth(t *testing.T) {
 	if code, body := httpGet(t, hc, "http://"+metricsAddr+"/healthz"); code != 200 || !strings.HasPrefix(body, "ready: 2 of 2 workers") {
 		t.Errorf("/healthz: %d %q", code, body)
 	}
-	// 20 of 200 slots taken: 90% free; maxconn = 20 held + 180 free.
-	if got := agentSays(t, agentAddr); got != "up ready 90% maxconn:200" {
+	// 20 of 200 slots taken: 90% free; maxconn = 20 held + 180 free. No "ready": it would end
+	// an operator's MAINT set in HAProxy (only an undrain sends it).
+	if got := agentSays(t, agentAddr); got != "up 90% maxconn:200" {
 		t.Errorf("agent-check: %q", got)
 	}
 	if code, out := g.ctl("drain", "-host"); code != 0 {
@@ -196,6 +199,114 @@ func TestDrainWorkers(t *testing.T) {
 	}
 	if code, out := g.ctl("drain"); code != 2 {
 		t.Errorf("drain without a target: exit %d: %s", code, out)
+	}
+	checkInvariant(t, g)
+}
+
+// An operator's drain has a deadline: a drained worker whose sessions outlast -drain-timeout
+// is ended (SIGTERM, then SIGKILL), as other generations' workers are, and its slot gets a
+// fresh worker.
+func TestDrainSlotDeadline(t *testing.T) {
+	g := startGateway(t, opts{workers: 2, args: []string{"-drain-timeout", "2s"}})
+	waitAllReady(t, g, 2)
+	held := holdSessions(t, g.addr, 4)
+	old0 := g.status().Workers[0].PID
+	var on0 []*client
+	for _, c := range held.cs {
+		if slot, _ := c.worker(); slot == 0 {
+			on0 = append(on0, c)
+		}
+	}
+	if len(on0) == 0 {
+		t.Fatal("no session on slot 0")
+	}
+	start := time.Now() // the deadline is at least 2s from here
+	if code, out := g.ctl("drain", "0"); code != 0 {
+		t.Fatalf("drain 0: exit %d: %s", code, out)
+	}
+	waitFor(t, "the drained worker ended at its deadline and replaced", 30*time.Second, func() (bool, string) {
+		w := g.status().Workers[0]
+		return w.PID != old0 && w.State == supervisor.StateReady && syscall.Kill(old0, 0) != nil, fmt.Sprintf("%+v", w)
+	})
+	if took := time.Since(start); took < 2*time.Second {
+		t.Errorf("the drained worker ended after %v, before its 2s deadline", took)
+	}
+	for i, c := range on0 {
+		c.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.c.Read(make([]byte, 64)); err == nil {
+			t.Errorf("session %d on the drained worker still open after its deadline", i)
+		}
+	}
+	if w := g.status().Workers[0]; !strings.HasPrefix(w.LastExit, "drained") {
+		t.Errorf("slot 0's last exit %q, want it marked drained", w.LastExit)
+	}
+}
+
+// A worker batond drained stays draining: one that registers again without saying so is
+// drained again and gets no client.
+func TestDrainedWorkerStaysDraining(t *testing.T) {
+	dir := t.TempDir()
+	self, _ := os.Executable()
+	g := startGateway(t, opts{workers: 2, command: []string{self}, env: []string{
+		roleEnv + "=forgetful@0", roleDirEnv + "=" + dir}})
+	waitAllReady(t, g, 2)
+	if code, out := g.ctl("drain", "0"); code != 0 {
+		t.Fatalf("drain 0: exit %d: %s", code, out)
+	}
+	waitFor(t, "the forgetful worker drained again", 20*time.Second, func() (bool, string) {
+		_, err := os.Stat(filepath.Join(dir, "redrained"))
+		_, got := os.Stat(filepath.Join(dir, "got-conn"))
+		return err == nil || got == nil, fmt.Sprintf("%+v", g.status().Workers)
+	})
+	for i := 0; i < 6; i++ {
+		c, err := dial(g.addr)
+		if err != nil {
+			t.Fatalf("client %d: %v", i, err)
+		}
+		if slot, _ := c.worker(); slot != 1 {
+			t.Errorf("client %d went to slot %d, drained", i, slot)
+		}
+		c.c.Close()
+	}
+	if _, err := os.Stat(filepath.Join(dir, "got-conn")); err == nil {
+		t.Error("the drained worker got a client after registering again")
+	}
+	if w := g.status().Workers[0]; w.State != supervisor.StateDraining {
+		t.Errorf("slot 0 after re-registering: %+v, want draining", w)
+	}
+}
+
+// After a crash of batond, a survivor that the crashed batond had drained is not adopted into
+// its slot: it drains on (its sessions with it) and the slot gets a fresh worker.
+func TestAdoptionSkipsDrainedWorker(t *testing.T) {
+	g := startGateway(t, opts{workers: 2, args: []string{"-drain-timeout", "5m", "-adopt-window", "3s"}})
+	waitAllReady(t, g, 2)
+	held := holdSessions(t, g.addr, 4)
+	old0 := g.status().Workers[0].PID
+	if code, out := g.ctl("drain", "0"); code != 0 {
+		t.Fatalf("drain 0: exit %d: %s", code, out)
+	}
+	g.crash()
+	g.restart()
+	waitFor(t, "the drained survivor draining beside a fresh slot 0", 30*time.Second, func() (bool, string) {
+		st := g.status()
+		fresh, drained := false, false
+		for _, w := range st.Workers {
+			fresh = fresh || (w.Slot == 0 && w.PID != old0 && w.PID != 0 && w.State == supervisor.StateReady)
+			drained = drained || (w.PID == old0 && w.State == supervisor.StateDraining)
+		}
+		return fresh && drained, fmt.Sprintf("%+v", st.Workers)
+	})
+	held.check("after the restart")
+	for i := 0; i < 6; i++ {
+		c, err := dial(g.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, pid := c.worker(); pid == old0 {
+			t.Errorf("client %d went to the drained survivor", i)
+		}
+		c.c.Close()
 	}
 	checkInvariant(t, g)
 }

@@ -66,6 +66,8 @@ func runRole(spec string) int {
 	case "badtoken":
 		ch := handshake(1, 1, strings.Repeat("0", 64))
 		return waitEnd(ch, false)
+	case "forgetful":
+		return forgetful()
 	}
 	fmt.Fprintln(os.Stderr, "unknown role", role)
 	return 3
@@ -155,4 +157,57 @@ func intruder() int {
 	}
 	fmt.Println(result)
 	return 0
+}
+
+// forgetful is a worker that forgets it was drained: at its first DRAIN it drops its channel
+// and registers again without the DRAINING flag. It leaves markers in roleDirEnv: "redrained"
+// when batond drains it again, "got-conn" (and exit 9) if batond hands it a client after all.
+func forgetful() int {
+	dir := os.Getenv(roleDirEnv)
+	register := func() *handoff.Channel {
+		ch := mustDial()
+		slot, _ := strconv.Atoi(os.Getenv("BATON_WORKER"))
+		gen, _ := strconv.ParseUint(os.Getenv("BATON_GENERATION"), 10, 64)
+		ch.Send(handoff.AppendHello(nil, &handoff.Hello{MinVersion: 1, MaxVersion: 1, PID: uint32(os.Getpid()),
+			Slot: uint32(slot), Generation: gen, Token: os.Getenv("BATON_TOKEN"), Flags: handoff.HelloReady}))
+		ch.Send(handoff.AppendEmpty(nil, handoff.TypeReady))
+		return ch
+	}
+	ch := register()
+	drains := 0
+	buf := make([]byte, handoff.MaxMessage)
+	for {
+		msg, fd, err := ch.Recv(buf)
+		if fd >= 0 {
+			os.NewFile(uintptr(fd), "").Close()
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "channel ended:", err)
+			return 1
+		}
+		typ, body, _ := handoff.Split(msg)
+		switch typ {
+		case handoff.TypePing:
+			n, _ := handoff.ParseNonce(typ, body)
+			ch.Send(handoff.AppendNonce(nil, handoff.TypePong, n))
+		case handoff.TypeConn: // HELLO asked for neither batches nor REFUSE
+			if drains > 0 {
+				os.WriteFile(filepath.Join(dir, "got-conn"), nil, 0o600)
+				fmt.Fprintln(os.Stderr, "DRAINED WORKER GOT A CLIENT")
+				os.Exit(9)
+			}
+			// Before its drain (the self-check, early clients): taken and hung up at once.
+			var info handoff.ConnInfo
+			handoff.ParseConn(body, &info)
+			ch.Send(handoff.AppendIDs(nil, handoff.TypeAck, []uint64{info.ID}))
+			ch.Send(handoff.AppendIDs(nil, handoff.TypeClosed, []uint64{info.ID}))
+		case handoff.TypeDrain:
+			if drains++; drains == 1 {
+				ch.Close()
+				ch = register()
+			} else {
+				os.WriteFile(filepath.Join(dir, "redrained"), nil, 0o600)
+			}
+		}
+	}
 }

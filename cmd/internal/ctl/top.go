@@ -91,9 +91,12 @@ func render(prev *sample, cur sample) string {
 		return b.String()
 	}
 	st, g := cur.st, cur.st.Gateway
+	// A counter is only comparable with the same batond's: a reload or a restart starts a new
+	// batond whose counters begin at zero, and a decrease is such a reset whatever the pid says.
+	// Then there is no rate for this interval ("—"), never an unsigned difference that wrapped.
 	rate := func(now, before uint64) string {
-		if prev == nil {
-			return "-"
+		if prev == nil || prev.st.PID != st.PID || now < before {
+			return "—"
 		}
 		dt := cur.at.Sub(prev.at).Seconds()
 		return fmt.Sprintf("%.1f/s", float64(now-before)/max(dt, 1e-3))

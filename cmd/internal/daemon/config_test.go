@@ -2,12 +2,16 @@ package daemon
 
 import (
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/baton-gw/baton/proxy"
 )
 
 func writeConfig(t *testing.T, text string) string {
@@ -93,5 +97,64 @@ func TestFleetConfig(t *testing.T) {
 	}
 	if _, err := ParseFlags([]string{"-proxy-from", "10.0.0.300"}, io.Discard); err == nil {
 		t.Fatal("a bad -proxy-from must be refused")
+	}
+}
+
+// proxy_listen names listeners by address, however written; an entry that names none is an
+// error with the file and line, not silently ignored.
+func TestProxyListenMatching(t *testing.T) {
+	tl, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := tl.Addr().(*net.TCPAddr).Port
+	l1, err := proxy.NewListener(fmt.Sprintf("127.0.0.1:%d", port), tl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l1.Close()
+	tl2, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l2, err := proxy.NewListener("127.0.0.1:0", tl2) // as -listen 127.0.0.1:0 names it
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l2.Close()
+	lns := []*proxy.Listener{l1, l2}
+	dir := t.TempDir()
+	load := func(entries string) (FleetConfig, string) {
+		p := filepath.Join(dir, "baton.toml")
+		os.WriteFile(p, []byte("workers = 2\n\nproxy_listen = "+entries+"\n"), 0o600)
+		c, err := ParseFlags([]string{"-config", p}, io.Discard)
+		if err != nil {
+			t.Fatalf("%s: %v", entries, err)
+		}
+		return c.Fleet, p
+	}
+	for _, e := range []string{
+		fmt.Sprintf(`["localhost:%d"]`, port),
+		fmt.Sprintf(`["[::ffff:127.0.0.1]:%d"]`, port),
+		fmt.Sprintf(`["127.0.0.1:%d"]`, port),
+	} {
+		c, _ := load(e)
+		got, err := proxyListeners(c, lns)
+		if err != nil || !got[0] || got[1] {
+			t.Errorf("proxy_listen = %s: %v, %v; want only the first listener", e, got, err)
+		}
+	}
+	c, _ := load(fmt.Sprintf(`["%s"]`, l2.Addr()))
+	if got, err := proxyListeners(c, lns); err != nil || got[0] || !got[1] {
+		t.Errorf("by its bound address: %v, %v; want only the second listener", got, err)
+	}
+	c, p := load(`["127.0.0.1:1"]`)
+	_, err = proxyListeners(c, lns)
+	if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), p+":3:") || !strings.Contains(err.Error(), "127.0.0.1:1") {
+		t.Errorf("an entry that matches no listener: %v, want a config error at %s:3", err, p)
+	}
+	os.WriteFile(p, []byte("proxy_listen = [\"nonsense\"]\n"), 0o600)
+	if _, err := ParseFlags([]string{"-config", p}, io.Discard); !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), p+":1:") {
+		t.Errorf("a malformed entry: %v, want a config error at %s:1", err, p)
 	}
 }

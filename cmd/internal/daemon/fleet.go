@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -31,6 +30,7 @@ import (
 type FleetConfig struct {
 	ProxyProtocol bool           // every public listener expects a PROXY v1/v2 header
 	ProxyListen   []string       // or only these (-listen addresses; baton.toml proxy_listen)
+	ProxyListenAt string         // where proxy_listen was set (FILE:LINE), for its errors
 	ProxyFrom     []netip.Prefix // balancers allowed to send one (empty: anyone)
 	ProxyTimeout  time.Duration  // a header must arrive within this
 	Agent         string         // HAProxy agent-check address ("" = none)
@@ -88,6 +88,12 @@ func (f *fileFleet) apply(c *FleetConfig, set map[string]bool, path string, text
 		c.ProxyProtocol = *f.ProxyProtocol
 	}
 	if len(f.ProxyListen) > 0 && !set["proxy-protocol"] {
+		c.ProxyListenAt = fmt.Sprintf("%s:%d", path, lineOf(text, "proxy_listen"))
+		for _, s := range f.ProxyListen {
+			if _, err := listenAddr(s); err != nil {
+				return fmt.Errorf("%w: %s: proxy_listen: %v", ErrConfig, c.ProxyListenAt, err)
+			}
+		}
 		c.ProxyListen = f.ProxyListen
 	}
 	if len(f.ProxyFrom) > 0 && !set["proxy-from"] {
@@ -118,18 +124,22 @@ type fleet struct {
 	agentL, metricsL net.Listener
 	mu               sync.Mutex
 	reloads          metrics.Reloads
+	undrainedAt      time.Time // the last undrain of the host (agent.Ready), kept in a file
 }
 
 // openFleet opens or inherits the agent and metrics listeners and sets PROXY protocol on the
 // public ones.
 func (d *daemon) openFleet() error {
 	c := d.cfg.Fleet
-	for _, l := range d.lns {
-		if c.ProxyProtocol || slices.Contains(c.ProxyListen, l.Name()) {
+	expect, err := proxyListeners(c, d.lns)
+	if err != nil {
+		return err
+	}
+	for i, l := range d.lns {
+		if expect[i] {
 			l.ExpectProxy(proxy.ProxyProtocol{From: c.ProxyFrom, Timeout: c.ProxyTimeout})
 		}
 	}
-	var err error
 	if c.Agent != "" {
 		if d.fleet.agentL, err = d.upg.Listen("tcp", c.Agent); err != nil {
 			return fmt.Errorf("agent-check listener %s: %w", c.Agent, err)
@@ -141,6 +151,56 @@ func (d *daemon) openFleet() error {
 		}
 	}
 	return d.loadHostDrain()
+}
+
+// listenAddr resolves a listener's address (as -listen, proxy_listen or systemd give it) for
+// comparison: "localhost:7000", "127.0.0.1:7000" and "[::ffff:127.0.0.1]:7000" are one, and so
+// are ":7000", "0.0.0.0:7000" and "[::]:7000" (any address).
+func listenAddr(s string) (netip.AddrPort, error) {
+	a, err := net.ResolveTCPAddr("tcp", s)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%q is not a TCP address: %w", s, err)
+	}
+	ip := netip.IPv6Unspecified()
+	if len(a.IP) > 0 && !a.IP.IsUnspecified() {
+		ip, _ = netip.AddrFromSlice(a.IP)
+	}
+	return netip.AddrPortFrom(ip.Unmap(), uint16(a.Port)), nil
+}
+
+// proxyListeners says which of lns expect a PROXY header: all of them with proxy_protocol,
+// else those proxy_listen names (by address, or by name as systemd's sockets have them). An
+// entry that matches no listener is a configuration error, not silently nothing.
+func proxyListeners(c FleetConfig, lns []*proxy.Listener) ([]bool, error) {
+	expect := make([]bool, len(lns))
+	if c.ProxyProtocol {
+		for i := range expect {
+			expect[i] = true
+		}
+		return expect, nil
+	}
+	for _, s := range c.ProxyListen {
+		want, err := listenAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s: proxy_listen: %v", ErrConfig, c.ProxyListenAt, err)
+		}
+		found := false
+		for i, l := range lns {
+			named, nerr := listenAddr(l.Name())
+			bound, berr := listenAddr(l.Addr().String())
+			if l.Name() == s || (nerr == nil && named == want) || (berr == nil && bound == want) {
+				expect[i], found = true, true
+			}
+		}
+		if !found {
+			names := make([]string, len(lns))
+			for i, l := range lns {
+				names[i] = l.Name()
+			}
+			return nil, fmt.Errorf("%w: %s: proxy_listen: %q is not one of the listeners (%s)", ErrConfig, c.ProxyListenAt, s, strings.Join(names, ", "))
+		}
+	}
+	return expect, nil
 }
 
 // serveFleet answers agent checks and scrapes until ctx ends; the returned function waits for
@@ -222,9 +282,14 @@ func (d *daemon) countReload(err error, took time.Duration) {
 	d.fleet.reloads.LastDuration = took
 }
 
-// Host drain lasts across reloads and restarts: it is a file in the state directory.
+// Host drain lasts across reloads and restarts: it is a file in the state directory, and so is
+// the time of the last undrain, during whose window the agent says "ready" (agent.Ready): a
+// reload right after an undrain must not leave a balancer in DRAIN.
 
-const hostDrainFile = "host-drained"
+const (
+	hostDrainFile   = "host-drained"
+	hostUndrainFile = "host-undrained"
+)
 
 func (d *daemon) loadHostDrain() error {
 	_, err := os.Stat(filepath.Join(d.cfg.stateDir(), hostDrainFile))
@@ -234,24 +299,59 @@ func (d *daemon) loadHostDrain() error {
 	case !errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("host drain state: %w", err)
 	}
+	b, err := os.ReadFile(filepath.Join(d.cfg.stateDir(), hostUndrainFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("host drain state: %w", err)
+	}
+	at, err := time.Parse(time.RFC3339Nano, strings.TrimSpace(string(b)))
+	if err != nil {
+		d.log.Warn("host drain state: ignoring the last undrain's time", "file", hostUndrainFile, "error", err)
+		return nil
+	}
+	d.fleet.mu.Lock()
+	d.fleet.undrainedAt = at
+	d.fleet.mu.Unlock()
 	return nil
 }
 
 // SetHostDrain drains the whole host (on) or ends that, and remembers it.
 func (d *daemon) SetHostDrain(on bool) error {
-	p := filepath.Join(d.cfg.stateDir(), hostDrainFile)
-	var err error
-	if on {
-		err = os.WriteFile(p, []byte(time.Now().UTC().Format(time.RFC3339)+"\n"), 0o600)
-	} else if err = os.Remove(p); errors.Is(err, os.ErrNotExist) {
-		err = nil
+	dir := d.cfg.stateDir()
+	now := time.Now()
+	stamp := []byte(now.UTC().Format(time.RFC3339Nano) + "\n")
+	set, del := filepath.Join(dir, hostDrainFile), filepath.Join(dir, hostUndrainFile)
+	if !on {
+		set, del = del, set
+	}
+	err := os.WriteFile(set, stamp, 0o600)
+	if err == nil {
+		if err = os.Remove(del); errors.Is(err, os.ErrNotExist) {
+			err = nil
+		}
 	}
 	if err != nil {
-		return fmt.Errorf("host drain state %s: %w", p, err)
+		return fmt.Errorf("host drain state: %w", err)
 	}
+	d.fleet.mu.Lock()
+	if on {
+		d.fleet.undrainedAt = time.Time{}
+	} else {
+		d.fleet.undrainedAt = now
+	}
+	d.fleet.mu.Unlock()
 	d.gw.SetHostDrain(on)
 	d.log.Info("host drain", "drained", on)
 	return nil
+}
+
+// UndrainedAt is when the host was last undrained (agent.Source).
+func (d *daemon) UndrainedAt() time.Time {
+	d.fleet.mu.Lock()
+	defer d.fleet.mu.Unlock()
+	return d.fleet.undrainedAt
 }
 
 // Steering (admin.Steerer).
