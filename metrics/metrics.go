@@ -56,7 +56,7 @@ var (
 	dDrainingCli  = desc("draining_clients", "Client connections held by draining workers.")
 	dGeneration   = desc("generation", "The serving generation.")
 	dHostDrained  = desc("host_drained", "1 while an operator has drained the whole host.")
-	dMigrated     = desc("migrated_sessions_total", "Live sessions in migration, by step: handed_back by a worker, resumed (acknowledged) by another, declined (kept by their worker).", "step")
+	dMigrated     = desc("migrated_sessions_total", "Live sessions in migration, by step: handed_back by a worker, resumed (acknowledged) by another, declined (kept by their worker), lost (closed by batond while moving).", "step")
 	dMigrating    = desc("migrating_sessions", "Sessions batond holds between a worker's handback and the next worker's acknowledgement.")
 )
 
@@ -87,6 +87,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(dMigrated, prometheus.CounterValue, float64(m.HandedBack), "handed_back")
 	ch <- prometheus.MustNewConstMetric(dMigrated, prometheus.CounterValue, float64(m.Resumed), "resumed")
 	ch <- prometheus.MustNewConstMetric(dMigrated, prometheus.CounterValue, float64(m.Declined), "declined")
+	ch <- prometheus.MustNewConstMetric(dMigrated, prometheus.CounterValue, float64(m.Lost), "lost")
 	ch <- prometheus.MustNewConstMetric(dMigrating, prometheus.GaugeValue, float64(m.Migrating))
 }
 

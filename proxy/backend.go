@@ -381,6 +381,7 @@ func (b *Backend) onAck(m *msgScratch, now time.Time) (handoff.ErrorCode, error)
 			close(c.selfCheck)
 		case c.resume != nil:
 			b.g.stats.mig.resumed.Add(1)
+			b.g.mig.inflight--
 		default:
 			clients++
 			b.g.handoffLat.observe(now.Sub(c.since))

@@ -422,7 +422,10 @@ func setNonblock(fd int, on bool) error {
 func (g *Gateway) closeConn(c *clientConn, r CloseReason) {
 	unix.Close(c.fd)
 	g.mu.Lock()
-	if c.selfCheck == nil {
+	switch {
+	case c.resume != nil:
+		g.mig.lostLocked(&g.stats.mig)
+	case c.selfCheck == nil:
 		g.stats.closed[r].Add(1)
 	}
 	g.doneInflightLocked(1)
@@ -525,7 +528,7 @@ func (g *Gateway) checkTimeouts() {
 		g.closeConn(c, ReasonNoWorker)
 	}
 	for _, c := range lost {
-		g.closeConn(c, ReasonMigrateNoWorker)
+		g.closeConn(c, ReasonNoWorker)
 	}
 	for _, b := range pings {
 		_ = b.ch.TrySend(handoff.AppendNonce(nil, handoff.TypePing, uint64(now.UnixNano())), -1)
@@ -641,7 +644,7 @@ func (g *Gateway) Stats() Stats {
 		Redispatched: g.stats.redispatched.Load(),
 		AcceptErrors: g.stats.acceptErrors.Load(),
 		Closed:       make(map[string]uint64, numReasons),
-		InFlight:     g.inflight,
+		InFlight:     g.inflight - g.mig.inflight,
 	}
 	for r := CloseReason(0); r < numReasons; r++ {
 		s.Closed[r.String()] = g.stats.closed[r].Load()

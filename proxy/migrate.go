@@ -44,8 +44,15 @@ type groupKey struct {
 
 // migrations is the gateway's migration state, guarded by Gateway.mu.
 type migrations struct {
-	waiting []*clientConn         // handed back, no worker could take them yet
-	groups  map[groupKey]*Backend // where each group's sessions go
+	waiting  []*clientConn         // handed back, no worker could take them yet
+	groups   map[groupKey]*Backend // where each group's sessions go
+	inflight int                   // handed back, not yet acked or lost (also in Gateway.inflight)
+}
+
+// lostLocked counts a handed-back session the gateway closed.
+func (m *migrations) lostLocked(s *migStats) {
+	m.inflight--
+	s.lost.Add(1)
 }
 
 func (m *migrations) waitLocked(c *clientConn) {
@@ -82,7 +89,7 @@ func (m *migrations) forgetLocked(b *Backend, asFrom, asTo bool) {
 
 // migStats count migration; atomics, read by Stats.
 type migStats struct {
-	asked, handedBack, declined, resumed atomic.Uint64
+	asked, handedBack, declined, resumed, lost atomic.Uint64
 }
 
 // MigrationStats is a snapshot of the migration counters.
@@ -91,7 +98,10 @@ type MigrationStats struct {
 	HandedBack uint64 `json:"handed_back"` // sessions workers handed back
 	Declined   uint64 `json:"declined"`    // sessions workers chose to keep
 	Resumed    uint64 `json:"resumed"`     // handed-back sessions another worker acked
-	Migrating  int    `json:"migrating"`   // handed back, not yet acked by a new worker
+	// Lost: handed back, then closed by batond (no worker took it within the queue timeout,
+	// its fd could not be received, it failed MaxAttempts workers, batond stopped).
+	Lost      uint64 `json:"lost"`
+	Migrating int    `json:"migrating"` // handed back, not yet acked by a new worker
 }
 
 // takesResume says whether b may get the handed-back session c now.
@@ -193,8 +203,8 @@ func (b *Backend) onHandback(body []byte, fd int, now time.Time, scratch *[]byte
 	b.lastSeen = now
 	g.stats.mig.handedBack.Add(1)
 	if fd < 0 {
+		g.stats.mig.lost.Add(1)
 		g.mu.Unlock()
-		g.stats.closed[ReasonMigrateNoFD].Add(1)
 		b.log.Error("a handed-back session arrived without its socket (out of file descriptors?); it is lost", "conn", h.Conn.ID)
 		return 0, nil
 	}
@@ -204,6 +214,7 @@ func (b *Backend) onHandback(body []byte, fd int, now time.Time, scratch *[]byte
 	c.fd, c.since, c.nonblock = fd, now, isNonblock(fd)
 	c.resume = &resumed{from: b, prev: h.Conn.ID, hops: h.Hops + 1, group: h.Group, groupSize: int(h.GroupSize), state: h.State, since: now}
 	g.inflight++
+	g.mig.inflight++
 	g.mu.Unlock()
 	g.dispatch(c, scratch)
 	return 0, nil
@@ -225,17 +236,10 @@ func (b *Backend) onDecline(ids []uint64) {
 // MigrationStats returns the migration counters.
 func (g *Gateway) MigrationStats() MigrationStats {
 	g.mu.Lock()
-	migrating := len(g.mig.waiting)
-	for _, b := range g.backends {
-		for _, c := range b.pending {
-			if c.resume != nil {
-				migrating++
-			}
-		}
-	}
-	g.mu.Unlock()
+	defer g.mu.Unlock()
+	m := &g.stats.mig
 	return MigrationStats{
-		Asked: g.stats.mig.asked.Load(), HandedBack: g.stats.mig.handedBack.Load(),
-		Declined: g.stats.mig.declined.Load(), Resumed: g.stats.mig.resumed.Load(), Migrating: migrating,
+		Asked: m.asked.Load(), HandedBack: m.handedBack.Load(), Declined: m.declined.Load(),
+		Resumed: m.resumed.Load(), Lost: m.lost.Load(), Migrating: g.mig.inflight,
 	}
 }

@@ -8,23 +8,21 @@ type CloseReason int
 
 // Reasons for a gateway-side close.
 const (
-	ReasonNoWorker        CloseReason = iota // waited the queue timeout with no worker available
-	ReasonShutdown                           // batond stopped while the connection waited
-	ReasonRetries                            // handed to too many workers that failed before acking
-	ReasonWorkerLost                         // its worker failed and could not be confirmed dead
-	ReasonSocket                             // the socket could not be prepared for its worker (fcntl)
-	ReasonProxyUntrusted                     // a PROXY listener's peer is not among the allowed balancers
-	ReasonProxyInvalid                       // no valid PROXY header (garbage, or closed before one)
-	ReasonProxyTimeout                       // no complete PROXY header within its timeout
-	ReasonProxyLocal                         // a PROXY LOCAL header: the balancer's own health check
-	ReasonMigrateNoWorker                    // a handed-back session no worker could take within the queue timeout
-	ReasonMigrateNoFD                        // a HANDBACK arrived without its fd (batond out of descriptors)
-	ReasonProxyBusy                          // too many connections already waited for their PROXY header
+	ReasonNoWorker       CloseReason = iota // waited the queue timeout with no worker available
+	ReasonShutdown                          // batond stopped while the connection waited
+	ReasonRetries                           // handed to too many workers that failed before acking
+	ReasonWorkerLost                        // its worker failed and could not be confirmed dead
+	ReasonSocket                            // the socket could not be prepared for its worker (fcntl)
+	ReasonProxyUntrusted                    // a PROXY listener's peer is not among the allowed balancers
+	ReasonProxyInvalid                      // no valid PROXY header (garbage, or closed before one)
+	ReasonProxyTimeout                      // no complete PROXY header within its timeout
+	ReasonProxyLocal                        // a PROXY LOCAL header: the balancer's own health check
+	ReasonProxyBusy                         // too many connections already waited for their PROXY header
 	numReasons
 )
 
 var reasonNames = [numReasons]string{"no_worker", "shutdown", "retries", "worker_lost", "socket_error",
-	"proxy_untrusted", "proxy_invalid", "proxy_timeout", "proxy_local", "migrate_no_worker", "migrate_no_fd", "proxy_busy"}
+	"proxy_untrusted", "proxy_invalid", "proxy_timeout", "proxy_local", "proxy_busy"}
 
 func (r CloseReason) String() string { return reasonNames[r] }
 
@@ -36,9 +34,9 @@ func (r CloseReason) String() string { return reasonNames[r] }
 // enters the PROXY header stage (then never again); it leaves flight exactly once, acked by a
 // worker or closed with a reason. A connection refused outright (an untrusted PROXY peer, a
 // full header stage) is counted accepted and closed at once. Outside the sum: the
-// self-check's probe, and a session handed back for migration (migrate.go), are in flight
-// while they are out but never counted accepted or acked (neither is a new client), and the
-// migrate_* reasons count sessions lost while moving, not accepted connections.
+// self-check's probe (briefly in flight, never counted), and sessions handed back for
+// migration (migrate.go), which are not new clients: they have their own counters
+// (MigrationStats: handed back, resumed, lost) and are left out of InFlight.
 type stats struct {
 	accepted     atomic.Uint64
 	acked        atomic.Uint64

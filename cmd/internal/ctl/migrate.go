@@ -97,14 +97,10 @@ func migrationSummary(before, now admin.Status) string {
 	b, n := before.Migration, now.Migration
 	if before.PID != now.PID {
 		b = n
-		b.HandedBack, b.Resumed, b.Declined = 0, 0, 0
-		before.Gateway.Closed = nil
-	}
-	lost := func(st admin.Status) uint64 {
-		return st.Gateway.Closed["migrate_no_worker"] + st.Gateway.Closed["migrate_no_fd"]
+		b.HandedBack, b.Resumed, b.Declined, b.Lost = 0, 0, 0, 0
 	}
 	return fmt.Sprintf("migrated %d sessions (handed back %d, declined %d, lost %d)",
-		n.Resumed-b.Resumed, n.HandedBack-b.HandedBack, n.Declined-b.Declined, lost(now)-lost(before))
+		n.Resumed-b.Resumed, n.HandedBack-b.HandedBack, n.Declined-b.Declined, n.Lost-b.Lost)
 }
 
 // awaitOldGeneration follows a migrating reload: until every worker the old batond listed
