@@ -24,7 +24,8 @@ const usage = `usage: baton-bench COMMAND [flags]
 scenarios (each prints one result line; -runs N prints the medians of N runs):
   storm      connect, send one small request, read the reply, close (RST); closed loop at -c
              connections in flight, or open loop at -rate connections/s
-  sessions   -n long-lived connections doing 64-byte request/reply ping-pong
+  sessions   -n long-lived connections doing 64-byte request/reply ping-pong (-depth D: D
+             requests in one write, then their D replies; every reply byte is checked)
   bulk       one connection streaming through an echo server; MB/s
   idle       hold -counts connections (spread over -procs processes and -src source
              addresses); RSS and fds of the -middle process per held connection
@@ -134,13 +135,13 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 	fs.DurationVar(&c.timeout, "timeout", 5*time.Second, "per connection or request")
 
 	var (
-		conns, sessN, chunk, maxIn, procs, nsrc, conc, reloads, passes int
-		scrapes, warm                                                  int
-		rate                                                           float64
-		interval, every, lead, tail, openTimeout, settle               time.Duration
-		counts, reloadCmd, scrapeURL, want                             string
-		middle                                                         pidList
-		verify, proxyV2                                                bool
+		conns, sessN, chunk, maxIn, procs, nsrc, conc, reloads, passes, depth int
+		scrapes, warm                                                         int
+		rate                                                                  float64
+		interval, every, lead, tail, openTimeout, settle                      time.Duration
+		counts, reloadCmd, scrapeURL, want                                    string
+		middle                                                                pidList
+		verify, proxyV2                                                       bool
 	)
 	switch name {
 	case "storm":
@@ -151,6 +152,7 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 	case "sessions":
 		fs.IntVar(&sessN, "n", 100, "sessions")
 		fs.DurationVar(&interval, "interval", 0, "one request per session every this long (0: ping-pong at full speed)")
+		fs.IntVar(&depth, "depth", 1, "requests each session has out at once, sent in one write (pipelining; 1: strict ping-pong)")
 		fs.BoolVar(&proxyV2, "proxy-v2", false, "send a PROXY v2 header (made-up client 203.0.113.x, the real destination) before each session's first bytes")
 	case "bulk":
 		fs.IntVar(&chunk, "chunk", 64<<10, "bytes per write")
@@ -201,7 +203,7 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 			r, err = load.Storm(load.StormConfig{Addr: c.addr, Proto: proto, Open: rate > 0, Conns: conns, Rate: rate,
 				MaxInflight: maxIn, Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label, ProxyV2: proxyV2})
 		case "sessions":
-			r, err = load.Sessions(load.SessionsConfig{Addr: c.addr, Proto: proto, Sessions: sessN, Interval: interval,
+			r, err = load.Sessions(load.SessionsConfig{Addr: c.addr, Proto: proto, Sessions: sessN, Interval: interval, Depth: depth,
 				Warmup: c.warmup, Duration: c.duration, Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label, ProxyV2: proxyV2})
 		case "bulk":
 			r, err = load.Bulk(load.BulkConfig{Addr: c.addr, Warmup: c.warmup, Duration: c.duration, Chunk: chunk, ServerPIDs: c.pids, Label: c.label})

@@ -37,6 +37,9 @@ type conn struct {
 	phase int   // the scenario's own states
 	// owed: the PROXY header has not been sent yet (sessions with ProxyV2).
 	owed bool
+	// off is the position within the expected reply (Proto.Reply) of the next byte read, for
+	// sessions that check their replies.
+	off int
 }
 
 // engine is an epoll loop over non-blocking client sockets. Not safe for concurrent use: one

@@ -157,6 +157,57 @@ func TestSessions(t *testing.T) {
 	}
 }
 
+// TestSessionsDepth pipelines 8 requests per write: every request counts as a message, and a
+// server that reads them in batches still answers each one.
+func TestSessionsDepth(t *testing.T) {
+	for _, pn := range []string{"echo", "lobby"} {
+		addr := echoServer(t)
+		if pn == "lobby" {
+			addr = lobbyServer(t)
+		}
+		r, err := Sessions(SessionsConfig{Addr: addr, Proto: proto(t, pn), Sessions: 4, Depth: 8, Warmup: 50 * time.Millisecond, Duration: 500 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Ops == 0 || r.Ops%8 != 0 || r.Errors != 0 || r.Depth != 8 || !strings.Contains(r.String(), "n=4×8") {
+			t.Errorf("%s: %+v", pn, r)
+		}
+	}
+	if _, err := Sessions(SessionsConfig{Addr: "127.0.0.1:1", Proto: proto(t, "echo"), Sessions: 1, Depth: maxDepth + 1, Duration: time.Second}); err == nil {
+		t.Errorf("depth %d accepted", maxDepth+1)
+	}
+}
+
+// TestSessionsCheckReplies: a reply with the right length but the wrong bytes breaks the
+// session (counting lines or bytes alone would take it).
+func TestSessionsCheckReplies(t *testing.T) {
+	for _, pn := range []string{"echo", "lobby"} {
+		addr := server(t, func(c net.Conn) {
+			if pn == "lobby" {
+				io.WriteString(c, "welcome\nname?\n")
+			}
+			sc := bufio.NewScanner(c)
+			for n := 0; sc.Scan(); n++ {
+				reply := append(sc.Bytes(), '\n')
+				if pn == "lobby" {
+					reply = []byte("pong\n")
+				}
+				if n == 20 {
+					reply = bytes.ToUpper(reply)
+				}
+				c.Write(reply)
+			}
+		})
+		r, err := Sessions(SessionsConfig{Addr: addr, Proto: proto(t, pn), Sessions: 1, Depth: 4, Warmup: 50 * time.Millisecond, Duration: 500 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Errors != 1 || r.ErrorKinds["session "+errBadReply.Error()] != 1 {
+			t.Errorf("%s: a wrong reply was not caught: %+v", pn, r)
+		}
+	}
+}
+
 func TestSessionsCountBroken(t *testing.T) {
 	// Answers one request, then hangs up.
 	addr := server(t, func(c net.Conn) {

@@ -19,6 +19,9 @@ type Proto struct {
 	Session []byte
 	// Probe is what idle connections send once to check that the server really serves them.
 	Probe []byte
+	// Reply is the exact answer to one Session request: the sessions scenario checks every
+	// byte it reads against Reply repeated.
+	Reply []byte
 	lines bool
 }
 
@@ -31,6 +34,7 @@ func ProtoByName(name string) (*Proto, error) {
 			Storm:   []byte("baton-bench ping\n"),
 			Session: []byte(strings.Repeat("x", 63) + "\n"),
 			Probe:   []byte("?"),
+			Reply:   []byte(strings.Repeat("x", 63) + "\n"),
 		}, nil
 	case "lobby":
 		// "/ping\n" takes the lobby's short path; the 64-byte request goes through its ordinary
@@ -41,6 +45,7 @@ func ProtoByName(name string) (*Proto, error) {
 			Storm:    []byte("/ping\n"),
 			Session:  []byte("/ping " + strings.Repeat("x", 57) + "\n"),
 			Probe:    []byte("/ping\n"),
+			Reply:    []byte("pong\n"),
 			lines:    true,
 		}, nil
 	}
@@ -64,4 +69,17 @@ func (p *Proto) consume(b []byte) int {
 		return bytes.Count(b, []byte{'\n'})
 	}
 	return len(b)
+}
+
+// checkReply compares b with the stream of session replies (Reply repeated), from position off
+// within Reply. It returns the position after b, and false at the first byte that differs.
+func (p *Proto) checkReply(off int, b []byte) (int, bool) {
+	for len(b) > 0 {
+		n := min(len(p.Reply)-off, len(b))
+		if !bytes.Equal(b[:n], p.Reply[off:off+n]) {
+			return off, false
+		}
+		b, off = b[n:], (off+n)%len(p.Reply)
+	}
+	return off, true
 }

@@ -22,6 +22,7 @@ type Result struct {
 	Conns    int     `json:"conns,omitempty"`    // storm: concurrency (closed); sessions: sessions
 	Target   float64 `json:"target,omitempty"`   // storm open-loop: connections/s asked for
 	ProxyV2  bool    `json:"proxy_v2,omitempty"` // every connection began with a PROXY v2 header
+	Depth    int     `json:"depth,omitempty"`    // sessions: requests out at once per session (one write)
 
 	Window float64 `json:"window_s"` // length of the measured window
 	Ops    int64   `json:"ops"`      // completed in the window: connections, messages
@@ -217,7 +218,11 @@ func (r *Result) String() string {
 		lat()
 		cpu("conn")
 	case "sessions":
-		fmt.Fprintf(&b, " n=%d: %.0f msg/s · rtt p50 %s p99 %s", r.Conns, r.PerSec, us(r.P50), us(r.P99))
+		if r.Depth > 1 {
+			fmt.Fprintf(&b, " n=%d×%d: %.0f msg/s · batch rtt p50 %s p99 %s", r.Conns, r.Depth, r.PerSec, us(r.P50), us(r.P99))
+		} else {
+			fmt.Fprintf(&b, " n=%d: %.0f msg/s · rtt p50 %s p99 %s", r.Conns, r.PerSec, us(r.P50), us(r.P99))
+		}
 		cpu("msg")
 	case "bulk":
 		fmt.Fprintf(&b, " %.1f MB/s", r.MBps)
