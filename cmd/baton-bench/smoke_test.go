@@ -15,8 +15,9 @@ import (
 
 // TestSmoke runs `bench/run --smoke` end to end: it builds batond, batonctl, the Go echo
 // example and baton-bench, starts every configuration (direct, SO_REUSEPORT, HAProxy, baton
-// with Go workers, plain and behind PROXY v2, with Python workers, the Python lobby directly), runs every scenario tiny, and
-// writes the table, results.json and plot.svg. It needs haproxy, python3 and taskset: in CI
+// with Go workers, plain and behind PROXY v2, with Python workers, the Python lobby directly,
+// and the unpinned scaling ones: the lobby directly and behind batond with 1 and 2 workers),
+// runs every scenario tiny, and writes the tables, results.json, plot.svg and scaling.svg. It needs haproxy, python3 and taskset: in CI
 // (CI=true) their absence is a failure naming the package to install, elsewhere a skip.
 func TestSmoke(t *testing.T) {
 	var missing []string
@@ -55,6 +56,8 @@ func TestSmoke(t *testing.T) {
 				Ops     int64   `json:"ops"`
 				MBps    float64 `json:"mb_per_s"`
 				ProxyV2 bool    `json:"proxy_v2"`
+				Depth   int     `json:"depth"`
+				Client  float64 `json:"client_busy"`
 				Idle    []struct {
 					Pass, Target, Held int
 					Reached            bool
@@ -66,7 +69,17 @@ func TestSmoke(t *testing.T) {
 				}
 			}
 		}
-		Goals []struct{ Workload string }
+		Goals   []struct{ Workload string }
+		Scaling []struct {
+			Key, Config string
+			Workers     int
+			Ratio       float64
+			ByRound     []float64 `json:"by_round"`
+			Generator   float64   `json:"generator_busy_pct"`
+		}
+		Machine struct {
+			Online string `json:"online_cpus"`
+		}
 	}
 	if err := json.Unmarshal(b, &rep); err != nil {
 		t.Fatal(err)
@@ -101,9 +114,15 @@ func TestSmoke(t *testing.T) {
 			}
 		case r.Scenario != "idle" && r.Scenario != "bulk" && res.Ops <= 0:
 			t.Errorf("%s: nothing completed", name)
+		case strings.HasPrefix(r.Scenario, "scale-sessions") && (res.Depth != 4 || res.Ops%4 != 0):
+			t.Errorf("%s: depth %d, %d messages: not pipelined 4 at a time", name, res.Depth, res.Ops)
+		}
+		if strings.HasPrefix(r.Scenario, "scale-") && res.Client <= 0 {
+			t.Errorf("%s: the load generator's CPU was not measured", name)
 		}
 	}
-	for _, want := range []string{"A storm-sat", "A idle", "B reload", "C storm-open", "C reload", "D sessions-1", "D reload", "D8 idle", "E sessions-100", "E reload", "F storm-sat", "D bulk", "A2 bulk", "DP storm-sat", "DP storm-open", "DP sessions-1", "DP scrape"} {
+	for _, want := range []string{"A storm-sat", "A idle", "B reload", "C storm-open", "C reload", "D sessions-1", "D reload", "D8 idle", "E sessions-100", "E reload", "F storm-sat", "D bulk", "A2 bulk", "DP storm-sat", "DP storm-open", "DP sessions-1", "DP scrape",
+		"S0 scale-storm", "S0 scale-sessions-100", "S0 scale-sessions-1000", "S1 scale-storm", "S2 scale-storm", "S2 scale-sessions-100", "S2 scale-sessions-1000"} {
 		if !seen[want] {
 			t.Errorf("no %s measurement", want)
 		}
@@ -111,25 +130,46 @@ func TestSmoke(t *testing.T) {
 	if len(rep.Goals) != 8 {
 		t.Errorf("%d goals evaluated, want 8", len(rep.Goals))
 	}
+	// Speed-ups of 1 and 2 workers over the direct process, in each scaling scenario.
+	ups := map[string]bool{}
+	for _, s := range rep.Scaling {
+		ups[s.Config+" "+s.Key] = true
+		if s.Ratio <= 0 || len(s.ByRound) != 1 || s.ByRound[0] != s.Ratio || s.Generator <= 0 {
+			t.Errorf("speed-up %s %s: %+v", s.Config, s.Key, s)
+		}
+	}
+	for _, k := range []string{"scale_storm_rate", "scale_s100_rate", "scale_s1k_rate"} {
+		for _, c := range []string{"S1", "S2"} {
+			if !ups[c+" "+k] {
+				t.Errorf("no speed-up %s %s", c, k)
+			}
+		}
+	}
+	if rep.Machine.Online == "" {
+		t.Error("the online CPUs the scaling configurations ran on are not recorded")
+	}
 	md, err := os.ReadFile(filepath.Join(out, "results.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"| metric | unit |", "| issue 5 goal |", "server side pinned to CPU 0", "| PROXY v2: DP against D |", "One Prometheus scrape of batond's /metrics"} {
+	for _, want := range []string{"| metric | unit |", "| issue 5 goal |", "server side pinned to CPU 0", "| PROXY v2: DP against D |", "One Prometheus scrape of batond's /metrics",
+		"### Scaling: the Python lobby on every core", "| S1÷S0 | S2÷S0 |", "| speed-up over one direct Python process |"} {
 		if !strings.Contains(string(md), want) {
 			t.Errorf("results.md lacks %q", want)
 		}
 	}
-	svg, err := os.ReadFile(filepath.Join(out, "plot.svg"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d := xml.NewDecoder(strings.NewReader(string(svg)))
-	for {
-		if _, err := d.Token(); err == io.EOF {
-			break
-		} else if err != nil {
-			t.Fatalf("plot.svg is not well-formed: %v", err)
+	for _, name := range []string{"plot.svg", "scaling.svg"} {
+		svg, err := os.ReadFile(filepath.Join(out, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := xml.NewDecoder(strings.NewReader(string(svg)))
+		for {
+			if _, err := d.Token(); err == io.EOF {
+				break
+			} else if err != nil {
+				t.Fatalf("%s is not well-formed: %v", name, err)
+			}
 		}
 	}
 	if t.Failed() {

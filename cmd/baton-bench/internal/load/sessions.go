@@ -156,6 +156,15 @@ func (s *sessions) connected(c *conn, now int64) {
 }
 
 func (s *sessions) established(c *conn) {
+	if s.check && s.depth > 1 {
+		// Wake for a batch only when all of its replies are in: one epoll wake-up and one read
+		// per batch instead of one per reply (the server answers each request with its own
+		// write). A short or wrong answer still wakes at EOF, or ends at the reply timeout.
+		if err := unix.SetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, s.depth*len(s.p.Reply)); err != nil {
+			s.setupFail(c, sysErr("setsockopt", err))
+			return
+		}
+	}
 	c.phase = phReady
 	s.ready++
 	s.e.clearTimer(c)

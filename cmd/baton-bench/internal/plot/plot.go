@@ -43,6 +43,14 @@ type Panel struct {
 	X, Y, W, H float64
 	Title      string
 	Note       string // small text under the title
+	// Refs are horizontal reference lines (a goal, a baseline) drawn over a bar chart.
+	Refs []Ref
+}
+
+// Ref is a dashed horizontal line at Value, labelled at its right end.
+type Ref struct {
+	Value float64
+	Label string
 }
 
 // plot area inside a panel
@@ -178,6 +186,9 @@ func (c *Canvas) Bars(p Panel, unit string, groups []Group) {
 			}
 		}
 	}
+	for _, r := range p.Refs {
+		top = math.Max(top, r.Value)
+	}
 	if top <= 0 || n == 0 {
 		c.Text((x0+x1)/2, (y0+y1)/2, 12, "middle", "no data", `fill="#999"`)
 		return
@@ -219,6 +230,11 @@ func (c *Canvas) Bars(p Panel, unit string, groups []Group) {
 			c.Text((gx+x)/2, y1+27, 10, "middle", g.Caption, `font-style="italic"`)
 		}
 		x += gap
+	}
+	for _, r := range p.Refs {
+		y := py(r.Value)
+		c.line(x0, y, x1, y, `stroke="#d62728" stroke-dasharray="5,4" stroke-width="1.2"`)
+		c.Text(x1-4, y-4, 9, "end", r.Label, `fill="#d62728"`)
 	}
 }
 

@@ -19,6 +19,21 @@ type env struct {
 	haproxy string
 	work    string // scratch directory of this run
 	cpu     int    // server CPU, -1 for no pinning
+	// online is every CPU of the machine as a taskset list ("0-1"): where the scaling
+	// configurations and their load generator run (the suite itself is pinned by bench/run).
+	online string
+}
+
+// serverCPUs is the taskset list for c's server side: every CPU for a scaling configuration,
+// the server CPU for the others ("" when not pinned).
+func (e *env) serverCPUs(c *config) string {
+	switch {
+	case c.Scaling:
+		return e.online
+	case e.cpu < 0:
+		return ""
+	}
+	return strconv.Itoa(e.cpu)
 }
 
 func (e *env) path(name string) string { return filepath.Join(e.bin, name) }
@@ -44,7 +59,11 @@ type config struct {
 	Proto string // echo or lobby
 	// Scenarios this configuration runs, in order.
 	Scenarios []string
-	start     func(e *env, p *procs, dir string) (*server, error)
+	// Scaling: the server side and its load generator are not pinned (they may use every CPU),
+	// and the configuration is reported in the scaling table, not the main one.
+	Scaling bool
+	Workers int // scaling: batond's workers (0: the process accepting directly)
+	start   func(e *env, p *procs, dir string) (*server, error)
 }
 
 // Scenario keys.
@@ -61,9 +80,11 @@ const (
 
 var goScenarios = []string{scStormSat, scStormOpen, scSess1, scSess100, scBulk, scIdle}
 
-// configs returns every configuration, in the order they run in a round.
-func configs() []*config {
-	return []*config{
+// configs returns every configuration, in the order they run in a round: the pinned ones, then
+// the scaling ones (one Python process accepting directly, batond with 1…scaleMax Python
+// workers).
+func configs(scaleMax int) []*config {
+	return append([]*config{
 		{ID: "A", Name: "direct", Proto: "echo", Scenarios: goScenarios, start: startDirect,
 			Desc: "examples/go/echo accepting directly (BATON_FALLBACK_LISTEN), one process"},
 		{ID: "A2", Name: "direct r/w", Proto: "echo", Scenarios: []string{scStormSat, scSess1, scSess100, scBulk}, start: startDirectRW,
@@ -82,7 +103,7 @@ func configs() []*config {
 			Desc: "batond with 2 examples/python/lobby.py workers; reload = `batonctl reload`"},
 		{ID: "F", Name: "py direct", Proto: "lobby", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100}, start: startPyDirect,
 			Desc: "examples/python/lobby.py --direct (plain asyncio.start_server), one process (E′ of the issue)"},
-	}
+	}, scalingConfigs(scaleMax)...)
 }
 
 func startDirect(e *env, p *procs, dir string) (*server, error) {

@@ -19,12 +19,13 @@ import (
 	"github.com/baton-gw/baton/cmd/baton-bench/internal/procstat"
 )
 
-// procs starts the server-side processes of one configuration, pinned to one CPU, and kills
+// procs starts the server-side processes of one configuration, pinned to one CPU (or, for the
+// scaling configurations, explicitly allowed on every CPU), and kills
 // them all at the end. The suite is a child subreaper (see becomeSubreaper), so daemons that
 // detach (haproxy -D, a restarted echo process, a reloaded batond) stay its descendants and are
 // found and killed too.
 type procs struct {
-	cpu  int    // taskset -c cpu; -1: no pinning
+	cpus string // taskset -c cpus; "": no taskset (the processes inherit this one's CPUs)
 	dir  string // logs
 	cmds []*exec.Cmd
 	done []chan struct{}
@@ -35,12 +36,12 @@ func becomeSubreaper() error {
 	return unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 }
 
-// pinned returns argv run through taskset when the server side is pinned.
+// pinned returns argv run through taskset when the configuration sets its CPUs.
 func (p *procs) pinned(argv ...string) []string {
-	if p.cpu < 0 {
+	if p.cpus == "" {
 		return argv
 	}
-	return append([]string{"taskset", "-c", strconv.Itoa(p.cpu)}, argv...)
+	return append([]string{"taskset", "-c", p.cpus}, argv...)
 }
 
 // start starts argv (pinned), with its output in dir/<name>.log and env added to the

@@ -168,7 +168,7 @@ func metrics(pl plan) []metric {
 		metric{Key: "scrape_bytes", Label: "one /metrics scrape: body", Unit: "B", sc: scScrape,
 			get: func(r *load.Result) float64 { return float64(r.Bytes) }},
 	)
-	return m
+	return append(m, scaleMetrics(pl)...)
 }
 
 func count(n int) string {
@@ -195,6 +195,10 @@ type goal struct {
 
 type cfgInfo struct {
 	ID, Name, Desc string
+	// Scaling configurations (not pinned) go to the scaling table; Workers is their number of
+	// batond workers (0: the Python process accepting directly).
+	Scaling bool `json:",omitempty"`
+	Workers int  `json:",omitempty"`
 }
 
 type report struct {
@@ -205,7 +209,8 @@ type report struct {
 	Table   map[string]map[string]cell      `json:"table"` // metric key → config id → cell
 	CDFs    map[string]map[string][]float64 `json:"cdfs"`  // scenario → config → median CDF (µs at stats.CDFPoints)
 	Goals   []goal                          `json:"goals"`
-	Proxy   []versus                        `json:"proxy,omitempty"` // DP against D: what PROXY v2 costs
+	Proxy   []versus                        `json:"proxy,omitempty"`   // DP against D: what PROXY v2 costs
+	Scaling []speedup                       `json:"scaling,omitempty"` // Sk against S0: the Python lobby on every core
 	Runs    []run                           `json:"runs"`
 	order   []string
 }
@@ -214,7 +219,7 @@ func buildReport(m Machine, pl plan, cfgs []*config, runs []run) *report {
 	r := &report{Machine: m, Plan: pl, Metrics: metrics(pl), Runs: runs,
 		Table: map[string]map[string]cell{}, CDFs: map[string]map[string][]float64{}}
 	for _, c := range cfgs {
-		r.Configs = append(r.Configs, cfgInfo{c.ID, c.Name, c.Desc})
+		r.Configs = append(r.Configs, cfgInfo{ID: c.ID, Name: c.Name, Desc: c.Desc, Scaling: c.Scaling, Workers: c.Workers})
 		r.order = append(r.order, c.ID)
 	}
 	for _, mt := range r.Metrics {
@@ -250,6 +255,7 @@ func buildReport(m Machine, pl plan, cfgs []*config, runs []run) *report {
 		r.CDFs[sc] = byCfg
 	}
 	r.Goals = r.goals()
+	r.Scaling = r.speedups()
 	if slices.Contains(r.order, "D") && slices.Contains(r.order, "DP") {
 		r.Proxy = r.versus("DP", "D", []string{"storm_sat_rate", "storm_sat_cpu", "storm_sat_p50", "storm_open_cpu", "storm_open_p50", "storm_open_p99", "sess1_p50"})
 	}
@@ -570,52 +576,9 @@ func (r *report) Markdown(full bool) string {
 		}
 		b.WriteString("\n")
 	}
-	// The table.
-	b.WriteString("| metric | unit |")
-	for _, c := range r.Configs {
-		fmt.Fprintf(&b, " %s %s |", c.ID, c.Name)
-	}
-	type rc struct{ name, num, den string }
-	var ratios []rc
-	for _, x := range []rc{{"D÷A", "D", "A"}, {"D÷A2", "D", "A2"}, {"D÷C", "D", "C"}, {"DP÷D", "DP", "D"}, {"E÷F", "E", "F"}} {
-		if has(x.num) && has(x.den) {
-			ratios = append(ratios, x)
-		}
-	}
-	for _, x := range ratios {
-		fmt.Fprintf(&b, " %s |", x.name)
-	}
-	b.WriteString("\n|---|---|")
-	for range r.Configs {
-		b.WriteString("---:|")
-	}
-	for range ratios {
-		b.WriteString("---:|")
-	}
-	b.WriteString("\n")
-	for _, mt := range r.Metrics {
-		row := r.Table[mt.Key]
-		if len(row) == 0 {
-			continue
-		}
-		fmt.Fprintf(&b, "| %s | %s |", mt.Label, mt.Unit)
-		for _, c := range r.Configs {
-			v := math.NaN()
-			if x, ok := row[c.ID]; ok {
-				v = x.Median
-			}
-			fmt.Fprintf(&b, " %s |", format(mt, v))
-		}
-		for _, x := range ratios {
-			if !mt.Ratios {
-				b.WriteString(" |")
-				continue
-			}
-			fmt.Fprintf(&b, " %s |", ratio(r.med(mt.Key, x.num)/r.med(mt.Key, x.den)))
-		}
-		b.WriteString("\n")
-	}
-	b.WriteString("\n")
+	// The table of the pinned configurations (the scaling ones have theirs).
+	pinned := slices.DeleteFunc(slices.Clone(r.Configs), func(c cfgInfo) bool { return c.Scaling })
+	r.mainTable(&b, pinned)
 	// Goals.
 	if has("A") && has("D") {
 		b.WriteString("| issue 5 goal | target | measured | |\n|---|---|---|---|\n")
@@ -632,6 +595,7 @@ func (r *report) Markdown(full bool) string {
 		b.WriteString("\n")
 	}
 	r.proxyMarkdown(&b)
+	r.scalingMarkdown(&b)
 	if fails := r.failures(); fails > 0 {
 		fmt.Fprintf(&b, "**%d measurements failed:**\n\n", fails)
 		for _, x := range r.Runs {
@@ -678,6 +642,59 @@ func (r *report) Markdown(full bool) string {
 	return b.String()
 }
 
+// mainTable writes the table of the pinned configurations, with the ratios of those compared.
+func (r *report) mainTable(b *strings.Builder, pinned []cfgInfo) {
+	if len(pinned) == 0 {
+		return
+	}
+	has := func(id string) bool { return slices.Contains(r.order, id) }
+	b.WriteString("| metric | unit |")
+	for _, c := range pinned {
+		fmt.Fprintf(b, " %s %s |", c.ID, c.Name)
+	}
+	type rc struct{ name, num, den string }
+	var ratios []rc
+	for _, x := range []rc{{"D÷A", "D", "A"}, {"D÷A2", "D", "A2"}, {"D÷C", "D", "C"}, {"DP÷D", "DP", "D"}, {"E÷F", "E", "F"}} {
+		if has(x.num) && has(x.den) {
+			ratios = append(ratios, x)
+		}
+	}
+	for _, x := range ratios {
+		fmt.Fprintf(b, " %s |", x.name)
+	}
+	b.WriteString("\n|---|---|")
+	for range pinned {
+		b.WriteString("---:|")
+	}
+	for range ratios {
+		b.WriteString("---:|")
+	}
+	b.WriteString("\n")
+	for _, mt := range r.Metrics {
+		row := r.Table[mt.Key]
+		if len(row) == 0 || isScaleScenario(mt.sc) {
+			continue
+		}
+		fmt.Fprintf(b, "| %s | %s |", mt.Label, mt.Unit)
+		for _, c := range pinned {
+			v := math.NaN()
+			if x, ok := row[c.ID]; ok {
+				v = x.Median
+			}
+			fmt.Fprintf(b, " %s |", format(mt, v))
+		}
+		for _, x := range ratios {
+			if !mt.Ratios {
+				b.WriteString(" |")
+				continue
+			}
+			fmt.Fprintf(b, " %s |", ratio(r.med(mt.Key, x.num)/r.med(mt.Key, x.den)))
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("\n")
+}
+
 func oneLine(s string) string {
 	s = strings.Join(strings.Fields(s), " ")
 	if len(s) > 600 {
@@ -705,7 +722,13 @@ func (r *report) write(dir string) error {
 	if err := os.WriteFile(filepath.Join(dir, "results.md"), []byte(r.Markdown(true)), 0o644); err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, "plot.svg"), []byte(r.SVG()), 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "plot.svg"), []byte(r.SVG()), 0o644); err != nil {
+		return err
+	}
+	if len(r.Scaling) == 0 && !slices.ContainsFunc(r.Configs, func(c cfgInfo) bool { return c.Scaling }) {
+		return nil
+	}
+	return os.WriteFile(filepath.Join(dir, "scaling.svg"), []byte(r.ScalingSVG()), 0o644)
 }
 
 var colors = map[string]string{"A": "#1f77b4", "A2": "#7fb2dc", "B": "#17becf", "C": "#d62728", "D": "#2ca02c", "DP": "#1b6e1b", "D8": "#8fd175", "E": "#9467bd", "F": "#ff7f0e"}

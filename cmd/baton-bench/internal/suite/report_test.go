@@ -2,6 +2,7 @@ package suite
 
 import (
 	"encoding/json"
+	"errors"
 	"math"
 	"strings"
 	"testing"
@@ -62,7 +63,7 @@ func TestReport(t *testing.T) {
 		t.Fatal(err)
 	}
 	var cfgs []*config
-	for _, c := range configs() {
+	for _, c := range configs(2) {
 		if c.ID == "A" || c.ID == "C" || c.ID == "D" || c.ID == "D8" {
 			cfgs = append(cfgs, c)
 		}
@@ -123,7 +124,7 @@ func TestReport(t *testing.T) {
 
 func TestReportMissingConfigs(t *testing.T) {
 	pl, _ := plans("smoke")
-	r := buildReport(Machine{}, pl, configs()[:1], []run{{Config: "A", Scenario: scStormSat, Round: 1, Error: "boom"}})
+	r := buildReport(Machine{}, pl, configs(2)[:1], []run{{Config: "A", Scenario: scStormSat, Round: 1, Error: "boom"}})
 	if r.failures() != 1 {
 		t.Errorf("failures = %d", r.failures())
 	}
@@ -158,7 +159,7 @@ func TestReportProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	var cfgs []*config
-	for _, c := range configs() {
+	for _, c := range configs(2) {
 		if c.ID == "D" || c.ID == "DP" {
 			cfgs = append(cfgs, c)
 		}
@@ -206,5 +207,85 @@ func TestReportProxy(t *testing.T) {
 	r = buildReport(Machine{}, pl, cfgs[:1], runs)
 	if len(r.Proxy) != 0 || strings.Contains(r.Markdown(true), "PROXY v2: DP") {
 		t.Error("a PROXY comparison without DP")
+	}
+}
+
+func TestReportScaling(t *testing.T) {
+	pl, err := plans("full")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfgs []*config
+	for _, c := range configs(2) {
+		if c.ID == "F" || c.Scaling {
+			cfgs = append(cfgs, c)
+		}
+	}
+	if ids(cfgs) != "F S0 S1 S2" {
+		t.Fatalf("configurations %s, want F S0 S1 S2", ids(cfgs))
+	}
+	var runs []run
+	add := func(cfg, sc string, round int, r *load.Result) {
+		runs = append(runs, run{Config: cfg, Scenario: sc, Round: round, Result: r})
+	}
+	for round := 1; round <= 3; round++ {
+		k := float64(round)
+		add("F", scStormSat, round, &load.Result{PerSec: 6000})
+		// S0: 5,000 conn/s, one core, the generator 25 % of one: the machine's 2 CPUs allow 1.6×.
+		add("S0", scScaleStorm, round, &load.Result{PerSec: 5000, ServerBusy: 1, ClientBusy: 0.25})
+		add("S1", scScaleStorm, round, &load.Result{PerSec: 4000 + 100*k, ServerBusy: 1})
+		add("S2", scScaleStorm, round, &load.Result{PerSec: 8000 + 100*k, ServerBusy: 1.6, ClientBusy: 0.4})
+		add("S0", scScaleSess100, round, &load.Result{PerSec: 100000, ServerBusy: 1, ClientBusy: 0.1})
+		add("S2", scScaleSess100, round, &load.Result{PerSec: 180000 + 1000*k, ServerBusy: 1.8, ClientBusy: 0.15})
+	}
+	r := buildReport(Machine{CPUs: 2, Online: "0-1"}, pl, cfgs, runs)
+	got := map[string]speedup{}
+	for _, s := range r.Scaling {
+		got[s.Config+" "+s.Key] = s
+	}
+	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
+	if s := got["S2 scale_storm_rate"]; !near(s.Ratio, 1.64) || len(s.ByRound) != 3 || !near(s.ByRound[0], 1.62) || s.Goal != 1.7 || s.Met || s.Generator != 40 || !near(s.Ceiling, 1.6) {
+		t.Errorf("storm S2÷S0: %+v", s)
+	}
+	if s := got["S1 scale_storm_rate"]; !near(s.Ratio, 0.84) || s.Goal != 0 || s.Met || s.Ceiling != 1 {
+		t.Errorf("storm S1÷S0: %+v", s)
+	}
+	if s := got["S2 scale_s100_rate"]; !near(s.Ratio, 1.82) || !s.Met || !near(s.Ceiling, 2/1.1) {
+		t.Errorf("100 sessions S2÷S0: %+v", s)
+	}
+	if _, ok := got["S1 scale_s100_rate"]; ok {
+		t.Error("a speed-up without a measurement")
+	}
+	md := r.Markdown(true)
+	for _, want := range []string{
+		"| metric | unit | F py direct |", // the main table keeps the pinned ones only
+		"| metric | unit | S0 py direct | S1 baton-py 1w | S2 baton-py 2w | S1÷S0 | S2÷S0 |",
+		"| storm, saturated (64 in flight): conn/s | 2 | 1.64× | 1.62, 1.64, 1.66 | 40 % of a core | 1.60× | ≥ 1.70× | missed |",
+		"| 100 sessions × 32 pipelined: msg/s | 2 | 1.82× |",
+		"**met**",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	if strings.Contains(md, "| metric | unit | F py direct | S0") {
+		t.Error("scaling configurations in the main table")
+	}
+	svg := r.ScalingSVG()
+	for _, want := range []string{"goal, 2 workers: 1.70×", "1.64×", "</svg>"} {
+		if !strings.Contains(svg, want) {
+			t.Errorf("scaling.svg lacks %q", want)
+		}
+	}
+	if n, err := countCPUs("0-3,6,8-9"); n != 7 || err != nil {
+		t.Errorf("countCPUs = %d, %v", n, err)
+	}
+	for _, bad := range []string{"", "a", "3-1", "0-"} {
+		if _, err := countCPUs(bad); !errors.Is(err, errCPUList) {
+			t.Errorf("countCPUs(%q) = %v", bad, err)
+		}
+	}
+	if got := expandScenarios([]string{"idle", "scaling"}); strings.Join(got, ",") != "idle,scale-storm,scale-sessions-100,scale-sessions-1000" {
+		t.Errorf("expandScenarios = %v", got)
 	}
 }

@@ -57,6 +57,12 @@ type plan struct {
 	ReloadPyRate float64       `json:"reload_py_rate"`
 	ReloadSess   int           `json:"reload_sessions"`
 	Scrapes      int           `json:"scrapes"` // /metrics scrapes measured (CPU is read in clock ticks: enough to fill many)
+	// The scaling comparison: storm concurrency, the larger session count, requests per write
+	// in its sessions, and the most batond workers (S1…S<ScaleMax>).
+	ScaleConc    int `json:"scale_conc"`
+	ScaleSessBig int `json:"scale_sessions_big"`
+	ScaleDepth   int `json:"scale_depth"`
+	ScaleMax     int `json:"scale_workers"`
 	// QuietBudget bounds the time the whole run may spend waiting for the machine to be quiet
 	// before a measurement (and on repeating measurements made under outside load).
 	QuietBudget time.Duration `json:"quiet_budget"`
@@ -69,13 +75,15 @@ func plans(mode string) (plan, error) {
 			Rate: 4000, PyRate: 1000, Sessions: 2500 * time.Millisecond, SessN: 100, Bulk: 2 * time.Second,
 			IdleCounts: []int{10000, 100000}, IdleProcs: 8, IdleSrc: 16, IdleSettle: time.Second, IdlePasses: 1,
 			Reloads: 5, ReloadsPy: 3, ReloadEvery: 2 * time.Second, ReloadLead: time.Second, ReloadTail: time.Second,
-			ReloadRate: 2000, ReloadPyRate: 500, ReloadSess: 50, Scrapes: 300, QuietBudget: 4 * time.Minute}, nil
+			ReloadRate: 2000, ReloadPyRate: 500, ReloadSess: 50, Scrapes: 300, QuietBudget: 4 * time.Minute,
+			ScaleConc: 64, ScaleSessBig: 1000, ScaleDepth: 32}, nil
 	case "smoke":
 		return plan{Mode: mode, Rounds: 1, Warmup: 100 * time.Millisecond, Storm: 300 * time.Millisecond, StormConc: 8,
 			Rate: 1000, PyRate: 300, Sessions: 300 * time.Millisecond, SessN: 10, Bulk: 300 * time.Millisecond,
 			IdleCounts: []int{200, 1000}, IdleProcs: 2, IdleSrc: 2, IdleSettle: 100 * time.Millisecond, IdlePasses: 2,
 			Reloads: 1, ReloadsPy: 1, ReloadEvery: 500 * time.Millisecond, ReloadLead: 300 * time.Millisecond, ReloadTail: 300 * time.Millisecond,
-			ReloadRate: 300, ReloadPyRate: 100, ReloadSess: 5, Scrapes: 10, QuietBudget: 5 * time.Second}, nil
+			ReloadRate: 300, ReloadPyRate: 100, ReloadSess: 5, Scrapes: 10, QuietBudget: 5 * time.Second,
+			ScaleConc: 8, ScaleSessBig: 20, ScaleDepth: 4}, nil
 	}
 	return plan{}, fmt.Errorf("unknown mode %q (full, smoke)", mode)
 }
@@ -101,8 +109,9 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	repo := fs.String("repo", ".", "the repository `dir` (for examples/python/lobby.py)")
 	out := fs.String("out", "bench/out", "output `dir`: results.md, results.json, plot.svg")
 	rounds := fs.Int("rounds", 0, "rounds (0: the mode's)")
-	only := fs.String("configs", "", "comma-separated configuration ids to run (default all: A,A2,B,C,D,DP,D8,E,F)")
-	onlySc := fs.String("scenarios", "", "comma-separated scenarios to run (default all: storm-sat, storm-open, sessions-1, sessions-100, bulk, idle, reload, scrape)")
+	only := fs.String("configs", "", "comma-separated configuration ids to run (default all: A,A2,B,C,D,DP,D8,E,F,S0,S1…)")
+	onlySc := fs.String("scenarios", "", "comma-separated scenarios to run (default all: storm-sat, storm-open, sessions-1, sessions-100, bulk, idle, reload, scrape, scale-storm, scale-sessions-100, scale-sessions-1000; scaling: the last three)")
+	scaleMax := fs.Int("scale-workers", 0, "scaling: batond with 1…`N` Python workers against one direct Python process (0: one per online CPU; 2 in the smoke run)")
 	rev := fs.String("rev", "", "the baton revision measured (shown in the results)")
 	from := fs.String("from", "", "measure nothing: read this results.json and write the table and plot again (to -out)")
 	serverCPU := fs.Int("server-cpu", 0, "CPU the server side is pinned to (taskset); -1: no pinning")
@@ -135,11 +144,22 @@ func Main(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("%s: %w (bench/run builds it)", e.path(b), err)
 		}
 	}
+	var ncpu int
+	if e.online, ncpu, err = onlineCPUs(); err != nil {
+		return err
+	}
+	pl.ScaleMax = ncpu
+	if pl.Mode == "smoke" {
+		pl.ScaleMax = 2 // quick, and the same comparison on every machine
+	}
+	if *scaleMax > 0 {
+		pl.ScaleMax = *scaleMax
+	}
 	e.haproxy, _ = exec.LookPath("haproxy")
 	if e.python, err = exec.LookPath("python3"); err != nil {
 		return errors.New("python3 not found")
 	}
-	cfgs := configs()
+	cfgs := configs(pl.ScaleMax)
 	if *only != "" {
 		want := strings.Split(*only, ",")
 		cfgs = slices.DeleteFunc(cfgs, func(c *config) bool { return !slices.Contains(want, c.ID) })
@@ -148,7 +168,7 @@ func Main(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	if *onlySc != "" {
-		want := strings.Split(*onlySc, ",")
+		want := expandScenarios(strings.Split(*onlySc, ","))
 		for _, c := range cfgs {
 			c.Scenarios = slices.DeleteFunc(slices.Clone(c.Scenarios), func(sc string) bool { return !slices.Contains(want, sc) })
 		}
@@ -189,14 +209,14 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	m := machine(e)
 	m.Revision = *rev
 	pin := pinning(e)
-	m.Pinning = pin
+	m.Pinning, m.Online = pin, e.online
 	fmt.Fprintf(stdout, "baton-bench suite (%s): %d rounds of %s\n%s\n", pl.Mode, pl.Rounds, ids(cfgs), pin)
 	if m.LoadAvg != "" {
 		fmt.Fprintf(stdout, "load average at start: %s\n", m.LoadAvg)
 	}
 	started := time.Now()
 	var runs []run
-	p := &procs{cpu: e.cpu}
+	p := &procs{}
 	defer p.stopAll(3 * time.Second)
 	q := &quiet{budget: pl.QuietBudget}
 	for round := 1; round <= pl.Rounds; round++ {
@@ -213,7 +233,7 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintln(stdout)
 	fmt.Fprint(stdout, rep.Markdown(false))
-	fmt.Fprintf(stdout, "\nwrote %s, %s and %s in %.0fs\n", filepath.Join(*out, "results.md"), filepath.Join(*out, "results.json"), filepath.Join(*out, "plot.svg"), m.Seconds)
+	fmt.Fprintf(stdout, "\nwrote results.md, results.json, plot.svg (and scaling.svg when measured) to %s in %.0fs\n", *out, m.Seconds)
 	if n := rep.failures(); n > 0 {
 		return fmt.Errorf("%d measurements failed (see results.md)", n)
 	}
@@ -240,7 +260,7 @@ func rerender(from, out string, stdout io.Writer) error {
 	}
 	var cfgs []*config
 	for _, c := range old.Configs {
-		cfgs = append(cfgs, &config{ID: c.ID, Name: c.Name, Desc: c.Desc})
+		cfgs = append(cfgs, &config{ID: c.ID, Name: c.Name, Desc: c.Desc, Scaling: c.Scaling, Workers: c.Workers})
 	}
 	rep := buildReport(old.Machine, old.Plan, cfgs, old.Runs)
 	if err := os.MkdirAll(out, 0o755); err != nil {
@@ -265,7 +285,7 @@ func runConfig(e *env, p *procs, pl plan, c *config, round int, q *quiet, stdout
 		fail("start", err)
 		return runs
 	}
-	p.dir = dir
+	p.dir, p.cpus = dir, e.serverCPUs(c)
 	t0 := time.Now()
 	defer func() {
 		p.stopAll(3 * time.Second)
@@ -424,13 +444,21 @@ func runScenario(e *env, pl plan, c *config, srv *server, sc, dir string) run {
 			"-every", pl.ReloadEvery.String(), "-lead", pl.ReloadLead.String(), "-tail", pl.ReloadTail.String(),
 			"-rate", fmt.Sprint(rate), "-n", strconv.Itoa(pl.ReloadSess)})
 		bound = time.Duration(pl.Reloads)*(pl.ReloadEvery+time.Minute) + time.Minute
+	case scScaleStorm, scScaleSess100, scScaleSess1k:
+		a := scaleArgs(pl, sc)
+		args = slices.Concat(a[:1], args, pids(), warm, a[1:])
 	default:
 		r.Error = "unknown scenario " + sc
 		return r
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), bound)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, e.path("baton-bench"), args...)
+	argv := append([]string{e.path("baton-bench")}, args...)
+	if c.Scaling {
+		// Not pinned either: the load generator may run on every CPU, as the servers may.
+		argv = append([]string{"taskset", "-c", e.online}, argv...)
+	}
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	var outb, errb strings.Builder
 	cmd.Stdout, cmd.Stderr = &outb, &errb
 	err := cmd.Run()
@@ -464,6 +492,7 @@ type Machine struct {
 	Python     string  `json:"python"`
 	NoFile     uint64  `json:"rlimit_nofile"`
 	Pinning    string  `json:"pinning"`
+	Online     string  `json:"online_cpus"` // where the scaling configurations run
 	LoadAvg    string  `json:"loadavg_start"`
 	LoadAvgEnd string  `json:"loadavg_end"`
 	QuietWait  float64 `json:"quiet_wait_s"` // time spent waiting for the machine to calm down
