@@ -209,6 +209,12 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	m := machine(e)
 	m.Revision = *rev
 	pin := pinning(e)
+	switch n := len(slices.DeleteFunc(slices.Clone(cfgs), func(c *config) bool { return !c.Scaling })); {
+	case n == len(cfgs):
+		pin = fmt.Sprintf("not pinned: the server side and the load generator may run on every online CPU (%s)", e.online)
+	case n > 0:
+		pin += fmt.Sprintf("; the scaling configurations (S…) are not pinned: server side and load generator on every online CPU (%s)", e.online)
+	}
 	m.Pinning, m.Online = pin, e.online
 	fmt.Fprintf(stdout, "baton-bench suite (%s): %d rounds of %s\n%s\n", pl.Mode, pl.Rounds, ids(cfgs), pin)
 	if m.LoadAvg != "" {
