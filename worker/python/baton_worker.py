@@ -104,6 +104,25 @@ __all__ = [
     "WELCOME_REFUSE",
     "WELCOME_BATCH",
     "MAX_BATCH",
+    "FLAG_MIGRATE",
+    "WELCOME_MIGRATE",
+    "MAX_LARGE_MESSAGE",
+    "MAX_STATE",
+    "Resumed",
+    "Migrate",
+    "Handback",
+    "StateTooBig",
+    "NotAsked",
+    "Session",
+    "AsyncSession",
+    "session",
+    "encode_migrate",
+    "encode_handback",
+    "encode_decline",
+    "encode_resume",
+    "parse_migrate",
+    "parse_handback",
+    "parse_resume",
     "MsgType",
     "ErrorCode",
     "Hello",
@@ -181,6 +200,15 @@ FLAG_NONBLOCK = 1 << 2
 FLAG_BATCH = 1 << 3
 #: Most connections one ``CONNS`` carries.
 MAX_BATCH = 16
+#: HELLO flag bit 4 (1.4): this worker answers ``MIGRATE`` and takes ``RESUME`` (live session
+#: migration). Asked for with ``Worker(migrate=True)`` / ``start_server(..., migrate=True)``.
+FLAG_MIGRATE = 1 << 4
+#: Largest ``HANDBACK`` or ``RESUME``, header included (the ``u16`` body length's limit): the
+#: only messages allowed past :data:`MAX_MESSAGE`, on a channel whose WELCOME has
+#: :data:`WELCOME_MIGRATE`.
+MAX_LARGE_MESSAGE = HEADER_LEN + 0xFFFF
+#: Largest state a migrating session may carry (60 KiB).
+MAX_STATE = 60 << 10
 
 #: WELCOME flag bit 0 (1.1): every CONN fd on this channel arrives with ``O_NONBLOCK`` set (only
 #: granted to a worker whose HELLO has :data:`FLAG_NONBLOCK`).
@@ -191,6 +219,9 @@ WELCOME_NONBLOCK = 1 << 0
 WELCOME_REFUSE = 1 << 1
 #: WELCOME flag bit 2 (1.2): the gateway may send ``CONNS`` (only to a HELLO with :data:`FLAG_BATCH`).
 WELCOME_BATCH = 1 << 2
+#: WELCOME flag bit 3 (1.4): the gateway may send ``MIGRATE`` and ``RESUME`` and reads
+#: ``HANDBACK`` and ``DECLINE`` (only to a HELLO with :data:`FLAG_MIGRATE`).
+WELCOME_MIGRATE = 1 << 3
 
 #: Backoff between re-registration attempts: first delay and cap, in seconds.
 BACKOFF_MIN = 0.1
@@ -212,6 +243,14 @@ class MsgType(enum.IntEnum):
     DRAIN = 0x0A
     REFUSE = 0x0B  # 1.1: only to a gateway whose WELCOME has WELCOME_REFUSE
     CONNS = 0x0C  # 1.2: only to a worker whose WELCOME has WELCOME_BATCH
+    MIGRATE = 0x0D  # 1.4: the rest only on a channel whose WELCOME has WELCOME_MIGRATE
+    HANDBACK = 0x0E
+    DECLINE = 0x0F
+    RESUME = 0x10
+
+
+#: The types that may exceed MAX_MESSAGE (up to MAX_LARGE_MESSAGE).
+_LARGE_TYPES = frozenset({MsgType.HANDBACK, MsgType.RESUME})
 
 
 class ErrorCode(enum.IntEnum):
@@ -310,6 +349,18 @@ class RegistrationError(BatonException):
     """The worker could not register: ``batond`` unreachable, silent, or hung up."""
 
 
+class StateTooBig(BatonException, ValueError):
+    """A session's state is longer than :data:`MAX_STATE`: it cannot be handed back. The
+    library declined the session (it stays with this worker and drains as without
+    migration)."""
+
+
+class NotAsked(BatonException):
+    """``hand_back`` or ``decline`` of a session ``batond`` has not asked for: no ``MIGRATE``
+    named it, the request was answered already, its deadline passed (the library declined
+    it), or the channel it came on dropped meanwhile. The session is still the program's."""
+
+
 class Draining(BatonException):
     """``batond`` drains this worker: no new connections will come.
 
@@ -400,11 +451,50 @@ class ConnInfo:
     client: Address
     local: Address
     listener: str
+    #: Set when the session is a migrated one (it came as a ``RESUME``): its state and lineage.
+    resumed: Optional["Resumed"] = None
+
+
+@dataclass
+class Resumed:
+    """What a migrated session brought along (from its ``RESUME``).
+
+    ``state`` is the opaque state the previous worker handed back (at most :data:`MAX_STATE`
+    bytes), ``previous_id`` the id the session had there, ``hops`` how many times it has been
+    handed back (>= 1), ``group`` the group key the previous worker gave it ("" for none; it
+    is not this session's group: call ``set_group`` to keep it together at the next move).
+    """
+
+    state: bytes
+    previous_id: int
+    hops: int
+    group: str
+
+
+@dataclass
+class Migrate:
+    """A ``MIGRATE`` (gateway -> worker, 1.4): hand back the sessions ``ids`` (every session
+    the worker holds if empty) within ``deadline_ms`` milliseconds."""
+
+    deadline_ms: int
+    ids: List[int]
+
+
+@dataclass
+class Handback:
+    """A ``HANDBACK`` (worker -> gateway, 1.4): one session, whose socket travels with it."""
+
+    conn: ConnInfo
+    hops: int
+    group: str
+    group_size: int
+    state: bytes
 
 
 def _frame(t: int, body: bytes) -> bytes:
-    if HEADER_LEN + len(body) > MAX_MESSAGE:
-        raise ValueError("message of %d bytes exceeds %d" % (HEADER_LEN + len(body), MAX_MESSAGE))
+    limit = MAX_LARGE_MESSAGE if t in _LARGE_TYPES else MAX_MESSAGE
+    if HEADER_LEN + len(body) > limit:
+        raise ValueError("message of %d bytes exceeds %d" % (HEADER_LEN + len(body), limit))
     return _HDR.pack(t, 0, len(body)) + body
 
 
@@ -516,6 +606,41 @@ def encode_drain(deadline_ms: int) -> bytes:
     return _frame(MsgType.DRAIN, _U32.pack(deadline_ms))
 
 
+def encode_migrate(m: Migrate) -> bytes:
+    """Encode a ``MIGRATE`` (gateway side; for tests and tools): at most 510 ids."""
+    if len(m.ids) > MAX_IDS - 1:
+        raise ValueError("MIGRATE lists at most %d ids, not %d" % (MAX_IDS - 1, len(m.ids)))
+    return _frame(MsgType.MIGRATE, _U32.pack(m.deadline_ms) + _U16.pack(len(m.ids)) + struct.pack("<%dQ" % len(m.ids), *m.ids))
+
+
+def _enc_state(state: bytes) -> bytes:
+    if len(state) > MAX_STATE:
+        raise StateTooBig("session state is %d bytes, at most %d" % (len(state), MAX_STATE))
+    return _U32.pack(len(state)) + bytes(state)
+
+
+def encode_handback(h: Handback) -> bytes:
+    """Encode a ``HANDBACK`` (its socket travels next to it as SCM_RIGHTS). Raises
+    :class:`StateTooBig` for a state longer than :data:`MAX_STATE`, ``ValueError`` for a group
+    longer than :data:`MAX_STRING` bytes."""
+    body = _conn_body(h.conn) + _U32.pack(h.hops) + _enc_str(h.group) + _U32.pack(h.group_size) + _enc_state(h.state)
+    return _frame(MsgType.HANDBACK, body)
+
+
+def encode_decline(ids: Sequence[int]) -> bytes:
+    """Encode a ``DECLINE`` for 1..511 ids: the sessions the worker keeps."""
+    return encode_ids(MsgType.DECLINE, ids)
+
+
+def encode_resume(c: ConnInfo) -> bytes:
+    """Encode a ``RESUME`` (gateway side; for tests and tools) from ``c`` and ``c.resumed``."""
+    r = c.resumed
+    if r is None:
+        raise ValueError("a RESUME needs ConnInfo.resumed")
+    body = _conn_body(c) + _U64.pack(r.previous_id) + _U32.pack(r.hops) + _enc_str(r.group) + _enc_state(r.state)
+    return _frame(MsgType.RESUME, body)
+
+
 def split(msg: bytes) -> Tuple[int, bytes]:
     """Check a message's header against its length; return ``(type, body)``.
 
@@ -526,8 +651,8 @@ def split(msg: bytes) -> Tuple[int, bytes]:
         raise ProtocolError(
             ErrorCode.MALFORMED, "%d-byte message is shorter than the header" % len(msg)
         )
-    if len(msg) > MAX_MESSAGE:
-        raise ProtocolError(ErrorCode.TOO_BIG, "%d-byte message exceeds %d" % (len(msg), MAX_MESSAGE))
+    if len(msg) > MAX_MESSAGE and (len(msg) > MAX_LARGE_MESSAGE or msg[0] not in _LARGE_TYPES):
+        raise ProtocolError(ErrorCode.TOO_BIG, "%d-byte %s exceeds %d" % (len(msg), _type_name(msg[0]), MAX_MESSAGE))
     t, _flags, n = _HDR.unpack_from(msg)
     if n != len(msg) - HEADER_LEN:
         raise ProtocolError(
@@ -683,6 +808,47 @@ def parse_drain(body: bytes) -> int:
     return _Reader(body, MsgType.DRAIN).u32("deadline_ms")
 
 
+def parse_migrate(body: bytes) -> Migrate:
+    """Decode a ``MIGRATE`` body: the deadline and 0..510 ids (0: every session)."""
+    r = _Reader(body, MsgType.MIGRATE)
+    deadline = r.u32("deadline_ms")
+    n = r.u16("count")
+    p = r._take(8 * n, "%d ids" % n)
+    return Migrate(deadline, list(struct.unpack_from("<%dQ" % n, body, p)))
+
+
+def _state(r: _Reader) -> bytes:
+    n = r.u32("state_length")
+    if n > MAX_STATE:
+        raise ProtocolError(ErrorCode.MALFORMED, "%s state is %d bytes, more than %d" % (_type_name(r.msg), n, MAX_STATE))
+    return bytes(r.raw(n, "state"))
+
+
+def _conn_fields(r: _Reader) -> ConnInfo:
+    return ConnInfo(id=r.u64("conn_id"), client=r.addr("client"), local=r.addr("local"), listener=r.str("listener"))
+
+
+def parse_handback(body: bytes) -> Handback:
+    """Decode a ``HANDBACK`` body (gateway side; for tests and tools)."""
+    r = _Reader(body, MsgType.HANDBACK)
+    conn = _conn_fields(r)
+    hops = r.u32("hops")
+    group = r.str("group")
+    size = r.u32("group_size")
+    return Handback(conn, hops, group, size, _state(r))
+
+
+def parse_resume(body: bytes) -> ConnInfo:
+    """Decode a ``RESUME`` body: a :class:`ConnInfo` whose ``resumed`` holds the state."""
+    r = _Reader(body, MsgType.RESUME)
+    c = _conn_fields(r)
+    prev = r.u64("previous_id")
+    hops = r.u32("hops")
+    group = r.str("group")
+    c.resumed = Resumed(_state(r), prev, hops, group)
+    return c
+
+
 # --------------------------------------------------------------------------------------------
 # The channel: one message per datagram, fds as SCM_RIGHTS
 # --------------------------------------------------------------------------------------------
@@ -705,9 +871,9 @@ def _close_fds(fds: Iterable[int]) -> None:
             pass
 
 
-def _recvmsg(sock: socket.socket, anc_space: int) -> Tuple[bytes, List[int], int]:
+def _recvmsg(sock: socket.socket, anc_space: int, bufsize: int = MAX_MESSAGE) -> Tuple[bytes, List[int], int]:
     """One ``recvmsg``: the datagram, the fds that came with it (now ours), the flags."""
-    data, anc, flags, _addr = sock.recvmsg(MAX_MESSAGE, anc_space, _RECV_FLAGS)
+    data, anc, flags, _addr = sock.recvmsg(bufsize, anc_space, _RECV_FLAGS)
     fds: List[int] = []
     for level, typ, cdata in anc:
         if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
@@ -717,20 +883,23 @@ def _recvmsg(sock: socket.socket, anc_space: int) -> Tuple[bytes, List[int], int
     return data, fds, flags
 
 
-def _fds_expected(data: bytes, batch: bool) -> int:
-    """How many fds the message should carry: 1 for CONN, its count for CONNS (if ``batch``)."""
+def _fds_expected(data: bytes, batch: bool, migrate: bool = False) -> int:
+    """How many fds the message should carry: 1 for CONN (and RESUME if ``migrate``), its
+    count for CONNS (if ``batch``)."""
     if not data:
         return 0
-    if data[0] == MsgType.CONN:
+    if data[0] == MsgType.CONN or (migrate and data[0] == MsgType.RESUME):
         return 1
     if batch and data[0] == MsgType.CONNS and len(data) >= HEADER_LEN + 2:
         return int(_U16.unpack_from(data, HEADER_LEN)[0])
     return 0
 
 
-def _check_fds(data: bytes, fds: List[int], flags: int, batch: bool) -> Optional[Tuple[bytes, List[int]]]:
+def _check_fds(
+    data: bytes, fds: List[int], flags: int, batch: bool, migrate: bool = False
+) -> Optional[Tuple[bytes, List[int]]]:
     """The transport rules of PROTOCOL.md for one received datagram (see :func:`recv_batch`)."""
-    want = _fds_expected(data, batch)
+    want = _fds_expected(data, batch, migrate)
     if want and len(fds) < want and flags & socket.MSG_CTRUNC and not flags & socket.MSG_TRUNC:
         # Whole, but (some of) its fds could not be installed here (EMFILE): PROTOCOL.md, "A CONN
         # without its fd". The receiver refuses (or acks and closes) those clients, not the
@@ -777,7 +946,7 @@ def recv_message(sock: socket.socket) -> Optional[Tuple[bytes, Optional[int]]]:
     return got[0], (got[1][0] if got[1] else None)
 
 
-def recv_batch(sock: socket.socket) -> Optional[Tuple[bytes, List[int]]]:
+def recv_batch(sock: socket.socket, migrate: bool = False) -> Optional[Tuple[bytes, List[int]]]:
     """Receive one message from the channel of a worker that asked for ``BATCH``.
 
     Returns ``(message, fds)``, or ``None`` at end of stream: a ``CONN`` comes with exactly one
@@ -788,9 +957,16 @@ def recv_batch(sock: socket.socket) -> Optional[Tuple[bytes, List[int]]]:
     descriptors) raises :class:`NoFDError` carrying the message and the fds that did come. The
     message itself is not decoded (see :func:`split`). ``BlockingIOError`` and other ``OSError``
     propagate.
+
+    With ``migrate`` (the channel's WELCOME granted :data:`WELCOME_MIGRATE`) it reads messages
+    up to :data:`MAX_LARGE_MESSAGE` bytes, and a ``RESUME`` comes with exactly one fd, as a
+    ``CONN``.
     """
-    data, fds, flags = _recvmsg(sock, _ANC_SPACE_BATCH)
-    return _check_fds(data, fds, flags, batch=True)
+    if migrate:
+        data, fds, flags = _recvmsg(sock, _ANC_SPACE_BATCH, MAX_LARGE_MESSAGE)
+    else:
+        data, fds, flags = _recvmsg(sock, _ANC_SPACE_BATCH)
+    return _check_fds(data, fds, flags, batch=True, migrate=migrate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,10 +980,12 @@ class BatonSocket(socket.socket):
     It is an ordinary :class:`socket.socket`. The connection counts as ended for ``batond``
     exactly once, at the first of: :meth:`close` (once every ``makefile`` object is closed too),
     :meth:`detach` (the fd then belongs to the caller and is no longer counted), or garbage
-    collection of an unclosed socket. ``conn_info`` holds the :class:`ConnInfo` from ``CONN``.
+    collection of an unclosed socket. ``conn_info`` holds the :class:`ConnInfo` from ``CONN``
+    (or ``RESUME``: then ``conn_info.resumed`` has the migrated session's state), ``session``
+    the :class:`Session` through which the program answers a migration request.
     """
 
-    __slots__ = ("conn_info", "_baton_done", "_baton_key")
+    __slots__ = ("conn_info", "session", "_baton_done", "_baton_key")
 
     def _real_close(self, *args: Any, **kwargs: Any) -> None:
         # This function should not reference globals (it may run during interpreter shutdown).
@@ -898,12 +1076,316 @@ def _silence(sock: BatonSocket) -> None:
 _current_conn: contextvars.ContextVar[Optional[ConnInfo]] = contextvars.ContextVar(
     "baton_worker_conn", default=None
 )
+_current_session: contextvars.ContextVar[Optional["AsyncSession"]] = contextvars.ContextVar(
+    "baton_worker_session", default=None
+)
 
 
 def connection_info() -> Optional[ConnInfo]:
     """Inside an asyncio handler started by :func:`start_server`, the connection's :class:`ConnInfo`
-    (its real client address, gateway id and listener); ``None`` elsewhere."""
+    (its real client address, gateway id and listener; for a migrated session, ``resumed``
+    with its state); ``None`` elsewhere."""
     return _current_conn.get()
+
+
+def session() -> Optional["AsyncSession"]:
+    """Inside an asyncio handler started by :func:`start_server`, the connection's
+    :class:`AsyncSession` (to learn that ``batond`` asks for it, and hand it back); ``None``
+    elsewhere."""
+    return _current_session.get()
+
+
+# --------------------------------------------------------------------------------------------
+# Live session migration (PROTOCOL.md "Migration (1.4)")
+# --------------------------------------------------------------------------------------------
+
+
+class _Round:
+    """One ``MIGRATE``: the channel it came on, when unanswered sessions are declined, and the
+    sessions it named. Owned by the driver."""
+
+    __slots__ = ("chan", "deadline", "members")
+
+    def __init__(self, chan: socket.socket, deadline: float) -> None:
+        self.chan = chan
+        self.deadline = deadline
+        self.members: List["_SessionBase"] = []
+
+
+class _Ask:
+    """A session's pending request: its round, and its group and the group's size as they were
+    when the ``MIGRATE`` arrived (what ``HANDBACK`` carries)."""
+
+    __slots__ = ("round", "group", "size")
+
+    def __init__(self, rnd: _Round, group: str, size: int) -> None:
+        self.round = rnd
+        self.group = group
+        self.size = size
+
+
+class _SessionBase:
+    """What the blocking and the asyncio session share: identity, group, the pending request.
+
+    ``_ask`` and ``_group`` are guarded by the worker's lock; only the driver (channel thread or
+    event loop) sets and clears ``_ask``.
+    """
+
+    def __init__(self, worker: "Worker", info: ConnInfo) -> None:
+        self.info = info
+        self._worker = worker
+        self._group = ""
+        self._ask: Optional[_Ask] = None
+        self._sock: Optional["weakref.ReferenceType[BatonSocket]"] = None  # weak: GC still closes it
+        #: Called (with the session) in the driver when ``batond`` asks for this session: in the
+        #: channel thread for :class:`Worker`, in the event loop for :func:`start_server`. Keep it
+        #: short; an exception is logged.
+        self.on_migrate: Optional[Callable[[Any], None]] = None
+
+    @property
+    def id(self) -> int:
+        """The id ``batond`` gave the session (from its ``CONN`` or ``RESUME``)."""
+        return self.info.id
+
+    @property
+    def resumed(self) -> Optional[Resumed]:
+        """What a migrated session brought (its state, previous id, hops, group); ``None`` for a
+        session that came as a plain ``CONN``."""
+        return self.info.resumed
+
+    @property
+    def group(self) -> str:
+        """The session's group key ("" for none); see :meth:`set_group`."""
+        return self._group
+
+    def set_group(self, key: str) -> None:
+        """Set the group key, at any time (when a player joins a room, say). Sessions this worker
+        hands back with the same key in answer to one ``MIGRATE`` land on the same worker; the
+        key and the group's size are taken when the ``MIGRATE`` arrives. Keys are this worker's
+        own. "" is no group. ``ValueError`` past :data:`MAX_STRING` bytes of UTF-8."""
+        if len(key.encode("utf-8")) > MAX_STRING:
+            raise ValueError("group key longer than %d bytes" % MAX_STRING)
+        with self._worker._cond:
+            self._group = key
+
+    @property
+    def migrate_requested(self) -> bool:
+        """True while ``batond`` asks for this session and the program has not answered."""
+        return self._ask is not None
+
+    @property
+    def migrate_deadline(self) -> Optional[float]:
+        """When (``time.monotonic()``) the library declines the request if the program has not
+        answered it; ``None`` without a request. ``batond``'s clock started a little earlier:
+        answer well before it."""
+        ask = self._ask
+        return ask.round.deadline if ask is not None else None
+
+    def decline(self) -> None:
+        """Keep the session: it stays here and drains as without migration. Raises
+        :class:`NotAsked` without a pending request."""
+        w = self._worker
+        with w._cond:
+            if self._ask is None:
+                raise NotAsked("batond has not asked for connection %#x" % self.info.id)
+        w._call(lambda: w._decline(self))
+
+    def _check_state(self, state: bytes) -> None:
+        """Before a hand-back: NotAsked without a request; a state that cannot travel is declined
+        (StateTooBig)."""
+        if len(state) <= MAX_STATE:
+            if self._ask is None:
+                raise NotAsked("batond has not asked for connection %#x" % self.info.id)
+            return
+        msg = "connection %#x: state of %d bytes, at most %d" % (self.info.id, len(state), MAX_STATE)
+        if self._ask is None:
+            raise StateTooBig(msg)
+        w = self._worker
+        w._call(lambda: w._decline(self))
+        raise StateTooBig(msg + "; declined (the session stays here)")
+
+    # Driver hooks: the request arrived, or it was answered (or lapsed).
+    def _asked(self) -> None:
+        cb = self.on_migrate
+        if cb is not None:
+            try:
+                cb(self)
+            except Exception:
+                log.exception("on_migrate callback of connection %#x failed", self.info.id)
+
+    def _answered(self) -> None:
+        pass
+
+
+class Session(_SessionBase):
+    """A connection of the blocking API (``sock.session``), for live session migration.
+
+    With ``Worker(migrate=True)``, ``batond`` may ask for the session (a migrating reload, or
+    ``batonctl migrate``): :attr:`migrate_requested` turns true, :meth:`wait_migrate` returns,
+    and :attr:`on_migrate` is called in the channel thread. The program then stops reading the
+    socket, finishes its writes, and calls :meth:`hand_back` (or :meth:`decline`) before
+    :attr:`migrate_deadline`; unanswered, the library declines it at the deadline. A thread
+    blocked in ``recv`` is not woken by the library: read with a timeout (``settimeout``) or
+    ``select`` and check :attr:`migrate_requested`, or wake it from :attr:`on_migrate`.
+    """
+
+    def __init__(self, worker: "Worker", info: ConnInfo) -> None:
+        super().__init__(worker, info)
+        self._event = threading.Event()
+
+    def wait_migrate(self, timeout: Optional[float] = None) -> bool:
+        """Block until ``batond`` asks for this session; False on timeout."""
+        return self._event.wait(timeout)
+
+    def hand_back(self, state: bytes) -> None:
+        """Give the session to ``batond`` with ``state`` (at most :data:`MAX_STATE` bytes),
+        which the next worker reads from ``conn_info.resumed.state``.
+
+        Before calling it, no thread may read or write the socket any more; put into ``state``
+        whatever the program read but did not process (a partial line, say). Bytes the client
+        sent that the program did not read stay in the kernel's buffer and travel with the
+        socket. On success the socket is closed here (no ``shutdown``: the connection lives on,
+        elsewhere), no ``CLOSED`` is sent for it and :attr:`Worker.live` drops by one.
+
+        Raises :class:`StateTooBig` (the session was declined and stays here), :class:`NotAsked`
+        (no pending request, or its deadline passed), or ``OSError``/:class:`WorkerClosed` if
+        the ``HANDBACK`` could not be sent: then the session is still the program's, usable as
+        before (keep serving it, or close it).
+        """
+        state = bytes(state)
+        ref = self._sock
+        sock = ref() if ref is not None else None
+        if sock is None or sock.fileno() < 0:
+            raise NotAsked("connection %#x is closed" % self.info.id)
+        self._check_state(state)
+        w = self._worker
+        done = threading.Event()
+        box: List[Optional[BaseException]] = []
+
+        def finish(err: Optional[BaseException]) -> None:
+            box.append(err)
+            done.set()
+
+        w._call(lambda: w._handback(self, sock, state, finish))
+        while not done.wait(0.5):
+            t = w._thread
+            if w._stopping and (t is None or not t.is_alive()):
+                raise WorkerClosed("worker closed before the HANDBACK was sent")
+        if box[0] is not None:
+            raise box[0]
+        sock.close()  # only this process's descriptor: batond holds the connection now
+
+    def _asked(self) -> None:
+        self._event.set()
+        super()._asked()
+
+    def _answered(self) -> None:
+        self._event.clear()
+
+
+class AsyncSession(_SessionBase):
+    """A connection of the asyncio API (:func:`session` inside the handler), for live session
+    migration.
+
+    With ``start_server(..., migrate=True)``, ``batond`` may ask for the session:
+    :attr:`migrate_requested` turns true, ``await wait_migrate()`` returns and
+    :attr:`on_migrate` is called in the event loop (a handler waiting in ``reader.readline()``
+    can be woken from there, for instance by cancelling that read). The handler then stops
+    reading, takes what its ``StreamReader`` holds (:meth:`unread`) into the state, and
+    ``await hand_back(state)`` (or :meth:`decline`) before :attr:`migrate_deadline`.
+    """
+
+    def __init__(self, worker: "Worker", info: ConnInfo) -> None:
+        super().__init__(worker, info)
+        self._event: Optional[asyncio.Event] = None
+        self._transport: Optional[asyncio.Transport] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+
+    async def wait_migrate(self) -> None:
+        """Wait until ``batond`` asks for this session."""
+        if self._ask is not None:
+            return
+        if self._event is None:
+            self._event = asyncio.Event()
+        await self._event.wait()
+
+    @staticmethod
+    def unread(reader: asyncio.StreamReader) -> bytes:
+        """What ``reader`` has read from the socket and the handler has not consumed yet (a
+        copy; nothing is consumed). Such bytes belong in the state: take them, then call
+        :meth:`hand_back` with no ``await`` in between (it stops reading first)."""
+        buf = getattr(reader, "_buffer", None)  # the StreamReader's own buffer (every CPython 3)
+        return bytes(buf) if buf is not None else b""
+
+    async def hand_back(self, state: bytes) -> None:
+        """Give the session to ``batond`` with ``state`` (at most :data:`MAX_STATE` bytes),
+        which the next worker reads from ``connection_info().resumed.state``.
+
+        It stops reading the socket at once, waits until everything written to the transport
+        has gone to the kernel (bytes written after the hand-back would interleave with the next
+        worker's), sends the ``HANDBACK`` with the socket, and closes this process's descriptor
+        (no ``shutdown``; no ``CLOSED``; ``live`` drops by one): the handler should then return
+        without writing. Bytes its ``StreamReader`` holds go nowhere: see :meth:`unread`.
+
+        Raises :class:`StateTooBig` (declined: the session stays here), :class:`NotAsked` (no
+        pending request; the deadline passed; or the client did not take its output before it,
+        and the session was declined), ``ConnectionError`` if the client went away, or
+        ``OSError`` if the ``HANDBACK`` could not be sent. In every such case the session is
+        still the handler's and reading resumes.
+        """
+        state = bytes(state)
+        t, writer, w = self._transport, self._writer, self._worker
+        sock = self._sock() if self._sock is not None else None
+        if t is None or writer is None or sock is None:
+            raise NotAsked("connection %#x is not served by start_server" % self.info.id)
+        self._check_state(state)
+        if t.is_closing():
+            raise ConnectionResetError(errno.ECONNRESET, "connection %#x is closing" % self.info.id)
+        t.pause_reading()
+        low, high = t.get_write_buffer_limits()
+        sent = False
+        try:
+            if t.get_write_buffer_size():
+                # drain() waits while the buffer is above the low-water mark: at 0, until empty.
+                t.set_write_buffer_limits(0, 0)
+                ask = self._ask
+                left = ask.round.deadline - time.monotonic() if ask is not None else 0.0
+                try:
+                    await asyncio.wait_for(writer.drain(), max(0.0, left))
+                except asyncio.TimeoutError:
+                    if self._ask is not None:
+                        w._decline(self)
+                    raise NotAsked(
+                        "connection %#x: the client did not take its output before the deadline; declined"
+                        % self.info.id
+                    ) from None
+            fut = asyncio.get_running_loop().create_future()
+
+            def finish(err: Optional[BaseException]) -> None:
+                if not fut.done():
+                    if err is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(err)
+
+            w._handback(self, sock, state, finish)
+            await fut
+            sent = True
+        finally:
+            if not sent:
+                t.set_write_buffer_limits(high, low)
+                if not t.is_closing():
+                    t.resume_reading()
+        t.abort()  # closes only this process's descriptor (no shutdown): the client stays
+
+    def _asked(self) -> None:
+        if self._event is not None:
+            self._event.set()
+        super()._asked()
+
+    def _answered(self) -> None:
+        if self._event is not None:
+            self._event.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -981,6 +1463,11 @@ class Worker:
     with ``start=False`` and drives it from the event loop instead. A worker is used either
     through :meth:`accept` or through :func:`start_server`, not both.
 
+    With ``migrate=True`` the worker asks ``batond`` for live session migration (HELLO's
+    ``MIGRATE`` bit): ``batond`` may then ask for sessions (a migrating reload; see
+    :class:`Session`, reached as ``sock.session``) and deliver sessions other workers handed
+    back (``sock.conn_info.resumed`` says so and carries their state).
+
     Thread safety: every public method may be called from any thread.
     """
 
@@ -992,6 +1479,7 @@ class Worker:
         env: Optional[Mapping[str, str]] = None,
         register_timeout: float = 10.0,
         start: bool = True,
+        migrate: bool = False,
     ) -> None:
         if env is None:
             env = os.environ
@@ -1040,15 +1528,23 @@ class Worker:
         self._closed = False
         self._ready_wanted = False
         self._inflight = 0  # received, not yet acked and handed to the program
+        self._migrate_wanted = bool(migrate)
+        # Acked sessions by batond's id (driver writes, under _cond): what MIGRATE names.
+        self._by_id: Dict[int, _SessionBase] = {}
 
         # Owned by the driver (the channel thread, or the event loop).
         self._mode: Optional[str] = None
         self._chan: Optional[socket.socket] = None
         # (message, connections it ACKs, connection ids it reports CLOSED, ids it ACKs whose fd
-        # never arrived: to report CLOSED once it is written)
+        # never arrived: to report CLOSED once it is written, the hand-back it is)
         self._outq: Deque[
-            Tuple[bytes, Optional[List[_Conn]], Optional[List[int]], Optional[List[int]]]
+            Tuple[bytes, Optional[List[_Conn]], Optional[List[int]], Optional[List[int]], Optional[_HandbackJob]]
         ] = collections.deque()
+        # This channel's: whether MIGRATE was asked for and granted, and its pending requests.
+        self._migrate = False
+        self._rounds: List[_Round] = []
+        # Any thread -> driver: work the program asked for (DECLINE, HANDBACK).
+        self._calls: Deque[Callable[[], None]] = collections.deque()
         # Ended connections whose CLOSED is not sent yet (the channel was down): counted in the
         # next HELLO's live and reported after its WELCOME (PROTOCOL.md, Re-registration).
         self._unreported: List[int] = []
@@ -1262,6 +1758,9 @@ class Worker:
             key = next(self._keys)
             info = ConnInfo(id=key, client=addr[:2], local=None, listener="fallback")
             sock = _make_socket(fd, info, self._conn_ended, key)
+            sess = Session(self, info)  # never asked: no batond here
+            sess._sock = weakref.ref(sock)
+            sock.session = sess
             with self._cond:
                 self._live[key] = key
             sock.settimeout(socket.getdefaulttimeout())
@@ -1399,6 +1898,8 @@ class Worker:
         wrote nothing to the pipe (a byte another thread wrote wakes :meth:`_service` later,
         which reads it): no ``read`` system call per wake-up."""
         self._wake_pending = False
+        while self._calls:
+            self._calls.popleft()()
         if self._chan is not None and self._ready_wanted and not self._ready_sent and not self._draining:
             self._ready_sent = True
             self._send(encode_ready())
@@ -1420,6 +1921,7 @@ class Worker:
                 cid = self._live.pop(key, None)
                 if cid is not None:
                     ids.append(cid)
+                    self._by_id.pop(cid, None)
         if self._path is None:  # fallback: nobody to tell
             if ids:
                 self._notify()
@@ -1444,6 +1946,7 @@ class Worker:
         # CONNS always; non-blocking fds for asyncio, which wants them so (the blocking API
         # hands out blocking sockets).
         flags |= FLAG_BATCH | (FLAG_NONBLOCK if self._mode == _MODE_ASYNCIO else 0)
+        flags |= FLAG_MIGRATE if self._migrate_wanted else 0
         self._hello_flags = flags
         return encode_hello(
             Hello(
@@ -1512,6 +2015,7 @@ class Worker:
         self.welcome = w
         self._families = {}
         self._nonblocking = bool(self._hello_flags & FLAG_NONBLOCK and w.flags & WELCOME_NONBLOCK)
+        self._migrate = bool(self._hello_flags & FLAG_MIGRATE and w.flags & WELCOME_MIGRATE)
         self._backoff = BACKOFF_MIN
         self._reconnect_due = None
         self._ready_sent = bool(self._hello_flags & FLAG_READY)
@@ -1541,38 +2045,47 @@ class Worker:
         conns: Optional[List[_Conn]] = None,
         cids: Optional[List[int]] = None,
         unusable: Optional[List[int]] = None,
+        hb: Optional[_HandbackJob] = None,
     ) -> None:
         """Driver: send one message. ``conns`` are handed to the program once it is written
         (it is their ACK); if it cannot be, they are closed unreported. ``cids`` are the ids a
         CLOSED reports; if it cannot be sent, they wait for the next registration. ``unusable``
         are ids this ACK acknowledges whose fd never arrived: once it is written they are
-        reported CLOSED; if it cannot be, they are forgotten (batond still owns them)."""
+        reported CLOSED; if it cannot be, they are forgotten (batond still owns them). ``hb`` is
+        the hand-back this HANDBACK is: its socket goes with it, and it learns the outcome."""
         chan = self._chan
         if chan is None:
             self._discard(conns)
             if cids:
                 self._unreported.extend(cids)
+            if hb is not None:
+                hb.failed(ConnectionResetError(errno.ENOTCONN, "no channel to batond"))
             return
         if self._outq:
-            self._outq.append((data, conns, cids, unusable))
+            self._outq.append((data, conns, cids, unusable, hb))
             return
         try:
-            chan.send(data, _SEND_FLAGS)
+            _send_on(chan, data, hb)
         except (BlockingIOError, InterruptedError):
-            self._outq.append((data, conns, cids, unusable))
+            self._outq.append((data, conns, cids, unusable, hb))
             self._want_write(True)
             return
         except OSError as e:
             self._discard(conns)
             if cids:
                 self._unreported.extend(cids)
+            if hb is not None:
+                hb.failed(e)
             self._lost(e)
             return
-        self._sent(conns, unusable)
+        self._sent(conns, unusable, hb)
 
-    def _sent(self, conns: Optional[List[_Conn]], unusable: Optional[List[int]]) -> None:
+    def _sent(self, conns: Optional[List[_Conn]], unusable: Optional[List[int]], hb: Optional[_HandbackJob] = None) -> None:
         """Driver: an ACK is written: its connections go to the program, and the ids among it
-        whose fd never arrived are reported CLOSED at once (batond counts them from the ACK)."""
+        whose fd never arrived are reported CLOSED at once (batond counts them from the ACK).
+        A HANDBACK is written: the session is batond's."""
+        if hb is not None:
+            self._handed_back(hb)
         if conns:
             self._publish(conns)
         if unusable:
@@ -1582,16 +2095,16 @@ class Worker:
         """Driver: the channel can take more: send what waits."""
         chan = self._chan
         while chan is not None and self._chan is chan and self._outq:
-            data, conns, _, unusable = self._outq[0]
+            data, conns, _, unusable, hb = self._outq[0]
             try:
-                chan.send(data, _SEND_FLAGS)
+                _send_on(chan, data, hb)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 self._lost(e)
                 return
             self._outq.popleft()
-            self._sent(conns, unusable)
+            self._sent(conns, unusable, hb)
         self._want_write(False)
 
     def _on_readable(self) -> None:
@@ -1606,7 +2119,7 @@ class Worker:
         try:
             for _ in range(64):
                 try:
-                    got = recv_batch(chan)
+                    got = recv_batch(chan, self._migrate)
                 except (BlockingIOError, InterruptedError):
                     break
                 except NoFDError as e:
@@ -1623,6 +2136,8 @@ class Worker:
                     self._send(encode_pong(parse_nonce(t, body)))
                 elif t == MsgType.DRAIN:
                     self._on_drain(parse_drain(body))
+                elif t == MsgType.MIGRATE and self._migrate:
+                    self._on_migrate(parse_migrate(body))
                 elif t == MsgType.ERROR:
                     err = parse_error(body)
                     if err.fatal:
@@ -1682,6 +2197,8 @@ class Worker:
             t, body = split(data)
             if t == MsgType.CONN:
                 infos = [parse_conn(body)]
+            elif t == MsgType.RESUME and self._migrate:
+                infos = [parse_resume(body)]
             elif t == MsgType.CONNS and self._hello_flags & FLAG_BATCH:
                 infos = parse_conns(body)
             else:
@@ -1723,7 +2240,11 @@ class Worker:
                 _close_fds((fd,))
                 raise ProtocolError(ErrorCode.FDS, "CONN %#x: fd is not a TCP socket (family %d, type %d)" % (info.id, fam, typ))
             self._families[info.listener] = fam
-        return _make_socket(fd, info, self._conn_ended, key, fam, self._nonblocking)
+        sock = _make_socket(fd, info, self._conn_ended, key, fam, self._nonblocking)
+        sess: _SessionBase = AsyncSession(self, info) if self._mode == _MODE_ASYNCIO else Session(self, info)
+        sess._sock = weakref.ref(sock)
+        sock.session = sess
+        return sock
 
     def _no_fd(self, info: ConnInfo, refused: List[int], unusable: List[int]) -> None:
         """Driver: a CONN arrived without its fd (this process is out of file descriptors).
@@ -1766,9 +2287,12 @@ class Worker:
         self._notify()
 
     def _publish(self, conns: List[_Conn]) -> None:
-        """Driver: acked connections go to the program."""
+        """Driver: acked connections go to the program (and batond may ask for them now)."""
         with self._cond:
             self._inflight -= len(conns)
+            for sock, info in conns:
+                if sock._baton_key in self._live:
+                    self._by_id[info.id] = sock.session
         if self._closed:
             for sock, _ in conns:
                 sock.close()
@@ -1832,11 +2356,14 @@ class Worker:
             chan.close()
         pending = list(self._outq)
         self._outq.clear()
-        for _, conns, cids, _unusable in pending:  # an unsent ACK: batond still owns them all
+        for _, conns, cids, _unusable, hb in pending:  # an unsent ACK: batond still owns them all
             self._discard(conns)
             if cids:
                 self._unreported.extend(cids)
+            if hb is not None:  # an unsent HANDBACK: the session is still the program's
+                hb.failed(ConnectionResetError(errno.ECONNRESET, "channel to batond lost before the HANDBACK was sent"))
         self._ready_sent = False
+        self._lapse_rounds()
 
     def _registration_failed(self, e: BaseException) -> None:
         """Driver: one re-registration attempt failed."""
@@ -1873,6 +2400,134 @@ class Worker:
             else:
                 self._loop.remove_writer(self._chan.fileno())
         # The channel thread derives its poll mask from _outq.
+
+    # ---------------------------------------------------------------- driver: migration
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        """Any thread: run ``fn`` in the driver (at once if this is the event loop's thread)."""
+        if self._mode == _MODE_ASYNCIO and self._loop_thread == threading.get_ident():
+            fn()
+            return
+        self._calls.append(fn)
+        self._wake()
+
+    def _on_migrate(self, m: Migrate) -> None:
+        """Driver: MIGRATE. Mark the sessions named (every one held if none is) as asked, with
+        their group and its size among them, and arm the deadline."""
+        chan = self._chan
+        assert chan is not None
+        rnd = _Round(chan, time.monotonic() + m.deadline_ms / 1000.0)
+        with self._cond:
+            if m.ids:
+                seen: Set[int] = set()
+                for cid in m.ids:
+                    sess = self._by_id.get(cid)
+                    if sess is not None and cid not in seen:
+                        seen.add(cid)
+                        rnd.members.append(sess)
+            else:
+                rnd.members = list(self._by_id.values())
+            sizes: Dict[str, int] = collections.Counter(x._group for x in rnd.members if x._group)
+            for sess in rnd.members:
+                # A session still pending from an earlier MIGRATE moves to this one.
+                sess._ask = _Ask(rnd, sess._group, sizes.get(sess._group, 0))
+        log.info("batond asks for sessions: %d asked (%d listed), deadline in %.1fs", len(rnd.members), len(m.ids), m.deadline_ms / 1000.0)
+        if not rnd.members:
+            return
+        self._rounds.append(rnd)
+        if self._mode == _MODE_ASYNCIO:
+            assert self._loop is not None
+            self._loop.call_later(m.deadline_ms / 1000.0, self._expire_rounds)
+        for sess in rnd.members:
+            sess._asked()
+
+    def _answer(self, sess: _SessionBase) -> None:
+        """Driver, with _cond held: the session's request is answered (or lapsed)."""
+        sess._ask = None
+        sess._answered()
+
+    def _decline(self, sess: _SessionBase) -> None:
+        """Driver: DECLINE the session, if it is still asked."""
+        with self._cond:
+            ask = sess._ask
+            if ask is None:
+                return
+            self._answer(sess)
+        if ask.round.chan is self._chan:
+            self._send(encode_decline([sess.info.id]))
+
+    def _expire_rounds(self) -> None:
+        """Driver: decline, in one DECLINE, the sessions of requests past their deadline that
+        the program did not answer."""
+        now = time.monotonic()
+        ids: List[int] = []
+        with self._cond:
+            kept = []
+            for rnd in self._rounds:
+                if now < rnd.deadline:
+                    kept.append(rnd)
+                    continue
+                for sess in rnd.members:
+                    if sess._ask is not None and sess._ask.round is rnd:
+                        self._answer(sess)
+                        ids.append(sess.info.id)
+            self._rounds = kept
+        if ids:
+            log.info("%d session(s) not handed back by the deadline: declined (they stay here)", len(ids))
+            for i in range(0, len(ids), MAX_IDS):
+                self._send(encode_decline(ids[i : i + MAX_IDS]))
+
+    def _lapse_rounds(self) -> None:
+        """Driver: the channel the requests came on is gone; so are they (the next batond knows
+        nothing of them, and a HANDBACK on the next channel would answer a MIGRATE it never sent)."""
+        with self._cond:
+            for rnd in self._rounds:
+                for sess in rnd.members:
+                    if sess._ask is not None and sess._ask.round is rnd:
+                        self._answer(sess)
+            self._rounds = []
+
+    def _handback(
+        self, sess: _SessionBase, sock: BatonSocket, state: bytes, finish: Callable[[Optional[BaseException]], None]
+    ) -> None:
+        """Driver: send the session's HANDBACK with its socket; ``finish`` learns the outcome."""
+        with self._cond:
+            ask = sess._ask
+            if ask is None or ask.round.chan is not self._chan or self._chan is None:
+                finish(NotAsked("batond has not asked for connection %#x (or the request lapsed)" % sess.info.id))
+                return
+            self._answer(sess)
+        if time.monotonic() >= ask.round.deadline:
+            self._send(encode_decline([sess.info.id]))  # batond counts it declined already
+            finish(NotAsked("connection %#x: the deadline passed; declined (it stays here)" % sess.info.id))
+            return
+        if sock.fileno() < 0:
+            self._send(encode_decline([sess.info.id]))
+            finish(NotAsked("connection %#x is closed" % sess.info.id))
+            return
+        info = sess.info
+        hops = info.resumed.hops if info.resumed is not None else 0
+        try:
+            msg = encode_handback(Handback(ConnInfo(info.id, info.client, info.local, info.listener), hops, ask.group, ask.size, state))
+        except (ValueError, BatonException) as e:  # checked by the caller; kept safe anyway
+            self._send(encode_decline([sess.info.id]))
+            finish(e)
+            return
+        self._send(msg, hb=_HandbackJob(sess, sock, finish))
+
+    def _handed_back(self, hb: "_HandbackJob") -> None:
+        """Driver: the HANDBACK is in the channel: batond owns the socket. Forget the session
+        (no CLOSED: the HANDBACK counts as one); the caller closes our descriptor."""
+        sock = hb.sock
+        with self._cond:
+            self._live.pop(sock._baton_key, None)
+            self._by_id.pop(hb.sess.info.id, None)
+        fin = sock._baton_done
+        if fin is not None:
+            fin.detach()
+        sock._baton_done = None
+        hb.finish(None)
+        self._notify()
 
     # ---------------------------------------------------------------- driver: thread mode
 
@@ -1931,6 +2586,9 @@ class Worker:
                     fd, mask = -1, 0
                     if self._reconnect_due is not None:
                         timeout_ms = max(0, int((self._reconnect_due - time.monotonic()) * 1000) + 1)
+                if self._rounds:
+                    due = max(0, int((min(r.deadline for r in self._rounds) - time.monotonic()) * 1000) + 1)
+                    timeout_ms = due if timeout_ms is None else min(timeout_ms, due)
                 if fd != cur_fd:
                     if cur_fd >= 0:
                         try:
@@ -1951,6 +2609,8 @@ class Worker:
                             self._on_writable()
                         if self._chan is chan and ev & (select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL):
                             self._on_readable()
+                if self._rounds:
+                    self._expire_rounds()
                 if (
                     self._chan is None
                     and self._reconnect_due is not None
@@ -2104,6 +2764,30 @@ class Worker:
             loop.remove_reader(self._wake_r)
         self._loop_thread = None
         self._notify()
+
+
+class _HandbackJob:
+    """A HANDBACK on its way: the session, its socket (whose fd travels with the message) and
+    who learns the outcome."""
+
+    __slots__ = ("sess", "sock", "finish")
+
+    def __init__(self, sess: _SessionBase, sock: BatonSocket, finish: Callable[[Optional[BaseException]], None]) -> None:
+        self.sess = sess
+        self.sock = sock
+        self.finish = finish
+
+    def failed(self, err: BaseException) -> None:
+        self.finish(err)
+
+
+def _send_on(chan: socket.socket, data: bytes, hb: Optional[_HandbackJob]) -> None:
+    """One message on the channel; a HANDBACK with its socket's fd as SCM_RIGHTS."""
+    if hb is None:
+        chan.send(data, _SEND_FLAGS)
+        return
+    fds = array.array("i", [hb.sock.fileno()])
+    chan.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], _SEND_FLAGS)
 
 
 def _send_error(sock: socket.socket, e: ProtocolError) -> None:
@@ -2276,6 +2960,9 @@ class Server:
             sock.close()
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        sess = sock.session
+        sess._transport, sess._writer = transport, writer
+        _current_session.set(sess)
         await self._run(reader, writer, info)
 
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -2288,6 +2975,9 @@ class Server:
             listener="fallback",
         )
         _current_conn.set(info)
+        sess = AsyncSession(self.worker, info)  # never asked: no batond here
+        sess._transport, sess._writer = writer.transport, writer  # type: ignore[assignment]
+        _current_session.set(sess)
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -2337,6 +3027,7 @@ async def start_server(
     register_timeout: float = 10.0,
     close_timeout: float = 10.0,
     ready: bool = True,
+    migrate: bool = False,
 ) -> Server:
     """Register with ``batond`` and serve each handed-over connection with ``handler``.
 
@@ -2345,12 +3036,13 @@ async def start_server(
     closed (waiting up to ``close_timeout`` for buffered data to be sent) and reported to
     ``batond``. ``limit`` is the :class:`asyncio.StreamReader` buffer limit. With ``ready=True``
     the worker reports ``READY`` at once. ``capacity``, ``fallback``, ``env`` and
-    ``register_timeout`` are as for :class:`Worker`.
+    ``register_timeout`` are as for :class:`Worker`. With ``migrate=True`` the worker takes
+    part in live session migration: see :class:`AsyncSession` (:func:`session` in the handler).
 
     Raises :class:`NotUnderBaton` (no ``BATON_SOCKET`` and no fallback), :class:`ConfigError`,
     :class:`BatonError` (``batond`` refused the registration) or :class:`RegistrationError`.
     """
-    worker = Worker(capacity, fallback=fallback, env=env, register_timeout=register_timeout, start=False)
+    worker = Worker(capacity, fallback=fallback, env=env, register_timeout=register_timeout, start=False, migrate=migrate)
     server = Server(worker, handler, limit=limit, close_timeout=close_timeout)
     try:
         await server._start(ready)

@@ -119,7 +119,7 @@ class Chan:
 
     def recv(self, timeout: float = 5.0) -> Tuple[int, bytes, List[int]]:
         self.sock.settimeout(timeout)
-        data, anc, flags, _ = self.sock.recvmsg(8192, socket.CMSG_SPACE(16 * 4))
+        data, anc, flags, _ = self.sock.recvmsg(bw.MAX_LARGE_MESSAGE, socket.CMSG_SPACE(16 * 4))
         fds: List[int] = []
         for level, typ, cdata in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
@@ -1768,6 +1768,368 @@ class AsyncioTest(unittest.IsolatedAsyncioTestCase):
         ch2 = await asyncio.to_thread(self.gw.accept)
         hello = await asyncio.to_thread(ch2.read_hello)
         self.assertEqual(hello.flags, bw.FLAG_READY | ASYNC_CAPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Live session migration (PROTOCOL.md "Migration (1.4)")
+# ----------------------------------------------------------------------------------------------
+
+MIG_WELCOME = {"flags": bw.WELCOME_BATCH | bw.WELCOME_REFUSE | bw.WELCOME_MIGRATE}
+
+
+def expect_handback(ch: Chan, timeout: float = 5.0) -> Tuple[bw.Handback, socket.socket]:
+    """The next message must be a HANDBACK with exactly one fd: decoded, and the socket."""
+    t, body, fds = ch.recv(timeout)
+    if t != T.HANDBACK:
+        bw._close_fds(fds)
+        raise AssertionError("want HANDBACK, got %s %r" % (bw._type_name(t), body[:64]))
+    if len(fds) != 1:
+        bw._close_fds(fds)
+        raise AssertionError("HANDBACK with %d fds" % len(fds))
+    return bw.parse_handback(body), socket.socket(fileno=fds[0])
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        got = sock.recv(n - len(out))
+        if not got:
+            break
+        out += got
+    return out
+
+
+def resume(ch: Chan, conn: socket.socket, cid: int, prev: int, state: bytes, group: str = "", hops: int = 1) -> None:
+    info = bw.ConnInfo(cid, ("203.0.113.9", 5555), ("127.0.0.1", 7000), "tcp", bw.Resumed(state, prev, hops, group))
+    ch.send(bw.encode_resume(info), (conn.fileno(),))
+
+
+class MigrationCodecTest(unittest.TestCase):
+    def test_round_trips(self):
+        m = bw.Migrate(2500, [7, 9])
+        raw = bw.encode_migrate(m)
+        self.assertEqual(raw, h("0d 00 16 00  c4 09 00 00  02 00  07 00 00 00 00 00 00 00  09 00 00 00 00 00 00 00"))
+        self.assertEqual(bw.parse_migrate(bw.split(raw)[1]), m)
+        self.assertEqual(bw.parse_migrate(bw.split(bw.encode_migrate(bw.Migrate(10, [])))[1]), bw.Migrate(10, []))
+        conn = bw.ConnInfo(5, ("127.0.0.1", 40000), ("::1", 7000), "tcp")
+        hb = bw.Handback(conn, 2, "room-1", 3, b"\x00state" * 1000)
+        t, body = bw.split(bw.encode_handback(hb))
+        self.assertEqual(t, T.HANDBACK)
+        self.assertEqual(bw.parse_handback(body), hb)
+        big = bw.Handback(conn, 0, "", 0, b"s" * bw.MAX_STATE)
+        raw = bw.encode_handback(big)
+        self.assertGreater(len(raw), bw.MAX_MESSAGE)
+        self.assertLessEqual(len(raw), bw.MAX_LARGE_MESSAGE)
+        self.assertEqual(bw.parse_handback(bw.split(raw)[1]).state, big.state)
+        r = bw.ConnInfo(8, None, ("127.0.0.1", 7000), "tcp", bw.Resumed(b"st", 5, 3, "g"))
+        t, body = bw.split(bw.encode_resume(r))
+        self.assertEqual((t, bw.parse_resume(body)), (T.RESUME, r))
+        self.assertEqual(bw.parse_ids(T.DECLINE, bw.split(bw.encode_decline([1, 2]))[1]), [1, 2])
+
+    def test_limits(self):
+        conn = bw.ConnInfo(5, None, None, "tcp")
+        with self.assertRaises(bw.StateTooBig):
+            bw.encode_handback(bw.Handback(conn, 0, "", 0, b"s" * (bw.MAX_STATE + 1)))
+        # A RESUME claiming a bigger state is malformed; a CONN past 4096 bytes is too big.
+        body = bytearray(bw.split(bw.encode_resume(bw.ConnInfo(8, None, None, "", bw.Resumed(b"", 1, 1, ""))))[1])
+        body[-4:] = struct.pack("<I", bw.MAX_STATE + 1)
+        with self.assertRaises(bw.ProtocolError) as cm:
+            bw.parse_resume(bytes(body) + b"x" * (bw.MAX_STATE + 1))
+        self.assertEqual(cm.exception.code, C.MALFORMED)
+        with self.assertRaises(bw.ProtocolError) as cm:
+            bw.split(bytes([T.CONN, 0]) + struct.pack("<H", 5000) + bytes(5000))
+        self.assertEqual(cm.exception.code, C.TOO_BIG)
+
+
+class BlockingMigrationTest(unittest.TestCase):
+    def setUp(self):
+        self.gw = FakeGateway()
+        self.addCleanup(self.gw.close)
+
+    def start(self) -> Tuple[bw.Worker, Chan]:
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("ch", self.gw.handshake(**MIG_WELCOME)))
+        t.start()
+        w = bw.Worker(env=self.gw.env(), migrate=True)
+        t.join(5)
+        self.addCleanup(w.close)
+        ch = box["ch"]
+        self.assertEqual(ch.hello.flags, BLOCKING_CAPS | bw.FLAG_MIGRATE)
+        w.ready()
+        ch.expect(T.READY)
+        return w, ch
+
+    def sessions(self, w: bw.Worker, ch: Chan, n: int):
+        out = []
+        for _ in range(n):
+            cid, client = self.gw.hand_off(ch)
+            sock, _ = w.accept(timeout=5)
+            out.append((cid, client, sock))
+        return out
+
+    def test_hand_back_with_groups_and_unread_bytes(self):
+        w, ch = self.start()
+        got = self.sessions(w, ch, 3)
+        (c1, cl1, s1), (c2, cl2, s2), (c3, cl3, s3) = got
+        s1.session.set_group("room-a")
+        s2.session.set_group("room-a")
+        s3.session.set_group("room-b")
+        s3.session.set_group("")  # changed its mind: no group
+        called = []
+        s1.session.on_migrate = called.append
+        self.assertFalse(s1.session.migrate_requested)
+        with self.assertRaises(bw.NotAsked):
+            s1.session.hand_back(b"x")
+        cl1.sendall(b"line one\npart")
+        self.assertEqual(s1.recv(9), b"line one\n")  # read and processed; "part" stays unread
+        s1.sendall(b"reply before the move\n")
+        fd_before = open_fds()
+        ch.send(bw.encode_migrate(bw.Migrate(5000, [])))
+        self.assertTrue(s1.session.wait_migrate(5))
+        self.assertEqual(called, [s1.session])
+        self.assertIsNotNone(s1.session.migrate_deadline)
+        s1.session.hand_back(b"state of 1")
+        hb, fd1 = expect_handback(ch)
+        self.assertEqual((hb.conn.id, hb.hops, hb.group, hb.group_size, hb.state), (c1, 0, "room-a", 2, b"state of 1"))
+        self.assertEqual((hb.conn.client, hb.conn.listener), (("203.0.113.9", 5555), "tcp"))
+        self.assertEqual(s1.fileno(), -1)  # our copy is closed
+        self.assertEqual(open_fds(), fd_before)  # ours closed; the gateway's received copy open
+        self.assertEqual(cl1.recv(100), b"reply before the move\n")
+        fd1.settimeout(5)
+        self.assertEqual(fd1.recv(100), b"part")  # unread bytes travelled in the socket
+        fd1.sendall(b"from the next worker\n")
+        self.assertEqual(cl1.recv(100), b"from the next worker\n")  # the connection lives on
+        s2.session.hand_back(b"")
+        hb2, fd2 = expect_handback(ch)
+        self.assertEqual((hb2.conn.id, hb2.group, hb2.group_size), (c2, "room-a", 2))
+        s3.session.hand_back(b"3")
+        hb3, fd3 = expect_handback(ch)
+        self.assertEqual((hb3.conn.id, hb3.group, hb3.group_size), (c3, "", 0))
+        self.assertEqual(w.live, 0)
+        self.assertTrue(ch.silent(0.3), "CLOSED or DECLINE for a handed-back session")
+        for f in (fd1, fd2, fd3):
+            f.close()
+
+    def test_unanswered_declined_at_deadline_and_asked_again(self):
+        w, ch = self.start()
+        (c1, cl1, s1), (c2, cl2, s2) = self.sessions(w, ch, 2)
+        ch.send(bw.encode_migrate(bw.Migrate(300, [c2, 999])))
+        self.assertTrue(s2.session.wait_migrate(5))
+        self.assertFalse(s1.session.migrate_requested)
+        self.assertEqual(ch.expect_ids(T.DECLINE), [c2])
+        self.assertFalse(s2.session.migrate_requested)
+        with self.assertRaises(bw.NotAsked):
+            s2.session.hand_back(b"late")
+        cl2.sendall(b"still here")
+        self.assertEqual(s2.recv(100), b"still here")  # still ours
+        ch.send(bw.encode_migrate(bw.Migrate(5000, [c2])))  # asked again
+        self.assertTrue(s2.session.wait_migrate(5))
+        s2.session.decline()
+        self.assertEqual(ch.expect_ids(T.DECLINE), [c2])
+        self.assertEqual(w.live, 2)
+        s1.close()
+        s2.close()
+        closed = ch.expect_ids(T.CLOSED)
+        closed += [] if len(closed) == 2 else ch.expect_ids(T.CLOSED)
+        self.assertEqual(sorted(closed), [c1, c2])
+
+    def test_state_too_big_is_declined(self):
+        w, ch = self.start()
+        ((c1, cl1, s1),) = self.sessions(w, ch, 1)
+        ch.send(bw.encode_migrate(bw.Migrate(5000, [])))
+        self.assertTrue(s1.session.wait_migrate(5))
+        with self.assertRaises(bw.StateTooBig):
+            s1.session.hand_back(b"x" * (bw.MAX_STATE + 1))
+        self.assertEqual(ch.expect_ids(T.DECLINE), [c1])
+        self.assertGreaterEqual(s1.fileno(), 0)
+        s1.sendall(b"kept")
+        self.assertEqual(cl1.recv(100), b"kept")
+        s1.close()
+
+    def test_channel_lost_lapses_request(self):
+        w, ch = self.start()
+        ((c1, cl1, s1),) = self.sessions(w, ch, 1)
+        ch.send(bw.encode_migrate(bw.Migrate(5000, [])))
+        self.assertTrue(s1.session.wait_migrate(5))
+        ch.close()
+        wait_until(lambda: not s1.session.migrate_requested, what="the request to lapse with its channel")
+        with self.assertRaises(bw.NotAsked):
+            s1.session.hand_back(b"s")
+        ch2 = self.gw.accept()
+        self.assertEqual(ch2.read_hello().live, 1)  # still counted: it never left
+        s1.close()
+
+    def test_resume_delivers_state(self):
+        w, ch = self.start()
+        c, srv = self.gw.tcp_pair()
+        c.sendall(b"typed while moving")
+        resume(ch, srv, 41, prev=5, state=b"\x01name=ann", group="room-a", hops=2)
+        self.assertEqual(ch.expect_ids(T.ACK), [41])
+        srv.close()
+        sock, addr = w.accept(timeout=5)
+        r = sock.conn_info.resumed
+        self.assertEqual(r, bw.Resumed(b"\x01name=ann", 5, 2, "room-a"))
+        self.assertIs(sock.session.resumed, r)
+        self.assertEqual(sock.recv(100), b"typed while moving")
+        # Moved again: hops carries on.
+        ch.send(bw.encode_migrate(bw.Migrate(5000, [41])))
+        self.assertTrue(sock.session.wait_migrate(5))
+        sock.session.hand_back(b"again")
+        hb, fd = expect_handback(ch)
+        self.assertEqual((hb.conn.id, hb.hops), (41, 2))
+        fd.close()
+        c.close()
+
+    def test_unmigrating_worker_rejects_migrate(self):
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("ch", self.gw.handshake(**MIG_WELCOME)))
+        t.start()
+        w = bw.Worker(env=self.gw.env())
+        t.join(5)
+        self.addCleanup(w.close)
+        ch = box["ch"]
+        self.assertEqual(ch.hello.flags, BLOCKING_CAPS)
+        ch.send(bw.encode_migrate(bw.Migrate(5000, [])))
+        self.assertEqual(ch.expect_error().code, C.UNEXPECTED)
+
+
+async def migrating_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echoes lines; when asked, hands the session back with its line count and unread bytes."""
+    sess = bw.session()
+    assert sess is not None
+    info = bw.connection_info()
+    assert info is not None
+    count = int(info.resumed.state.split(b"|")[0]) if info.resumed else 0
+    task = asyncio.current_task()
+    reading = [False]
+
+    def wake(_s) -> None:
+        if reading[0]:
+            task.cancel()
+
+    sess.on_migrate = wake
+    if info.resumed:
+        writer.write(b"resumed with %d\n" % count)
+    while True:
+        if sess.migrate_requested:
+            await sess.hand_back(b"%d|" % count + sess.unread(reader))
+            return
+        reading[0] = True
+        try:
+            line = await reader.readline()
+        except asyncio.CancelledError:
+            if not sess.migrate_requested:
+                raise
+            if hasattr(task, "uncancel"):
+                task.uncancel()
+            continue
+        finally:
+            reading[0] = False
+        if not line:
+            return
+        count += 1
+        writer.write(line)
+
+
+class AsyncioMigrationTest(unittest.IsolatedAsyncioTestCase):
+    def setUp(self):
+        self.gw = FakeGateway()
+        self.addCleanup(self.gw.close)
+
+    async def start(self, handler) -> Tuple[bw.Server, Chan]:
+        task = asyncio.ensure_future(bw.start_server(handler, env=self.gw.env(), migrate=True))
+        ch = await asyncio.to_thread(self.gw.handshake, **MIG_WELCOME)
+        server = await asyncio.wait_for(task, 5)
+        self.addCleanup(server.close)
+        self.assertEqual(ch.hello.flags, ASYNC_CAPS | bw.FLAG_MIGRATE)
+        await asyncio.to_thread(ch.expect, T.READY)
+        return server, ch
+
+    async def test_hand_back_and_resume(self):
+        server, ch = await self.start(migrating_echo)
+        cid, client = await asyncio.to_thread(self.gw.hand_off, ch)
+        await asyncio.to_thread(client.sendall, b"a\nb\n")
+        self.assertEqual(await asyncio.to_thread(recv_exact, client, 4), b"a\nb\n")
+        cid2, client2 = await asyncio.to_thread(self.gw.hand_off, ch)
+        await asyncio.to_thread(client2.sendall, b"half a li")
+        await asyncio.sleep(0.2)  # the partial line is read into the StreamReader
+        ch.send(bw.encode_migrate(bw.Migrate(5000, [])))
+        got = {}
+        for _ in range(2):
+            hb, fd = await asyncio.to_thread(expect_handback, ch)
+            got[hb.conn.id] = (hb, fd)
+        self.assertEqual(got[cid][0].state, b"2|")
+        self.assertEqual(got[cid2][0].state, b"0|half a li")  # read, not processed: in the state
+        self.assertEqual(server.live, 0)
+        self.assertTrue(await asyncio.to_thread(ch.silent, 0.3))
+        # The new worker (this one again, for the test) gets it back with its state.
+        fd = got[cid][1]
+        resume(ch, fd, 100, prev=cid, state=got[cid][0].state)
+        self.assertEqual(await asyncio.to_thread(ch.expect_ids, T.ACK), [100])
+        fd.close()
+        self.assertEqual(await asyncio.to_thread(client.recv, 100), b"resumed with 2\n")
+        await asyncio.to_thread(client.sendall, b"c\n")
+        self.assertEqual(await asyncio.to_thread(client.recv, 100), b"c\n")
+        self.assertEqual(server.live, 1)
+        client.close()
+        self.assertEqual(await asyncio.to_thread(ch.expect_ids, T.CLOSED), [100])
+        got[cid2][1].close()
+
+    async def test_waits_for_output_then_hands_back(self):
+        big = b"y" * (4 << 20)
+
+        async def handler(reader, writer):
+            sess = bw.session()
+            writer.write(big)  # more than the socket takes: stays in the transport's buffer
+            await sess.wait_migrate()
+            await sess.hand_back(b"s")
+
+        server, ch = await self.start(handler)
+        cid, client = await asyncio.to_thread(self.gw.hand_off, ch)
+        ch.send(bw.encode_migrate(bw.Migrate(20000, [])))
+        self.assertTrue(await asyncio.to_thread(ch.silent, 0.3), "HANDBACK before the output left")
+
+        def read_all() -> int:
+            n = 0
+            while n < len(big):
+                n += len(client.recv(1 << 20))
+            return n
+
+        self.assertEqual(await asyncio.to_thread(read_all), len(big))
+        hb, fd = await asyncio.to_thread(expect_handback, ch)
+        self.assertEqual(hb.conn.id, cid)
+        fd.close()
+
+    async def test_declined_at_deadline_and_too_big(self):
+        outcome: List[BaseException] = []
+
+        async def handler(reader, writer):
+            sess = bw.session()
+            await sess.wait_migrate()
+            try:
+                await sess.hand_back(b"z" * (bw.MAX_STATE + 1))
+            except bw.StateTooBig as e:
+                outcome.append(e)
+            await sess.wait_migrate()  # asked again: this time say nothing
+            await asyncio.sleep(1.0)
+            try:
+                await sess.hand_back(b"late")
+            except bw.NotAsked as e:
+                outcome.append(e)
+            writer.write(b"still mine\n")
+            await reader.read()
+
+        server, ch = await self.start(handler)
+        cid, client = await asyncio.to_thread(self.gw.hand_off, ch)
+        ch.send(bw.encode_migrate(bw.Migrate(5000, [])))
+        self.assertEqual(await asyncio.to_thread(ch.expect_ids, T.DECLINE), [cid])
+        ch.send(bw.encode_migrate(bw.Migrate(200, [cid])))
+        self.assertEqual(await asyncio.to_thread(ch.expect_ids, T.DECLINE), [cid])
+        self.assertEqual(await asyncio.to_thread(client.recv, 100), b"still mine\n")
+        self.assertEqual([type(e) for e in outcome], [bw.StateTooBig, bw.NotAsked])
+        self.assertEqual(server.live, 1)
+        client.close()
+        self.assertEqual(await asyncio.to_thread(ch.expect_ids, T.CLOSED), [cid])
 
 
 if __name__ == "__main__":
