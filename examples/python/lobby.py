@@ -19,7 +19,13 @@ What makes it a game server to copy rather than a toy:
     goes on (Player.send, Lobby.overflow);
   - --idle-timeout SECONDS drops players who send nothing for that long (default: never);
   - on DRAIN (batond reloads) players are told and play on; on SIGTERM (batond's drain deadline,
-    or a stop) each player gets a goodbye line, and the worker exits once they are gone.
+    or a stop) each player gets a goodbye line, and the worker exits once they are gone;
+  - live session migration (on by default under batond; --no-migrate turns it off): on a
+    migrating reload (`batonctl reload -migrate`) every player moves to the new version with
+    their name, room and any half-typed line; a room's players move together (its group key is
+    the room) and the room starts talking again only once all of them have arrived, so no line
+    is lost. Each player reads one line, `* the server was upgraded to v2; you are now on
+    worker 3` (--version v2 names the release; default: the generation), and nothing else.
 
 --direct serves the same lobby with plain asyncio.start_server, without baton, to compare
 direct accept with handoff in benchmarks (/ping answers pong on a short path for that).
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import re
@@ -36,7 +43,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "worker" / "python"))
 
@@ -63,6 +70,17 @@ PING, PING_CRLF, PONG = b"/ping\n", b"/ping\r\n", b"pong\n"
 
 #: What every player reads when the worker stops (SIGTERM: batond's drain deadline or stop).
 GOODBYE = "* this server is shutting down: goodbye! (reconnect to play on)"
+#: What players read when batond drains this worker (a reload) and they stay here.
+DRAIN_NOTICE = "* this server is being replaced: you can stay and play on; new players go to the new version"
+#: What a moved player reads on the new worker (then the version label and its worker slot).
+UPGRADED = "* the server was upgraded to %s; you are now on worker %s"
+#: How long players of a moved room wait for the rest of the room before talking again.
+GATHER_TIMEOUT = 5.0
+#: With migration, the drain notice waits this long (at most; a third of the drain deadline if
+#: shorter): a migrating reload's MIGRATE follows its DRAIN, and moved players are not told.
+DRAIN_NOTICE_DELAY = 3.0
+#: First bytes of a migrating session's state: a later lobby can still read this one's.
+STATE_MAGIC = b"lobby-state-1\n"
 
 HELP = """commands:
   /name NAME   choose or change your name (letters, digits, _ and -, up to 24)
@@ -86,15 +104,38 @@ class Player:
     off. So one slow reader costs at most MAX_BUFFERED bytes and never holds up its room.
     """
 
-    __slots__ = ("name", "room", "writer", "tokens", "stamp", "overflow")
+    __slots__ = ("name", "room", "writer", "tokens", "stamp", "overflow", "session", "reading", "partial", "companions")
 
-    def __init__(self, writer: asyncio.StreamWriter, overflow: Callable[["Player"], None]) -> None:
+    def __init__(
+        self,
+        writer: asyncio.StreamWriter,
+        overflow: Callable[["Player"], None],
+        session: Optional[baton_worker.AsyncSession] = None,
+    ) -> None:
         self.name: Optional[str] = None
         self.room: Optional[str] = None
         self.writer = writer
         self.tokens = CHAT_BURST
         self.stamp = time.monotonic()
         self.overflow = overflow
+        # Migration: the session (None without baton), whether the handler waits for input (so
+        # batond's request may interrupt it), and a line begun on the previous worker.
+        self.session = session
+        self.reading = False
+        self.partial = b""
+        self.companions: List[str] = []  # the room's players when batond asked for this session
+
+    @property
+    def moving(self) -> bool:
+        """batond asks for this player's session (it is about to move to another worker)."""
+        return self.session is not None and self.session.migrate_requested
+
+    def set_room(self, room: Optional[str]) -> None:
+        """Enter a room (None: none), keeping the session's group key in step: a room's players
+        move together."""
+        self.room = room
+        if self.session is not None:
+            self.session.set_group(room or "")
 
     def send(self, line: str) -> None:
         """Queue a line; past MAX_BUFFERED queued bytes the client is cut off."""
@@ -138,6 +179,10 @@ class Lobby:
         self.where = where
         self.idle_timeout = idle_timeout
         self.draining = draining
+        #: The line a moved player reads here (set by main from --version and the slot).
+        self.upgraded = UPGRADED % ("a new version", "?")
+        #: Rooms arriving from another worker: (origin, room) -> who is expected, who came.
+        self.arriving: Dict[Tuple[str, str], Gathering] = {}
         self.rooms: Dict[str, Set[Player]] = {}
         self.names: Dict[str, Player] = {}
         self.players: Set[Player] = set()
@@ -158,7 +203,7 @@ class Lobby:
             return
         self.leave(p)
         self.rooms.setdefault(room, set()).add(p)
-        p.room = room
+        p.set_room(room)
         self.broadcast(room, "* %s joined [%s] (%d here)" % (p.name, room, len(self.rooms[room])))
 
     def leave(self, p: Player, quiet: bool = False) -> None:
@@ -170,7 +215,7 @@ class Lobby:
             members.discard(p)
             if not members:
                 del self.rooms[room]
-        p.room = None
+        p.set_room(None)
         if not quiet:
             p.send("you left [%s]" % room)
         self.broadcast(room, "* %s left [%s]" % (p.name, room))
@@ -207,6 +252,18 @@ class Lobby:
 
     def remove(self, p: Player) -> None:
         self.leave(p, quiet=True)
+        self.forget(p)
+
+    def forget(self, p: Player) -> None:
+        """Drop p without a word to anyone: it left for another worker, where its room goes on."""
+        room = p.room
+        if room is not None:
+            members = self.rooms.get(room)
+            if members is not None:
+                members.discard(p)
+                if not members:
+                    del self.rooms[room]
+            p.room = None
         if p.name is not None and self.names.get(p.name) is p:
             del self.names[p.name]
         self.players.discard(p)
@@ -236,7 +293,99 @@ class Lobby:
 
     def announce(self, line: str) -> None:
         for p in list(self.players):
-            p.send(line)
+            if not p.moving:
+                p.send(line)
+
+    # ---------------------------------------------------------------- migration
+
+    def state(self, p: Player, unread: bytes) -> bytes:
+        """What travels with a moving player: name, room, who else is in it (so the new worker
+        knows when the room is complete), chat budget, and the bytes read but not processed."""
+        head = {
+            "name": p.name,
+            "room": p.room,
+            "origin": "%d:%s" % (os.getpid(), self.where),
+            "members": p.companions,
+            "tokens": p.tokens,
+        }
+        return STATE_MAGIC + json.dumps(head).encode() + b"\n" + p.partial + unread
+
+    def restore(self, p: Player, state: bytes) -> Optional["Gathering"]:
+        """Put a moved player back as it was, silently; return the room's gathering to wait for
+        (None if it has no room). A state this lobby cannot read starts the player afresh."""
+        head: Dict[str, Any] = {}
+        if state.startswith(STATE_MAGIC):
+            raw, _, rest = state[len(STATE_MAGIC) :].partition(b"\n")
+            try:
+                head = json.loads(raw)
+            except ValueError:
+                head = {}
+            p.partial = rest
+        if not head:
+            log.warning("a moved session brought a state this lobby cannot read (%d bytes); starting afresh", len(state))
+            p.send("what is your name? (letters, digits, _ and -; /help for commands)")
+            return None
+        name, room = head.get("name"), head.get("room")
+        p.tokens = float(head.get("tokens", CHAT_BURST))
+        if isinstance(name, str) and NAME_RE.fullmatch(name):
+            if name in self.names:  # rooms and names are per worker: someone here has it
+                p.send("your name %s is taken on this worker; choose another with /name" % name)
+            else:
+                self.names[name] = p
+                p.name = name
+        if not isinstance(room, str) or not NAME_RE.fullmatch(room):
+            return None
+        self.rooms.setdefault(room, set()).add(p)
+        p.set_room(room)
+        key = (str(head.get("origin", "")), room)
+        g = self.arriving.get(key)
+        if g is None:
+            g = self.arriving[key] = Gathering(set(head.get("members") or ()))
+        g.arrive(name)
+        if g.complete():
+            del self.arriving[key]
+        return g
+
+    async def tell_drain(self, server: baton_worker.Server) -> None:
+        """When batond drains this worker, tell the players who stay. With migration, a
+        migrating reload asks for the sessions right after DRAIN: the notice waits a moment
+        and goes only to players batond did not take (or whose hand-back failed)."""
+        await server.wait_draining()
+        if not server.draining:
+            return
+        if server.worker.migration:
+            left = (server.worker.drain_deadline or 0.0) - time.monotonic()
+            await asyncio.sleep(max(0.0, min(DRAIN_NOTICE_DELAY, left / 3)))
+        self.announce(DRAIN_NOTICE)
+
+    async def gather(self, p: Player, g: "Gathering") -> None:
+        """Wait (at most GATHER_TIMEOUT) until the rest of p's room has arrived, so that no one
+        of the room talks before everyone listens. Not reading meanwhile: input waits in the
+        socket."""
+        if g.done.is_set():
+            return
+        try:
+            await asyncio.wait_for(g.done.wait(), GATHER_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.info("room [%s] did not arrive complete within %gs: missing %s", p.room, GATHER_TIMEOUT, sorted(g.expected - g.arrived))
+            for key, other in list(self.arriving.items()):
+                if other is g:
+                    del self.arriving[key]
+            g.done.set()
+
+    async def move(self, p: Player, reader: asyncio.StreamReader) -> bool:
+        """batond asks for p's session: hand it back with its state. False if it stays here."""
+        sess = p.session
+        assert sess is not None
+        try:
+            await sess.hand_back(self.state(p, sess.unread(reader)))
+        except (baton_worker.BatonException, OSError) as e:
+            log.warning("%s stays on this worker: %s", p.name or "a client", e)
+            if sess.migrate_requested:
+                sess.decline()  # not asked again in this loop: it stays until batond asks anew
+            return False
+        self.forget(p)
+        return True
 
     # ---------------------------------------------------------------- commands
 
@@ -303,50 +452,127 @@ class Lobby:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one client (same signature as an asyncio.start_server callback)."""
-        p = Player(writer, self.overflow)
+        p = Player(writer, self.overflow, baton_worker.session())
         self.players.add(p)
         self.served += 1
+        moved = False
         try:
-            p.send("welcome to the baton lobby; you are on " + self.where)
-            p.send("what is your name? (letters, digits, _ and -; /help for commands)")
-            await self._session(p, reader, writer)
+            info = baton_worker.connection_info()
+            gathering = None
+            if info is not None and info.resumed is not None:
+                p.send(self.upgraded)
+                gathering = self.restore(p, info.resumed.state)
+            else:
+                p.send("welcome to the baton lobby; you are on " + self.where)
+                p.send("what is your name? (letters, digits, _ and -; /help for commands)")
+            moved = await self._session(p, reader, writer, gathering)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client hung up, maybe abruptly
         except Exception:
             log.exception("session of %s failed", p.name or "a client")
         finally:
+            if moved:
+                return  # the socket is batond's now: nothing more to say or close
             self.remove(p)
             await close(writer)
 
-    async def _session(self, p: Player, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _interrupt(self, p: Player, task: "asyncio.Task[Any]") -> None:
+        """batond asks for p's session: note who is in its room now (batond asks for all of a
+        worker's sessions at once, before any has left), and wake its handler if it waits for
+        input (a cancelled read consumes nothing: its bytes stay in the StreamReader, and go in
+        the state)."""
+        p.companions = sorted(m.name for m in self.rooms.get(p.room, ()) if m.name) if p.room else []
+        if p.reading:
+            task.cancel()
+
+    async def _wait_input(self, p: Player, aw: "Any") -> Tuple[bool, Any]:
+        """Await a read (or a gathering) that batond's request may interrupt: (False, None) if
+        it did, else (True, result)."""
+        p.reading = True
+        try:
+            return True, await aw
+        except asyncio.CancelledError:
+            if not p.moving:
+                raise
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()  # the cancellation was ours (3.11+ counts them)
+            return False, None
+        finally:
+            p.reading = False
+
+    def _pending_lines(self, p: Player) -> List[bytes]:
+        """Complete lines that came in the state; a last partial one stays in p.partial."""
+        *lines, p.partial = p.partial.split(b"\n")
+        return [line + b"\n" for line in lines]
+
+    async def _session(
+        self, p: Player, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gathering: Optional["Gathering"]
+    ) -> bool:
+        """Serve p's lines until it leaves (False) or moved to another worker (True)."""
         timeout = self.idle_timeout or None
         transport = writer.transport
+        task = asyncio.current_task()
+        if p.session is not None and task is not None:
+            p.session.on_migrate = lambda _s: self._interrupt(p, task)
+        if gathering is not None:
+            await self._wait_input(p, self.gather(p, gathering))
+        pending = self._pending_lines(p)
         while True:
-            try:
-                if timeout is None:
-                    raw = await reader.readuntil(b"\n")
-                else:
-                    raw = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
-            except asyncio.IncompleteReadError as e:
-                if e.partial:  # a last line without newline, then EOF
-                    self.command(p, clean(e.partial))
-                return
-            except asyncio.LimitOverrunError:
-                p.send("error: line longer than %d bytes; bye" % MAX_LINE)
-                return
-            except asyncio.TimeoutError:
-                self.cut_idle += 1
-                p.send("idle for %gs; bye" % self.idle_timeout)
-                return
+            if p.moving:
+                if await self.move(p, reader):
+                    return True
+            if pending:
+                raw = pending.pop(0)
+            else:
+                try:
+                    if timeout is None:
+                        ok, raw = await self._wait_input(p, reader.readuntil(b"\n"))
+                    else:
+                        ok, raw = await self._wait_input(p, asyncio.wait_for(reader.readuntil(b"\n"), timeout))
+                except asyncio.IncompleteReadError as e:
+                    if e.partial or p.partial:  # a last line without newline, then EOF
+                        self.command(p, clean(p.partial + e.partial))
+                    return False
+                except asyncio.LimitOverrunError:
+                    p.send("error: line longer than %d bytes; bye" % MAX_LINE)
+                    return False
+                except asyncio.TimeoutError:
+                    self.cut_idle += 1
+                    p.send("idle for %gs; bye" % self.idle_timeout)
+                    return False
+                if not ok:
+                    continue  # batond asks for the session: hand it back (top of the loop)
+                if p.partial:  # a line begun on the previous worker
+                    raw, p.partial = p.partial + raw, b""
             if raw == PING or raw == PING_CRLF:  # the benchmark path: keep it short
                 writer.write(PONG)
                 if transport.get_write_buffer_size() > MAX_BUFFERED:
                     await writer.drain()
                 continue
             if not self.command(p, clean(raw)) or transport.is_closing():
-                return  # /quit, or cut off (Lobby.overflow) by a reply to its own command
+                return False  # /quit, or cut off (Lobby.overflow) by a reply to its own command
             if transport.get_write_buffer_size() > 64 * 1024:
                 await writer.drain()  # our own replies pile up: stop reading this client for now
+
+
+class Gathering:
+    """A room arriving from another worker: the names expected (the room's players when it
+    left) and those here already. ``done`` is set when all are, or the wait is given up."""
+
+    def __init__(self, expected: Set[str]) -> None:
+        self.expected = expected
+        self.arrived: Set[str] = set()
+        self.done = asyncio.Event()
+
+    def arrive(self, name: Optional[str]) -> None:
+        if name:
+            self.arrived.add(name)
+        if self.complete():
+            self.done.set()
+
+    def complete(self) -> bool:
+        return self.arrived >= self.expected
 
 
 def clean(raw: bytes) -> str:
@@ -398,23 +624,20 @@ async def main(args: argparse.Namespace) -> int:
 
     lobby = Lobby("", args.idle_timeout)
     try:
-        server = await baton_worker.start_server(lobby.handle, capacity=args.capacity, limit=MAX_LINE)
+        server = await baton_worker.start_server(
+            lobby.handle, capacity=args.capacity, limit=MAX_LINE, migrate=not args.no_migrate
+        )
     except (baton_worker.BatonException, OSError) as e:
         print("lobby: %s" % e, file=sys.stderr)
         return 1
     lobby.where = where_baton(server.worker)
     lobby.draining = lambda: server.draining
+    version = args.version or "generation %s" % server.worker.generation
+    lobby.upgraded = UPGRADED % (version, server.worker.slot)
     for s in server.sockets:
         print("lobby: listening on %s:%d (standalone)" % s.getsockname()[:2], flush=True)
 
-    async def tell_drain() -> None:
-        await server.wait_draining()
-        if server.draining:
-            lobby.announce(
-                "* this server is being replaced: you can stay and play on; new players go to the new version"
-            )
-
-    notice = asyncio.ensure_future(tell_drain())
+    notice = asyncio.ensure_future(lobby.tell_drain(server))
     forever = asyncio.ensure_future(server.serve_forever())
     stopper = asyncio.ensure_future(stop.wait())
     try:
@@ -435,6 +658,12 @@ if __name__ == "__main__":
     ap.add_argument("--direct", metavar="HOST:PORT", help="serve with plain asyncio.start_server instead of baton")
     ap.add_argument("--capacity", type=int, default=0, help="most clients at once (0: batond decides)")
     ap.add_argument("--idle-timeout", type=float, default=0.0, help="drop clients silent this many seconds (0: never)")
+    ap.add_argument(
+        "--version",
+        default=os.environ.get("LOBBY_VERSION", ""),
+        help="release label players see after a migrating reload, e.g. v2 (default: $LOBBY_VERSION, else the generation)",
+    )
+    ap.add_argument("--no-migrate", action="store_true", help="do not take part in live session migration")
     ap.add_argument("--log-level", default=os.environ.get("BATON_LOG_LEVEL", "INFO"))
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="lobby[%(process)d] %(levelname)s %(name)s: %(message)s")

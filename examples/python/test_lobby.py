@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "worker" / "python"))
 
 import baton_worker as bw  # noqa: E402
 import lobby  # noqa: E402
-from test_baton_worker import FakeGateway  # noqa: E402
+from test_baton_worker import FakeGateway, expect_handback, resume  # noqa: E402
 
 T = bw.MsgType
 
@@ -538,6 +538,105 @@ class ProcessTest(unittest.TestCase):
         self.assertEqual(p.returncode, 1)
         self.assertIn("TOKEN", err)
         self.assertIn("token does not match", err)
+
+
+class MigrationTest(unittest.IsolatedAsyncioTestCase):
+    """Two lobbies in this process behind the fake gateway, both taking part in migration: the
+    old one hands its players back, the test delivers them to the new one as batond would."""
+
+    async def asyncSetUp(self):
+        self.gw = FakeGateway()
+        self.addCleanup(self.gw.close)
+        self.old, self.old_ch, self.old_srv = await self.worker(slot=0, version="v1")
+        self.new, self.new_ch, self.new_srv = await self.worker(slot=1, version="v2")
+
+    async def worker(self, slot: int, version: str):
+        lob = lobby.Lobby("slot %d" % slot)
+        lob.upgraded = lobby.UPGRADED % (version, slot)
+        task = asyncio.ensure_future(bw.start_server(lob.handle, env=self.gw.env(slot=slot), migrate=True, limit=lobby.MAX_LINE))
+        flags = bw.WELCOME_BATCH | bw.WELCOME_REFUSE | bw.WELCOME_MIGRATE
+        ch = await asyncio.to_thread(self.gw.handshake, flags=flags)
+        srv = await asyncio.wait_for(task, 5)
+        self.addCleanup(srv.close)
+        notice = asyncio.ensure_future(lob.tell_drain(srv))
+        self.addCleanup(notice.cancel)
+        self.assertTrue(srv.worker.migration)
+        await asyncio.to_thread(ch.expect, T.READY)
+        return lob, ch, srv
+
+    async def player(self, name: str, room: str) -> Tuple[int, socket.socket]:
+        cid, c = await asyncio.to_thread(self.gw.hand_off, self.old_ch)
+        await asyncio.to_thread(recv_lines, c, 2)
+        await asyncio.to_thread(c.sendall, ("%s\n/join %s\n" % (name, room)).encode())
+        await asyncio.to_thread(recv_until, c, "* %s joined [%s]" % (name, room))
+        return cid, c
+
+    async def test_players_move_with_name_room_and_half_a_line(self):
+        ca, a = await self.player("ann", "red")
+        cb, b = await self.player("bob", "red")
+        await asyncio.to_thread(recv_until, a, "* bob joined [red]")
+        await asyncio.to_thread(a.sendall, b"before the move\n")
+        for c in (a, b):
+            self.assertEqual(await asyncio.to_thread(recv_until, c, "before"), ["[red] ann: before the move"])
+        await asyncio.to_thread(b.sendall, b"half a li")  # typed, not finished: in the state
+        await asyncio.sleep(0.2)
+        self.old_ch.send(bw.encode_drain(60000))
+        self.old_ch.send(bw.encode_migrate(bw.Migrate(5000, [])))
+        hbs = {}
+        for _ in range(2):
+            hb, fd = await asyncio.to_thread(expect_handback, self.old_ch)
+            hbs[hb.conn.id] = (hb, fd)
+        self.assertEqual({(h.group, h.group_size) for h, _ in hbs.values()}, {("red", 2)})
+        state_b = hbs[cb][0].state
+        self.assertTrue(state_b.startswith(lobby.STATE_MAGIC) and state_b.endswith(b"half a li"), state_b)
+        self.assertEqual(self.old_srv.live, 0)
+        self.assertEqual((self.old.players, self.old.rooms, self.old.names), (set(), {}, {}))
+        # bob arrives first: his finished line waits until ann (the rest of [red]) is there.
+        await asyncio.to_thread(b.sendall, b"ne\n")
+        resume(self.new_ch, hbs[cb][1], 201, prev=cb, state=state_b, group="red")
+        self.assertEqual(await asyncio.to_thread(self.new_ch.expect_ids, T.ACK), [201])
+        self.assertEqual(await asyncio.to_thread(recv_lines, b, 1), ["* the server was upgraded to v2; you are now on worker 1"])
+        self.assertTrue(await asyncio.to_thread(quiet, b, 0.3), "bob's line before the room arrived")
+        resume(self.new_ch, hbs[ca][1], 202, prev=ca, state=hbs[ca][0].state, group="red")
+        self.assertEqual(await asyncio.to_thread(self.new_ch.expect_ids, T.ACK), [202])
+        for _, fd in hbs.values():
+            fd.close()
+        self.assertEqual(await asyncio.to_thread(recv_lines, a, 1), ["* the server was upgraded to v2; you are now on worker 1"])
+        for c in (a, b):  # the room is complete: bob's line, begun on v1, reaches both
+            self.assertEqual(await asyncio.to_thread(recv_lines, c, 1), ["[red] bob: half a line"])
+        await asyncio.to_thread(a.sendall, b"/who\n")
+        self.assertEqual(await asyncio.to_thread(recv_lines, a, 1), ["in [red]: ann, bob"])
+        self.assertEqual(sorted(self.new.names), ["ann", "bob"])
+        self.assertEqual(self.new.players and {p.session.group for p in self.new.players}, {"red"})
+        self.assertTrue(await asyncio.to_thread(quiet, b, 0.2))  # no join/leave notices, no drain notice
+        a.close()
+        b.close()
+
+    async def test_not_asked_players_get_the_drain_notice(self):
+        ca, a = await self.player("cid", "blue")
+        self.old_ch.send(bw.encode_drain(1200))  # no MIGRATE follows: the notice comes
+        lines = await asyncio.to_thread(recv_until, a, "being replaced")
+        self.assertEqual(lines, [lobby.DRAIN_NOTICE])
+        a.close()
+
+
+def recv_until(sock: socket.socket, want: str, timeout: float = 5.0) -> List[str]:
+    """Lines up to and including the first that contains ``want``."""
+    got: List[str] = []
+    while not got or want not in got[-1]:
+        got += recv_lines(sock, 1)
+    return got
+
+
+def quiet(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(100, socket.MSG_PEEK)
+    except socket.timeout:
+        return True
+    finally:
+        sock.settimeout(5)
+    return not data
 
 
 if __name__ == "__main__":

@@ -1602,6 +1602,12 @@ class Worker:
         return self._drain_deadline
 
     @property
+    def migration(self) -> bool:
+        """True while the channel to ``batond`` has live session migration (asked for with
+        ``migrate=True`` and granted in ``WELCOME``): ``batond`` may ask for sessions."""
+        return self._migrate
+
+    @property
     def registered(self) -> bool:
         """True while the channel to ``batond`` is up."""
         return self._chan is not None
