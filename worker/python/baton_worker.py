@@ -2,7 +2,7 @@
 
 ``batond`` accepts TCP connections and hands each connected socket to one of its worker
 processes over a ``SOCK_SEQPACKET`` Unix socket (``SCM_RIGHTS``). This module is the worker side
-of that protocol (``handoff/PROTOCOL.md``, version 1, revision 1.3): it registers with ``batond``,
+of that protocol (``handoff/PROTOCOL.md``, version 1, revision 1.4): it registers with ``batond``,
 receives client sockets, acknowledges them at once, reports when they end, answers pings, honours
 ``DRAIN`` and re-registers by itself when the channel to ``batond`` drops, keeping every client
 session. A ``CONN`` whose fd cannot be received (the process is out of file descriptors) costs
@@ -29,6 +29,12 @@ asyncio API (the channel is read with ``loop.add_reader``; no threads)::
     async def main():
         server = await baton_worker.start_server(handle)
         await server.serve_forever()         # returns once drained and the last client left
+
+Live session migration (1.4), opt-in with ``migrate=True``: ``batond`` may ask for a session;
+the program hands it back with an opaque state (``AsyncSession.hand_back`` /
+``Session.hand_back``) or keeps it (``decline``; unanswered, the library declines it at the
+deadline), and a session moved here arrives with ``ConnInfo.resumed`` (its state). Bytes the
+program read but did not process belong in the state; unread bytes stay in the socket.
 
 Every client socket is a :class:`BatonSocket`; ``batond``'s count of live connections for this
 worker goes down exactly once per socket, when it is closed, detached or garbage-collected, so a
