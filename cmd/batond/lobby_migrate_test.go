@@ -15,8 +15,8 @@ import (
 	"time"
 )
 
-// The Python lobby under live session migration: 40 players in 8 rooms (4 per worker) chat
-// with numbered lines while three migrating reloads alternate the lobby's release (v1, v2).
+// The Python lobby under live session migration: 200 players in 20 rooms (10 per worker) chat
+// with numbered lines while five migrating reloads alternate the lobby's release (v1, v2).
 // Every player keeps its name and room and sees exactly one upgrade line per reload, a room's
 // players land on one worker, and every chat line reaches every member of the sender's room
 // exactly once, in the order sent; the old workers are gone within seconds of each reload.
@@ -40,7 +40,7 @@ func TestPythonLobbyMigratingReloads(t *testing.T) {
 	})
 	waitAllReady(t, g, 2)
 
-	const n, roomsPerWorker = 40, 4
+	const n, roomsPerWorker = 200, 10
 	const step = 30 * time.Second
 	ps := make([]*chatPlayer, n)
 	t.Cleanup(func() {
@@ -100,7 +100,7 @@ func TestPythonLobbyMigratingReloads(t *testing.T) {
 	stopChat := sync.OnceFunc(func() { close(stop); wg.Wait() })
 	t.Cleanup(stopChat)
 
-	versions := []string{"v2", "v1", "v2"}
+	versions := []string{"v2", "v1", "v2", "v1", "v2"}
 	for round, v := range versions {
 		time.Sleep(1500 * time.Millisecond) // chat on the current release first
 		before := g.status()
