@@ -249,3 +249,186 @@ func TestMigrateFaultNewWorkerKilledBeforeAck(t *testing.T) {
 		})
 	}
 }
+
+// kill -9 of batond mid-migration, without systemd (the test starts it again, as an init
+// system would). It may cost exactly the sessions batond held at that instant: handed back by
+// an old worker, not yet acked by a new one. Every other session goes on: those the new
+// workers hold (moved and acked, or new clients), and those the old worker had not handed back
+// (it keeps them, re-registers with the restarted batond and drains). The instant is
+// deterministic: slot 0's old worker plays "gated" and hands back a first third of its
+// sessions (acked before the crash); then new clients fill the new generation to its capacity
+// and the gated worker hands back a second third, which no worker has room for: batond holds
+// them in its queue when it is killed. The last third never leaves the old worker.
+//
+// (SIGSTOP of the new workers would widen the window too, but a stopped worker whose batond
+// dies is in an orphaned process group: the kernel sends it SIGHUP, which ends a Go program.)
+func TestMigrateFaultBatondKilled(t *testing.T) {
+	dir := t.TempDir()
+	self, _ := os.Executable()
+	const n, capacity = 40, 30
+	g := startGateway(t, opts{workers: 2, command: []string{self},
+		env: []string{roleEnv + "=gated@0/1", roleDirEnv + "=" + dir},
+		// No queue or drain deadline may strike during the test: only the kill.
+		args: []string{"-capacity", strconv.Itoa(capacity), "-drain-timeout", "10m", "-migrate-timeout", "60s", "-queue-timeout", "60s"}})
+	all, bySlot := joinPlayers(t, g, n)
+	gatedPID := g.status().Workers[0].PID
+	keep, other := bySlot[0], bySlot[1]
+	k1, k2 := len(keep)/3, len(keep)/3
+	finished := g.ctlStart("reload", "-migrate", "-timeout", "120s")
+
+	waitFor(t, "slot 1's sessions moved and the gated worker asked", 60*time.Second, func() (bool, string) {
+		st := g.status()
+		return st.Migration.Resumed == uint64(len(other)) && asked(st, gatedPID), migration(st)
+	})
+	release(t, dir, k1)
+	waitFor(t, fmt.Sprintf("the gated worker to hand back %d sessions, all acked", k1), 30*time.Second, func() (bool, string) {
+		st := g.status()
+		h := len(handed(dir))
+		return h == k1 && st.Migration.Resumed == uint64(len(other)+k1) && st.Migration.Migrating == 0,
+			fmt.Sprintf("%d handed back; %s", h, migration(st))
+	})
+	acked := handed(dir)
+	gen := int(g.status().Generation)
+	var fillers []*client
+	for range 2*capacity - len(other) - k1 {
+		c, err := dial(g.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.c.Close() })
+		if c.generation() != gen {
+			t.Fatalf("a new client was served by generation %d: %s", c.generation(), c.greeting)
+		}
+		fillers = append(fillers, c)
+	}
+	release(t, dir, k1+k2)
+	waitFor(t, fmt.Sprintf("batond to hold %d handed-back sessions that no worker has room for", k2), 30*time.Second, func() (bool, string) {
+		st := g.status()
+		h := len(handed(dir))
+		return h == k1+k2 && st.Migration.Migrating == k2, fmt.Sprintf("%d handed back; %s", h, migration(st))
+	})
+	// The instant: the gated worker owns len(keep)-k1-k2 sessions, batond k2, the new workers
+	// len(other)+k1 and the fillers.
+	g.crash()
+	// Room for the restarted batond's self-check (its probe connection).
+	for _, c := range fillers[:2] {
+		c.c.Close()
+	}
+	fillers = fillers[2:]
+	g.restart()
+
+	lost := 0
+	for _, p := range all {
+		slot, _ := p.worker()
+		switch {
+		case slot == 1 || acked[p.port()]:
+			p.goesOn(t, "acked before the crash", 1, gen)
+		case handed(dir)[p.port()]: // held by batond at the crash
+			if gone, err := p.ended(); !gone {
+				t.Errorf("player %d, held by batond at the crash, still served (or broken otherwise: %v)", p.id, err)
+			}
+			lost++
+		default:
+			p.goesOn(t, "never handed back", 0, 1)
+		}
+	}
+	for i, c := range fillers {
+		if err := c.echo(fmt.Sprintf("filler %d", i)); err != nil {
+			t.Errorf("new client %d of the new generation broke: %v", i, err)
+		}
+	}
+	left := len(keep) - k1 - k2
+	want := len(other) + k1 + len(fillers) + left
+	waitFor(t, "the restarted batond to count every session that goes on", 30*time.Second, func() (bool, string) {
+		st := g.status()
+		old := 0
+		for _, w := range st.Workers {
+			if w.PID == gatedPID {
+				old = w.Clients
+			}
+		}
+		return st.Clients == want && old == left && int(st.Generation) == gen && st.Gateway.InFlight == 0,
+			fmt.Sprintf("want %d clients, %d on the old worker: %s %+v", want, left, migration(st), st.Workers)
+	})
+	if lost != k2 {
+		t.Errorf("%d sessions ended, want exactly the %d batond held", lost, k2)
+	}
+	t.Logf("kill -9 of batond holding %d handed-back sessions: those %d ended; %d acked before, %d new clients and %d never handed back went on",
+		k2, lost, len(other)+k1, len(fillers), left)
+
+	// The old worker drains as without migration: it leaves when its last session ends.
+	for _, p := range keep {
+		if !handed(dir)[p.port()] {
+			p.c.Close()
+		}
+	}
+	fd, err := unix.PidfdOpen(gatedPID, 0)
+	if err == nil {
+		defer unix.Close(fd)
+		if !pidfdWait(fd, 20*time.Second) {
+			t.Errorf("the old worker still runs 20s after its last session ended")
+		}
+	}
+	if code, out := finished(); code != 0 {
+		t.Errorf("batonctl reload -migrate across the crash: exit %d:\n%s", code, out)
+	} else {
+		t.Logf("batonctl reload -migrate across the crash: %s", strings.TrimSpace(out))
+	}
+}
+
+// A worker that declines keeps its sessions and drains as without migration: status counts
+// them declined, they go on echoing on the old worker (no move, their generation), and the old
+// worker exits once they end. Nothing is lost; the other old worker's sessions all move.
+func TestMigrateFaultDeclined(t *testing.T) {
+	dir := t.TempDir()
+	self, _ := os.Executable()
+	g := startGateway(t, opts{workers: 2, command: []string{self},
+		env:  []string{roleEnv + "=decliner@0/1", roleDirEnv + "=" + dir},
+		args: []string{"-drain-timeout", "10m", "-migrate-timeout", "30s"}})
+	const n = 40
+	_, bySlot := joinPlayers(t, g, n)
+	declinerPID := g.status().Workers[0].PID
+	keep, other := bySlot[0], bySlot[1]
+	finished := g.ctlStart("reload", "-migrate", "-timeout", "90s")
+	waitFor(t, "slot 1's sessions moved and slot 0's declined", 60*time.Second, func() (bool, string) {
+		st := g.status()
+		m := st.Migration
+		return m.Resumed == uint64(len(other)) && m.Declined == uint64(len(keep)) && m.Migrating == 0, migration(st)
+	})
+	st := g.status()
+	found := false
+	for _, w := range st.Workers {
+		if w.PID == declinerPID {
+			found = true
+			if w.Generation != 1 || w.State != "draining" || w.Clients != len(keep) {
+				t.Errorf("the declining worker: %+v; want generation 1, draining, %d clients", w, len(keep))
+			}
+		}
+	}
+	if !found {
+		t.Fatalf("the declining worker (pid %d) is not listed: %+v", declinerPID, st.Workers)
+	}
+	if code, out := g.ctl("status"); code != 0 || !strings.Contains(out, fmt.Sprintf("%d declined", len(keep))) {
+		t.Errorf("batonctl status does not count the %d declined sessions (exit %d):\n%s", len(keep), code, out)
+	}
+	for _, p := range other {
+		p.goesOn(t, "moved", 1, int(st.Generation))
+	}
+	for _, p := range keep {
+		p.goesOn(t, "declined", 0, 1)
+	}
+	if !alive(declinerPID) {
+		t.Fatal("the declining worker exited with its sessions open")
+	}
+	for _, p := range keep {
+		p.c.Close()
+	}
+	code, out := finished()
+	if code != 0 || !strings.Contains(out, fmt.Sprintf("migrated %d sessions (handed back %d, declined %d, lost 0)", len(other), len(other), len(keep))) {
+		t.Errorf("batonctl reload -migrate: exit %d, want 0 with %d moved and %d declined:\n%s", code, len(other), len(keep), out)
+	}
+	if alive(declinerPID) {
+		t.Errorf("the declining worker still runs after its sessions ended and batonctl saw it gone")
+	}
+	t.Logf("%d sessions declined stayed on the old worker until they ended; %d moved: %s", len(keep), len(other), strings.TrimSpace(out))
+}
