@@ -31,6 +31,10 @@ scenarios (each prints one result line; -runs N prints the medians of N runs):
              addresses); RSS and fds of the -middle process per held connection
   reload     an open-loop storm and paced sessions while -cmd runs -reloads times;
              failed connects and broken sessions per reload
+  migrate    batond only (workers started with -migrate): for each of -counts, hold that many
+             idle sessions (-sample of them probing every -interval), run "batonctl reload
+             -migrate", then check a round trip on every session; with -plain, the same
+             with a plain reload, waiting for the old generation to go (its drain deadline)
   scrape     -n GETs of -url (a Prometheus /metrics) one after the other; the server's CPU
              and the time to the last byte per scrape
 
@@ -39,6 +43,8 @@ servers and helpers:
                      with read/write instead of io.Copy's splice)
   reuseport-restart  restart every echo process listed in -dir, one at a time
   haproxy-reload     HAProxy's seamless reload (-x, -sf) that waits for the handover
+  reaper             run a command as a child subreaper that reaps every orphan (what systemd
+                     does for a real batond's old workers after a reload)
   suite              start the configurations of bench/run, run the scenarios interleaved,
                      write results.md, results.json and plot.svg (bench/run calls this)
 
@@ -58,7 +64,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	cmd, rest := args[0], args[1:]
 	var err error
 	switch cmd {
-	case "storm", "sessions", "bulk", "idle", "reload", "scrape":
+	case "storm", "sessions", "bulk", "idle", "reload", "scrape", "migrate":
 		err = scenario(cmd, rest, stdout, stderr)
 	case "idle-child":
 		err = load.IdleChild(rest, os.Stdin, stdout)
@@ -68,6 +74,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = suite.RestartReuseport(rest, stderr)
 	case "haproxy-reload":
 		err = suite.RestartHAProxy(rest, stderr)
+	case "reaper":
+		err = suite.Reaper(rest, stderr)
 	case "suite":
 		err = suite.Main(rest, stdout, stderr)
 	default:
@@ -142,6 +150,10 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 		counts, reloadCmd, scrapeURL, want                                    string
 		middle                                                                pidList
 		verify, proxyV2                                                       bool
+		batonctl, adminSock                                                   string
+		sample                                                                int
+		plain                                                                 bool
+		drainWait, cmdTimeout                                                 time.Duration
 	)
 	switch name {
 	case "storm":
@@ -171,6 +183,18 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 		fs.IntVar(&scrapes, "n", 50, "scrapes measured")
 		fs.IntVar(&warm, "warm", 3, "scrapes before the measured ones")
 		fs.StringVar(&want, "want", "baton_", "every body must contain this")
+	case "migrate":
+		fs.StringVar(&counts, "counts", "1000,10000", "idle sessions held during one reload, in turn")
+		fs.StringVar(&batonctl, "batonctl", "batonctl", "the batonctl `binary`")
+		fs.StringVar(&adminSock, "admin", "", "batond's admin socket `path`")
+		fs.IntVar(&sample, "sample", 100, "sessions that keep probing through the reload (the pause is measured on them)")
+		fs.DurationVar(&interval, "interval", 20*time.Millisecond, "a sampled session's next probe goes this long after its last answer")
+		fs.DurationVar(&lead, "lead", 500*time.Millisecond, "probing before the reload (the normal answer gap)")
+		fs.DurationVar(&tail, "tail", 300*time.Millisecond, "probing after the reload command returned")
+		fs.IntVar(&nsrc, "src", 4, "source addresses 127.0.0.2, 127.0.0.3, … to spread the sessions over")
+		fs.BoolVar(&plain, "plain", true, "also measure the same reload without -migrate (it waits for the old generation's drain deadline)")
+		fs.DurationVar(&drainWait, "drain-wait", 6*time.Minute, "plain reload: give up waiting for the old generation to exit after this long (batond's -drain-timeout and a margin)")
+		fs.DurationVar(&cmdTimeout, "cmd-timeout", 2*time.Minute, "bound on one batonctl reload")
 	case "reload":
 		fs.StringVar(&reloadCmd, "cmd", "", "reload `command` (run with sh -c)")
 		fs.IntVar(&reloads, "reloads", 5, "reloads to run")
@@ -222,6 +246,18 @@ func scenario(name string, args []string, stdout, stderr io.Writer) error {
 		case "scrape":
 			r, err = load.Scrape(load.ScrapeConfig{URL: scrapeURL, Warmup: warm, Scrapes: scrapes, Want: want,
 				Timeout: c.timeout, ServerPIDs: c.pids, Label: c.label})
+		case "migrate":
+			var levels []int
+			for f := range strings.SplitSeq(counts, ",") {
+				n, perr := strconv.Atoi(strings.TrimSpace(f))
+				if perr != nil || n <= 0 {
+					return fmt.Errorf("-counts: not a count: %q", f)
+				}
+				levels = append(levels, n)
+			}
+			r, err = load.Migrate(load.MigrateConfig{Addr: c.addr, Batonctl: batonctl, Admin: adminSock, Counts: levels,
+				Sample: sample, Interval: interval, Lead: lead, Tail: tail, Sources: nsrc, Plain: plain, DrainWait: drainWait,
+				Timeout: c.timeout, CommandTimeout: cmdTimeout, Label: c.label})
 		case "reload":
 			r, err = load.Reload(load.ReloadConfig{Addr: c.addr, Proto: proto, Command: reloadCmd, Reloads: reloads,
 				Every: every, Lead: lead, Tail: tail, Rate: rate, Sessions: sessN, Interval: interval,

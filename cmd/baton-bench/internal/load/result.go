@@ -49,8 +49,9 @@ type Result struct {
 	MBps        float64 `json:"mb_per_s,omitempty"` // bulk: bytes echoed back per second ÷ 1e6
 	Bytes       int     `json:"bytes,omitempty"`    // scrape: size of the last body
 
-	Idle   []IdleLevel   `json:"idle,omitempty"`
-	Reload *ReloadResult `json:"reload,omitempty"`
+	Idle    []IdleLevel    `json:"idle,omitempty"`
+	Reload  *ReloadResult  `json:"reload,omitempty"`
+	Migrate *MigrateResult `json:"migrate,omitempty"`
 }
 
 // IdleLevel is one step of the idle scenario.
@@ -250,8 +251,15 @@ func (r *Result) String() string {
 			fmt.Fprintf(&b, " %d reloads (%d failed): %d of %d connects failed (%.2f per reload), %d of %d sessions broken (%.2f per reload) · session rtt p99 %s max %s",
 				x.Reloads, x.ReloadErrors, x.FailedConnects, x.Connects, x.FailedPer, x.BrokenSessions, x.Sessions, x.BrokenPer, us(x.SessionP99), us(x.SessionMax))
 		}
+	case "migrate":
+		if x := r.Migrate; x != nil {
+			for _, l := range x.Levels {
+				b.WriteString(" · ")
+				b.WriteString(l.String())
+			}
+		}
 	}
-	if r.Errors > 0 && r.Scenario != "reload" {
+	if r.Errors > 0 && r.Scenario != "reload" && r.Scenario != "migrate" {
 		fmt.Fprintf(&b, " · %d errors (%s)", r.Errors, kinds(r.ErrorKinds))
 	}
 	if r.Skipped > 0 {

@@ -22,6 +22,8 @@ type env struct {
 	// online is every CPU of the machine as a taskset list ("0-1"): where the scaling
 	// configurations and their load generator run (the suite itself is pinned by bench/run).
 	online string
+	// migDrain is batond's -drain-timeout in the migration configuration (DM).
+	migDrain time.Duration
 }
 
 // serverCPUs is the taskset list for c's server side: every CPU for a scaling configuration,
@@ -49,6 +51,8 @@ type server struct {
 	proxy bool
 	// metrics is the Prometheus /metrics URL, "" if the configuration serves none.
 	metrics string
+	// admin is batond's admin socket ("" if the configuration is not batond).
+	admin string
 }
 
 // config is one configuration of the comparison.
@@ -76,6 +80,7 @@ const (
 	scIdle      = "idle"
 	scReload    = "reload"
 	scScrape    = "scrape"
+	scMigrate   = "migrate"
 )
 
 var goScenarios = []string{scStormSat, scStormOpen, scSess1, scSess100, scBulk, scIdle}
@@ -99,6 +104,8 @@ func configs(scaleMax int) []*config {
 			Desc: "D with `-proxy-protocol -proxy-from 127.0.0.1` (every connection begins with a PROXY v2 header from a made-up client in 203.0.113.0/24, sent in the same write as the request, as a balancer does) and `-metrics` (scraped only in the scrape scenario, after the others)"},
 		{ID: "D8", Name: "baton 8w", Proto: "echo", Scenarios: []string{scIdle}, start: batonStarter(batonOpts{workers: 8}),
 			Desc: "batond with 8 examples/go/echo workers (idle only: 100,000 sessions need ≥ 6 workers under the 20,000-fd cap)"},
+		{ID: "DM", Name: "baton migrate", Proto: "echo", Scenarios: []string{scMigrate}, start: batonStarter(batonOpts{workers: 2, migrate: true}),
+			Desc: "batond with 2 `examples/go/echo -migrate` workers (they hand their sessions back when asked), `-drain-timeout` short (the plain reload it is compared with waits for it), started under `baton-bench reaper` (a subreaper that reaps the old generation's workers as they exit, as systemd does); idle sessions, then `batonctl reload -migrate`, then the same with a plain `batonctl reload`"},
 		{ID: "E", Name: "baton-py", Proto: "lobby", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100, scReload}, start: batonStarter(batonOpts{workers: 2, python: true}),
 			Desc: "batond with 2 examples/python/lobby.py workers; reload = `batonctl reload`"},
 		{ID: "F", Name: "py direct", Proto: "lobby", Scenarios: []string{scStormSat, scStormOpen, scSess1, scSess100}, start: startPyDirect,
@@ -266,6 +273,9 @@ type batonOpts struct {
 	python  bool // examples/python/lobby.py workers instead of examples/go/echo
 	proxy   bool // -proxy-protocol, headers accepted from 127.0.0.1 (where the load comes from)
 	metrics bool // -metrics on a free port
+	// migrate: the echo workers take part in session migration (-migrate), batond drains in
+	// e.migDrain, and runs under `baton-bench reaper` (see Reaper).
+	migrate bool
 }
 
 func batonStarter(o batonOpts) func(e *env, p *procs, dir string) (*server, error) {
@@ -278,9 +288,15 @@ func batonStarter(o batonOpts) func(e *env, p *procs, dir string) (*server, erro
 		addr := "127.0.0.1:" + strconv.Itoa(port)
 		admin := filepath.Join(dir, "admin.sock")
 		pidfile := filepath.Join(dir, "batond.pid")
-		args := []string{e.path("batond"), "-listen", addr, "-workers", strconv.Itoa(workers),
+		drain := 2 * time.Minute
+		var args []string
+		if o.migrate {
+			drain = e.migDrain
+			args = []string{e.path("baton-bench"), "reaper", "--"}
+		}
+		args = append(args, e.path("batond"), "-listen", addr, "-workers", strconv.Itoa(workers),
 			"-capacity", "19000", "-socket", filepath.Join(dir, "workers.sock"), "-admin", admin,
-			"-pidfile", pidfile, "-log-level", "warn", "-stop-timeout", "3s", "-drain-timeout", "2m"}
+			"-pidfile", pidfile, "-log-level", "warn", "-stop-timeout", "3s", "-drain-timeout", drain.String())
 		if o.proxy {
 			args = append(args, "-proxy-protocol", "-proxy-from", "127.0.0.1")
 		}
@@ -300,6 +316,9 @@ func batonStarter(o batonOpts) func(e *env, p *procs, dir string) (*server, erro
 			args = append(args, e.python, filepath.Join(e.repo, "examples/python/lobby.py"), "--log-level", "warning")
 		} else {
 			args = append(args, e.path("echo"))
+			if o.migrate {
+				args = append(args, "-migrate")
+			}
 		}
 		cmd, err := p.start("batond", nil, args...)
 		if err != nil {
@@ -316,7 +335,7 @@ func batonStarter(o batonOpts) func(e *env, p *procs, dir string) (*server, erro
 			return nil, err
 		}
 		reload := fmt.Sprintf("%s -admin %s reload -timeout 60s", shq(e.path("batonctl")), shq(admin))
-		return &server{addr: addr, proto: proto, roots: []int{pid}, middle: []int{pid}, reload: reload, proxy: o.proxy, metrics: metricsURL}, nil
+		return &server{addr: addr, proto: proto, roots: []int{pid}, middle: []int{pid}, reload: reload, proxy: o.proxy, metrics: metricsURL, admin: admin}, nil
 	}
 }
 

@@ -168,6 +168,7 @@ func metrics(pl plan) []metric {
 		metric{Key: "scrape_bytes", Label: "one /metrics scrape: body", Unit: "B", sc: scScrape,
 			get: func(r *load.Result) float64 { return float64(r.Bytes) }},
 	)
+	m = append(m, migrateMetrics(pl)...)
 	return append(m, scaleMetrics(pl)...)
 }
 
@@ -539,7 +540,17 @@ func format(mt metric, v float64) string {
 		}
 		return f1(v)
 	case "fds", "sessions":
+		if mt.Unit == "sessions" && v == math.Trunc(v) {
+			return commas(v)
+		}
 		return f2(v)
+	case "s":
+		return f2(v)
+	case "ms":
+		if v >= 100 {
+			return commas(v)
+		}
+		return f1(v)
 	case "conns":
 		if v != math.Trunc(v) {
 			return f2(v)
@@ -577,7 +588,8 @@ func (r *report) Markdown(full bool) string {
 		b.WriteString("\n")
 	}
 	// The table of the pinned configurations (the scaling ones have theirs).
-	pinned := slices.DeleteFunc(slices.Clone(r.Configs), func(c cfgInfo) bool { return c.Scaling })
+	// DM runs only the migration scenario, which has its own section.
+	pinned := slices.DeleteFunc(slices.Clone(r.Configs), func(c cfgInfo) bool { return c.Scaling || c.ID == "DM" })
 	r.mainTable(&b, pinned)
 	// Goals.
 	if has("A") && has("D") {
@@ -595,6 +607,7 @@ func (r *report) Markdown(full bool) string {
 		b.WriteString("\n")
 	}
 	r.proxyMarkdown(&b)
+	r.migrateMarkdown(&b)
 	r.scalingMarkdown(&b)
 	if fails := r.failures(); fails > 0 {
 		fmt.Fprintf(&b, "**%d measurements failed:**\n\n", fails)
@@ -672,7 +685,7 @@ func (r *report) mainTable(b *strings.Builder, pinned []cfgInfo) {
 	b.WriteString("\n")
 	for _, mt := range r.Metrics {
 		row := r.Table[mt.Key]
-		if len(row) == 0 || isScaleScenario(mt.sc) {
+		if len(row) == 0 || isScaleScenario(mt.sc) || mt.sc == scMigrate {
 			continue
 		}
 		fmt.Fprintf(b, "| %s | %s |", mt.Label, mt.Unit)

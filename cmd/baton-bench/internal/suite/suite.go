@@ -63,6 +63,13 @@ type plan struct {
 	ScaleSessBig int `json:"scale_sessions_big"`
 	ScaleDepth   int `json:"scale_depth"`
 	ScaleMax     int `json:"scale_workers"`
+	// Live session migration (configuration DM): idle sessions held during one reload, in
+	// turn; how many of them keep probing, and how often; batond's drain deadline there (the
+	// plain reload it is compared with waits for it).
+	MigCounts   []int         `json:"migrate_counts"`
+	MigSample   int           `json:"migrate_sample"`
+	MigInterval time.Duration `json:"migrate_interval"`
+	MigDrain    time.Duration `json:"migrate_drain_timeout"`
 	// QuietBudget bounds the time the whole run may spend waiting for the machine to be quiet
 	// before a measurement (and on repeating measurements made under outside load).
 	QuietBudget time.Duration `json:"quiet_budget"`
@@ -76,14 +83,16 @@ func plans(mode string) (plan, error) {
 			IdleCounts: []int{10000, 100000}, IdleProcs: 8, IdleSrc: 16, IdleSettle: time.Second, IdlePasses: 1,
 			Reloads: 5, ReloadsPy: 3, ReloadEvery: 2 * time.Second, ReloadLead: time.Second, ReloadTail: time.Second,
 			ReloadRate: 2000, ReloadPyRate: 500, ReloadSess: 50, Scrapes: 300, QuietBudget: 4 * time.Minute,
-			ScaleConc: 64, ScaleSessBig: 1000, ScaleDepth: 32}, nil
+			ScaleConc: 64, ScaleSessBig: 1000, ScaleDepth: 32,
+			MigCounts: []int{1000, 10000}, MigSample: 100, MigInterval: 20 * time.Millisecond, MigDrain: 10 * time.Second}, nil
 	case "smoke":
 		return plan{Mode: mode, Rounds: 1, Warmup: 100 * time.Millisecond, Storm: 300 * time.Millisecond, StormConc: 8,
 			Rate: 1000, PyRate: 300, Sessions: 300 * time.Millisecond, SessN: 10, Bulk: 300 * time.Millisecond,
 			IdleCounts: []int{200, 1000}, IdleProcs: 2, IdleSrc: 2, IdleSettle: 100 * time.Millisecond, IdlePasses: 2,
 			Reloads: 1, ReloadsPy: 1, ReloadEvery: 500 * time.Millisecond, ReloadLead: 300 * time.Millisecond, ReloadTail: 300 * time.Millisecond,
 			ReloadRate: 300, ReloadPyRate: 100, ReloadSess: 5, Scrapes: 10, QuietBudget: 5 * time.Second,
-			ScaleConc: 8, ScaleSessBig: 20, ScaleDepth: 4}, nil
+			ScaleConc: 8, ScaleSessBig: 20, ScaleDepth: 4,
+			MigCounts: []int{40}, MigSample: 10, MigInterval: 20 * time.Millisecond, MigDrain: 2 * time.Second}, nil
 	}
 	return plan{}, fmt.Errorf("unknown mode %q (full, smoke)", mode)
 }
@@ -110,7 +119,7 @@ func Main(args []string, stdout, stderr io.Writer) error {
 	out := fs.String("out", "bench/out", "output `dir`: results.md, results.json, plot.svg")
 	rounds := fs.Int("rounds", 0, "rounds (0: the mode's)")
 	only := fs.String("configs", "", "comma-separated configuration ids to run (default all: A,A2,B,C,D,DP,D8,E,F,S0,S1…)")
-	onlySc := fs.String("scenarios", "", "comma-separated scenarios to run (default all: storm-sat, storm-open, sessions-1, sessions-100, bulk, idle, reload, scrape, scale-storm, scale-sessions-100, scale-sessions-1000; scaling: the last three)")
+	onlySc := fs.String("scenarios", "", "comma-separated scenarios to run (default all: storm-sat, storm-open, sessions-1, sessions-100, bulk, idle, reload, scrape, migrate, scale-storm, scale-sessions-100, scale-sessions-1000; scaling: the last three)")
 	scaleMax := fs.Int("scale-workers", 0, "scaling: batond with 1…`N` Python workers against one direct Python process (0: one per online CPU; 2 in the smoke run)")
 	rev := fs.String("rev", "", "the baton revision measured (shown in the results)")
 	from := fs.String("from", "", "measure nothing: read this results.json and write the table and plot again (to -out)")
@@ -135,7 +144,7 @@ func Main(args []string, stdout, stderr io.Writer) error {
 		}
 		*bin = filepath.Dir(exe)
 	}
-	e := &env{bin: *bin, cpu: *serverCPU}
+	e := &env{bin: *bin, cpu: *serverCPU, migDrain: pl.MigDrain}
 	if e.repo, err = filepath.Abs(*repo); err != nil {
 		return err
 	}
@@ -328,7 +337,7 @@ func runConfig(e *env, p *procs, pl plan, c *config, round int, q *quiet, stdout
 func measure(e *env, pl plan, c *config, srv *server, sc, dir string, q *quiet, stdout io.Writer) run {
 	q.wait()
 	r := runScenario(e, pl, c, srv, sc, dir)
-	if r.Result == nil || r.Result.OthersBusy <= maxOthers || sc == scIdle || sc == scReload || !q.left() {
+	if r.Result == nil || r.Result.OthersBusy <= maxOthers || sc == scIdle || sc == scReload || sc == scMigrate || !q.left() {
 		return r
 	}
 	fmt.Fprintf(stdout, "%-3s %-12s: others used %.0f%% of a core meanwhile; measuring again\n", c.ID, sc, 100*r.Result.OthersBusy)
@@ -450,6 +459,19 @@ func runScenario(e *env, pl plan, c *config, srv *server, sc, dir string) run {
 			"-every", pl.ReloadEvery.String(), "-lead", pl.ReloadLead.String(), "-tail", pl.ReloadTail.String(),
 			"-rate", fmt.Sprint(rate), "-n", strconv.Itoa(pl.ReloadSess)})
 		bound = time.Duration(pl.Reloads)*(pl.ReloadEvery+time.Minute) + time.Minute
+	case scMigrate:
+		if srv.admin == "" {
+			r.Error = "not batond: no admin socket"
+			return r
+		}
+		var counts []string
+		for _, n := range pl.MigCounts {
+			counts = append(counts, strconv.Itoa(n))
+		}
+		args = slices.Concat([]string{"migrate"}, args, []string{"-batonctl", e.path("batonctl"), "-admin", srv.admin,
+			"-counts", strings.Join(counts, ","), "-sample", strconv.Itoa(pl.MigSample), "-interval", pl.MigInterval.String(),
+			"-src", "4", "-plain", "-drain-wait", (pl.MigDrain + 30*time.Second).String(), "-cmd-timeout", "2m"})
+		bound = time.Duration(len(pl.MigCounts)) * (8*time.Minute + pl.MigDrain)
 	case scScaleStorm, scScaleSess100, scScaleSess1k:
 		a := scaleArgs(pl, sc)
 		args = slices.Concat(a[:1], args, pids(), warm, a[1:])
