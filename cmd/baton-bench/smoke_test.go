@@ -67,6 +67,7 @@ func TestSmoke(t *testing.T) {
 					ReloadErrors int `json:"reload_errors"`
 					Sessions     int `json:"sessions"`
 				}
+				Migrate *smokeMigrate
 			}
 		}
 		Goals   []struct{ Workload string }
@@ -112,6 +113,8 @@ func TestSmoke(t *testing.T) {
 			if x := res.Reload; x == nil || x.Reloads != 1 || x.ReloadErrors != 0 || x.Sessions == 0 {
 				t.Errorf("%s: reload result %+v", name, x)
 			}
+		case r.Scenario == "migrate":
+			checkMigrate(t, name, res.Migrate)
 		case r.Scenario != "idle" && r.Scenario != "bulk" && res.Ops <= 0:
 			t.Errorf("%s: nothing completed", name)
 		case strings.HasPrefix(r.Scenario, "scale-sessions") && (res.Depth != 4 || res.Ops%4 != 0):
@@ -121,7 +124,7 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("%s: the load generator's CPU was not measured", name)
 		}
 	}
-	for _, want := range []string{"A storm-sat", "A idle", "B reload", "C storm-open", "C reload", "D sessions-1", "D reload", "D8 idle", "E sessions-100", "E reload", "F storm-sat", "D bulk", "A2 bulk", "DP storm-sat", "DP storm-open", "DP sessions-1", "DP scrape",
+	for _, want := range []string{"A storm-sat", "A idle", "B reload", "C storm-open", "C reload", "D sessions-1", "D reload", "D8 idle", "E sessions-100", "E reload", "DM migrate", "F storm-sat", "D bulk", "A2 bulk", "DP storm-sat", "DP storm-open", "DP sessions-1", "DP scrape",
 		"S0 scale-storm", "S0 scale-sessions-100", "S0 scale-sessions-1000", "S1 scale-storm", "S2 scale-storm", "S2 scale-sessions-100", "S2 scale-sessions-1000"} {
 		if !seen[want] {
 			t.Errorf("no %s measurement", want)
@@ -174,5 +177,43 @@ func TestSmoke(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Logf("bench/run output:\n%s", log.String())
+	}
+}
+
+// smokeMigrate is what the smoke test reads of a migrate result.
+type smokeMigrate struct {
+	Levels []struct {
+		Sessions, Held, Migrated, Lost, Checked, Cut, Paused int
+		Migrate                                              bool
+		GoneSeconds                                          float64 `json:"old_gone_s"`
+		PauseP50                                             float64 `json:"pause_p50_ms"`
+		Error                                                string
+	}
+}
+
+// checkMigrate asserts that the migrate scenario moved every session and that each answered a
+// round trip afterwards, and that the plain reload it is compared with kept them until its
+// drain deadline cut them.
+func checkMigrate(t *testing.T, name string, m *smokeMigrate) {
+	t.Helper()
+	if m == nil || len(m.Levels) != 2 || !m.Levels[0].Migrate || m.Levels[1].Migrate {
+		t.Errorf("%s: want one migrating and one plain reload: %+v", name, m)
+		return
+	}
+	for _, l := range m.Levels {
+		switch {
+		case l.Error != "":
+			t.Errorf("%s: %s", name, l.Error)
+		case l.Held != l.Sessions || l.Checked != l.Held:
+			t.Errorf("%s: held %d of %d sessions, %d answered after the reload: %+v", name, l.Held, l.Sessions, l.Checked, l)
+		case l.GoneSeconds <= 0:
+			t.Errorf("%s: the old generation did not exit: %+v", name, l)
+		case l.Paused == 0 || l.PauseP50 <= 0:
+			t.Errorf("%s: no pause measured: %+v", name, l)
+		case l.Migrate && (l.Migrated != l.Held || l.Lost != 0 || l.Cut != 0):
+			t.Errorf("%s: moved %d of %d, lost %d, cut %d", name, l.Migrated, l.Held, l.Lost, l.Cut)
+		case !l.Migrate && l.Cut != l.Held:
+			t.Errorf("%s: the plain reload's drain deadline cut %d of %d sessions", name, l.Cut, l.Held)
+		}
 	}
 }
