@@ -285,13 +285,15 @@ func (m *migration) open(dst *unix.SockaddrInet4, n int) error {
 	})
 }
 
-// startSampling sets the first Sample sessions probing, their first probes spread over one
-// interval.
+// startSampling sets Sample sessions probing, their first probes spread over one interval.
+// They are spread evenly over the sessions in the order they were opened: workers hand their
+// sessions back in some order, and the first ones opened alone would see only one end of it.
 func (m *migration) startSampling() {
 	m.sampling = true
 	now := m.e.now()
 	k := min(m.cfg.Sample, len(m.sess))
-	for i, s := range m.sess[:k] {
+	for i := range k {
+		s := m.sess[i*len(m.sess)/k]
 		if s.c.phase != mgIdle {
 			continue
 		}
