@@ -389,7 +389,13 @@ func (b *Backend) onAck(m *msgScratch, now time.Time) (handoff.ErrorCode, error)
 		b.g.freeConnLocked(c)
 	}
 	b.lastSeen, b.lastAck, b.full = now, now, false
+	// Handed-back sessions wait when every worker's channel was full: an ACK frees room, so
+	// they go now rather than at the next housekeeping tick.
+	resumeQueued := len(b.g.mig.waiting) > 0
 	b.g.mu.Unlock()
+	if resumeQueued {
+		b.g.poke()
+	}
 	// Drop the gateway's copies, and only then count them out of flight: "nothing in flight"
 	// (WaitIdle, status) means batond holds none of them any more.
 	for _, fd := range m.fds {
@@ -417,7 +423,7 @@ func (b *Backend) onClosed(ids []uint64, now time.Time) (handoff.ErrorCode, erro
 	}
 	// Freed capacity matters only to connections waiting for it; waking the housekeeper on
 	// every close would cost a goroutine switch per connection.
-	queued := len(b.g.waiting) > 0
+	queued := len(b.g.waiting) > 0 || len(b.g.mig.waiting) > 0
 	b.g.mu.Unlock()
 	if over {
 		return protocolErr(handoff.CodeUnexpected, errors.New("CLOSED for more connections than it holds"))

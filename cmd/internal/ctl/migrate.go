@@ -2,6 +2,7 @@ package ctl
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strconv"
@@ -118,7 +119,17 @@ func awaitOldGeneration(c *admin.Client, before admin.Status, wait time.Duration
 	return awaitMigration(c, before, gone, wait, stdout, stderr)
 }
 
-// alive says whether process pid exists (it may belong to another user: EPERM is alive).
+// alive says whether process pid still runs. A pidfd tells an exited process that nobody has
+// reaped yet (a zombie, which kill(pid, 0) still finds) from a running one: it is readable
+// once the process has exited. Without a pidfd (EPERM for another user's process on older
+// kernels, say), kill(pid, 0) decides.
 func alive(pid int) bool {
-	return unix.Kill(pid, 0) != unix.ESRCH
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return !errors.Is(err, unix.ESRCH) && unix.Kill(pid, 0) != unix.ESRCH
+	}
+	defer unix.Close(fd)
+	p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	n, err := unix.Poll(p, 0)
+	return err != nil || n == 0
 }
