@@ -114,3 +114,73 @@ func TestMigratingReloadMovesSessions(t *testing.T) {
 
 // alive says whether process pid exists.
 func alive(pid int) bool { return syscall.Kill(pid, 0) != syscall.ESRCH }
+
+// batonctl migrate SLOT moves one worker's sessions to the others without a reload: the slot
+// gets a fresh worker, its players see one upgrade line with their exact count, the other
+// slot's players see nothing, and status counts the move. Then -all moves everyone.
+func TestBatonctlMigrateSlot(t *testing.T) {
+	g := startGateway(t, opts{workers: 2, args: []string{"-drain-timeout", "10m", "-migrate-timeout", "5s"}})
+	var ps []*player
+	for i := 0; i < 30; i++ {
+		c, err := dial(g.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.c.Close() })
+		p := &player{client: c, id: i, gen: c.generation()}
+		if err := p.say(); err != nil {
+			t.Fatal(err)
+		}
+		ps = append(ps, p)
+	}
+	before := g.status()
+	slot0 := 0
+	for _, p := range ps {
+		if s, _ := p.worker(); s == 0 {
+			slot0++
+		}
+	}
+	if slot0 == 0 || slot0 == len(ps) {
+		t.Fatalf("%d of %d players on slot 0: need some on each slot", slot0, len(ps))
+	}
+	code, out := g.ctl("migrate", "-wait", "30s", "0")
+	if code != 0 {
+		t.Fatalf("batonctl migrate 0: exit %d\n%s\n%s", code, out, g.log)
+	}
+	if want := fmt.Sprintf("migrated %d sessions (handed back %d, declined 0, lost 0)", slot0, slot0); !strings.Contains(out, want) {
+		t.Fatalf("output does not say %q:\n%s", want, out)
+	}
+	for _, w := range before.Workers {
+		if w.Slot == 0 && alive(w.PID) {
+			t.Fatalf("slot 0's old worker pid %d still runs", w.PID)
+		}
+	}
+	for _, p := range ps {
+		s, _ := p.worker()
+		for range 2 {
+			if err := p.say(); err != nil {
+				t.Fatalf("player %d (slot %d): %v", p.id, s, err)
+			}
+		}
+		if want := map[bool]int{true: 1, false: 0}[s == 0]; p.moves != want {
+			t.Fatalf("player %d on slot %d saw %d upgrade lines, want %d", p.id, s, p.moves, want)
+		}
+	}
+	st := g.status()
+	if st.Migration.Resumed != uint64(slot0) || st.Clients != len(ps) {
+		t.Fatalf("status: %d resumed, %d clients; want %d, %d", st.Migration.Resumed, st.Clients, slot0, len(ps))
+	}
+	// A slot that does not exist is refused, and nothing is drained.
+	if code, out := g.ctl("migrate", "5"); code != 1 || !strings.Contains(out, "no such slot") {
+		t.Fatalf("migrate 5: exit %d: %s", code, out)
+	}
+	code, out = g.ctl("migrate", "-wait", "30s", "-all")
+	if code != 0 || !strings.Contains(out, fmt.Sprintf("migrated %d sessions", len(ps))) {
+		t.Fatalf("batonctl migrate -all: exit %d\n%s", code, out)
+	}
+	for _, p := range ps {
+		if err := p.say(); err != nil {
+			t.Fatalf("player %d after -all: %v", p.id, err)
+		}
+	}
+}
