@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // upgraded is the one line a player of the demo sees when its session moved to a new worker.
@@ -112,8 +114,19 @@ func TestMigratingReloadMovesSessions(t *testing.T) {
 	}
 }
 
-// alive says whether process pid exists.
-func alive(pid int) bool { return syscall.Kill(pid, 0) != syscall.ESRCH }
+// alive says whether process pid still runs. An exited worker may stay a zombie for a while
+// (its batond has gone, and whoever inherits it reaps late), which kill(pid, 0) still finds;
+// its pidfd is readable once it has exited, reaped or not (batonctl checks the same way).
+func alive(pid int) bool {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return err != unix.ESRCH && syscall.Kill(pid, 0) != syscall.ESRCH
+	}
+	defer unix.Close(fd)
+	p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	n, err := unix.Poll(p, 0)
+	return err != nil || n == 0
+}
 
 // batonctl migrate SLOT moves one worker's sessions to the others without a reload: the slot
 // gets a fresh worker, its players see one upgrade line with their exact count, the other
