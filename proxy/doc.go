@@ -9,6 +9,11 @@
 // up to the queue timeout and is then closed with a counted reason. The invariant the tests hold
 // it to: accepted = acked + closed by the gateway (by reason) + in flight.
 //
+// It also owns sessions in migration (migrate.go): from a worker's HANDBACK until another
+// worker ACKs the RESUME that carries the session's socket and state, on the same paths a new
+// connection takes (so a new worker that dies before acking costs nothing), with a group's
+// sessions placed on one worker. Their counters are their own, outside the invariant above.
+//
 // What a connection costs an idle gateway is wake-ups more than syscalls, so the hot path
 // avoids them: accept4, sendmsg, recvmsg and close are raw syscalls (no wake-up of the runtime's
 // sysmon thread; see closeFD for the closes that are not), nothing is allocated per
